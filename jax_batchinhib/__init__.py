@@ -1,0 +1,40 @@
+"""jax_batchinhib: JAX/Flax layers whose backward passes are derived by hand.
+
+Every op is a ``jax.custom_vjp`` whose backward rule is the derived one (see
+``docs/derivations.md``), proved against autodiff of the naive forward in
+:mod:`jax_batchinhib.reference`.
+"""
+
+from jax_batchinhib.ops import BatchStats as BatchStats
+from jax_batchinhib.ops import InhibStats as InhibStats
+from jax_batchinhib.ops import alpha_shape as alpha_shape
+from jax_batchinhib.ops import batch_center as batch_center
+from jax_batchinhib.ops import batch_center_inference as batch_center_inference
+from jax_batchinhib.ops import batch_inhib as batch_inhib
+from jax_batchinhib.ops import batch_inhib_inference as batch_inhib_inference
+from jax_batchinhib.ops import batch_norm as batch_norm
+from jax_batchinhib.ops import batch_norm_inference as batch_norm_inference
+from jax_batchinhib.ops import dropout as dropout
+from jax_batchinhib.ops import inhibition_matrix as inhibition_matrix
+from jax_batchinhib.ops import softmax as softmax
+from jax_batchinhib.ops import softmax_cross_entropy as softmax_cross_entropy
+from jax_batchinhib.testing import check_vjp as check_vjp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchStats",
+    "InhibStats",
+    "alpha_shape",
+    "batch_center",
+    "batch_center_inference",
+    "batch_inhib",
+    "batch_inhib_inference",
+    "batch_norm",
+    "batch_norm_inference",
+    "check_vjp",
+    "dropout",
+    "inhibition_matrix",
+    "softmax",
+    "softmax_cross_entropy",
+]

@@ -1,0 +1,403 @@
+r"""BatchInhib: features inhibit each other through their batch correlation (seed 000).
+
+Per group of ``n = N / groups`` contiguous features, with batch covariance ``C``:
+
+.. math::
+    r_{ik} = \frac{C_{ik}}{s_i s_k},\quad
+    R_{ik} = \frac{g(\alpha_{ik})\, r_{ik}}{\sum_{l\ne i} g(\alpha_{il})\, q_{il}},\quad
+    y_i = x_i - \sum_{l\ne i} R_{il}\, x_l,\quad g(a) = \mathrm{softplus}(\rho a)/\rho
+
+with :math:`s_i = \sqrt{C_{ii}+\epsilon}` (Pearson, default) or :math:`s_i = C_{ii}+\epsilon`
+(the seed's literal eq. 1.2, ``correlation="variance"``), and :math:`q = r` (signed
+denominator, the seed's) or :math:`q = |r|` (``denominator="abs"``). The reciprocal of
+the denominator :math:`D_i` is guarded as :math:`h(D) = D/(D^2+\delta^2)` (``guard`` =
+δ): smooth, bounded by :math:`1/(2\delta)`, and :math:`1/D` to relative :math:`\delta^2/D^2`.
+
+The hand-derived backward (``docs/derivations.md``) is, in matrix form,
+
+.. math::
+    dX = dY - dY\,R + \mathrm{diag}(w)\,X_c\,(dC + dC^\top)/c,\qquad dR = -dY^\top X
+
+with :math:`dC, d\alpha` from :math:`dR` through the chain R ← (P, h(D)) ← (G, r) ← C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_batchinhib.ops import _stats as S
+
+Array = jax.Array
+
+CORRELATIONS = ("pearson", "variance")
+DENOMINATORS = ("signed", "abs")
+
+
+class InhibStats(NamedTuple):
+    """Batch statistics of batch_inhib (stop-gradient): ``mean`` and biased ``var`` of
+    shape (N,), and the biased covariance ``cov`` of shape (groups, N/groups, N/groups)."""
+
+    mean: Array
+    var: Array
+    cov: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class InhibConfig:
+    rho: float
+    epsilon: float
+    groups: int
+    correlation: str
+    denominator: str
+    guard: float
+
+
+# ------------------------------------------------------------------- R from covariance
+
+
+def _g(alpha, rho):
+    return jax.nn.softplus(rho * alpha) / rho
+
+
+def _inhib_parts(cfg: InhibConfig, cov, alpha):
+    """Everything R needs from the covariance ``cov`` (G, n, n) and ``alpha``."""
+    n = cov.shape[-1]
+    v = jnp.diagonal(cov, axis1=-2, axis2=-1)
+    if cfg.correlation == "pearson":
+        sd = jnp.sqrt(v + cfg.epsilon)
+    else:
+        sd = v + cfg.epsilon
+    r = cov / (sd[..., :, None] * sd[..., None, :])
+    off = 1.0 - jnp.eye(n, dtype=cov.dtype)
+    gm = _g(alpha.astype(cov.dtype), cfg.rho) * off
+    q = r if cfg.denominator == "signed" else jnp.abs(r)
+    d = jnp.sum(gm * q, axis=-1)
+    d2 = cfg.guard * cfg.guard
+    h = d / (d * d + d2)
+    return sd, r, gm, d, h
+
+
+def _inhib_matrix(cfg: InhibConfig, cov, alpha):
+    sd, r, gm, d, h = _inhib_parts(cfg, cov, alpha)
+    return gm * r * h[..., None]
+
+
+def _inhib_matrix_bwd(cfg: InhibConfig, cov, alpha, dR):
+    """VJP of R(cov, alpha): returns (dcov, dalpha). Linear in dR."""
+    sd, r, gm, d, h = _inhib_parts(cfg, cov, alpha)
+    p = gm * r
+    q = r if cfg.denominator == "signed" else jnp.abs(r)
+    dp = dR * h[..., None]
+    dh = jnp.sum(dR * p, axis=-1)
+    d2 = cfg.guard * cfg.guard
+    den = d * d + d2
+    dd = dh * (d2 - d * d) / (den * den)
+    dgm = dp * r + dd[..., None] * q
+    dq_g = dd[..., None] * gm
+    dr = dp * gm + (dq_g if cfg.denominator == "signed" else dq_g * jnp.sign(r))
+    af = alpha.astype(cov.dtype)
+    off = 1.0 - jnp.eye(cov.shape[-1], dtype=cov.dtype)
+    dalpha = dgm * off * jax.nn.sigmoid(cfg.rho * af)
+    drr = dr * r
+    dsd = -(jnp.sum(drr, axis=-1) + jnp.sum(drr, axis=-2)) / sd
+    dv = dsd / (2.0 * sd) if cfg.correlation == "pearson" else dsd
+    dcov = dr / (sd[..., :, None] * sd[..., None, :])
+    dcov = dcov + dv[..., :, None] * jnp.eye(cov.shape[-1], dtype=cov.dtype)
+    return dcov, dalpha
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def _check_config(fn, rho, epsilon, groups, correlation, denominator, guard):
+    if isinstance(rho, jax.core.Tracer) or not isinstance(rho, int | float) or not rho > 0:
+        raise ValueError(f"{fn}: rho must be a Python float > 0; got {rho!r}")
+    S.check_epsilon(fn, epsilon)
+    S.check_epsilon(fn, guard, "guard")
+    if guard <= 0:
+        raise ValueError(f"{fn}: guard must be > 0 (it bounds 1/denominator); got {guard!r}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{fn}: groups must be an int >= 1; got {groups!r}")
+    if correlation not in CORRELATIONS:
+        raise ValueError(f"{fn}: correlation must be one of {CORRELATIONS}; got {correlation!r}")
+    if denominator not in DENOMINATORS:
+        raise ValueError(f"{fn}: denominator must be one of {DENOMINATORS}; got {denominator!r}")
+    return InhibConfig(float(rho), float(epsilon), groups, correlation, denominator, float(guard))
+
+
+def alpha_shape(num_features: int, groups: int = 1) -> tuple[int, ...]:
+    """The shape alpha must have: (N, N), or (G, N/G, N/G) with groups=G > 1."""
+    n = num_features // groups
+    return (n, n) if groups == 1 else (groups, n, n)
+
+
+def _check_groups_alpha(fn, nfeat, groups, alpha, name="alpha"):
+    if nfeat % groups:
+        raise ValueError(
+            f"{fn}: groups={groups} must divide the number of features N={nfeat}; "
+            f"choose groups among the divisors of {nfeat}"
+        )
+    S.check_float(fn, name, alpha)
+    want = alpha_shape(nfeat, groups)
+    got = tuple(jnp.shape(alpha))
+    if got != want:
+        extra = f" (groups={groups})" if groups > 1 else ""
+        raise ValueError(
+            f"{fn}: {name} must have shape {S.shape_str(want)} for x with {nfeat} features"
+            f"{extra}; got {S.shape_str(got)}"
+        )
+
+
+def _as_matrix(x, axis):
+    """x with the feature axis moved last and flattened to (M, N)."""
+    xt = jnp.moveaxis(x, axis, -1)
+    return xt.reshape(-1, xt.shape[-1]), xt.shape
+
+
+def _from_matrix(y2, tshape, axis):
+    return jnp.moveaxis(y2.reshape(tshape), -1, axis)
+
+
+def _alpha3(alpha, groups):
+    return alpha[None] if groups == 1 else alpha
+
+
+# ========================================================================== batch_inhib
+
+
+def batch_inhib(
+    x,
+    alpha,
+    *,
+    rho: float = 1.0,
+    epsilon: float = 1e-5,
+    axis: int = -1,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+    groups: int = 1,
+    correlation: str = "pearson",
+    denominator: str = "signed",
+    guard: float = 1e-3,
+):
+    r"""BatchInhib with a hand-derived VJP for ``x`` and ``alpha``.
+
+    See the module docstring for the formula. Statistics (mean, variance, covariance)
+    reduce over every axis but ``axis`` (and across ``axis_name``), counting only rows
+    where ``mask`` is True; every row is transformed. Cost O(m N²/groups) in matmuls;
+    the backward keeps ``x`` and O(N²/groups) per-group matrices.
+
+    Args:
+      x: floating array ``(..., N)``.
+      alpha: ``(N, N)``, or ``(groups, N/groups, N/groups)``; its diagonal takes no part.
+      rho: sharpness of g(a) = softplus(rho a)/rho.
+      epsilon: added to the variance in the correlation's denominator.
+      groups: split the N features into this many contiguous blocks, each inhibited
+        only within itself.
+      correlation: ``"pearson"`` (s = std) or ``"variance"`` (the seed's literal s = var,
+        which makes r depend on the scale of x).
+      denominator: ``"signed"`` (Σ g r, the seed's; can cross zero) or ``"abs"`` (Σ g |r|).
+      guard: δ in the guarded reciprocal D/(D²+δ²) of the denominator D, which keeps y
+        and its gradients finite when D crosses zero (uncorrelated or constant features).
+      mask: row mask (x's shape without the feature axis, or with a feature dim of 1).
+
+    Returns:
+      ``(y, InhibStats(mean, var, cov))``; the statistics are wrapped in
+      ``jax.lax.stop_gradient`` (they feed running averages, not the loss).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_batchinhib import batch_inhib
+      >>> x = jax.random.normal(jax.random.key(0), (32, 4))
+      >>> y, stats = batch_inhib(x, jnp.zeros((4, 4)))
+      >>> y.shape, stats.cov.shape
+      ((32, 4), (1, 4, 4))
+    """
+    fn = "batch_inhib"
+    S.check_float(fn, "x", x)
+    red = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
+    cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard)
+    nfeat = x.shape[red.axis]
+    _check_groups_alpha(fn, nfeat, groups, alpha)
+    mask = S.mask_weights(fn, mask, x.shape, red, rows_only=True)
+    S.static_count(fn, x.shape, red, mask)
+    if mask is not None:
+        mask = jnp.broadcast_to(
+            mask, tuple(1 if a == red.axis else s for a, s in enumerate(x.shape))
+        )
+        mask = _as_matrix(mask, red.axis)[0]
+    x2, tshape = _as_matrix(x, red.axis)
+    mred = S.Reduce(2, 1, (0,), red.axis_name, red.axis_index_groups)
+    y2, stats = _batch_inhib(cfg, mred, x2, _alpha3(alpha, groups), mask)
+    stats = jax.tree.map(jax.lax.stop_gradient, stats)
+    return _from_matrix(y2, tshape, red.axis), stats
+
+
+def _bi_center(cfg, red, x2, mask):
+    """Grouped (M, G, n) data, shift, centred data, covariance, count."""
+    cd = S.compute_dtype(x2.dtype)
+    m, nf = x2.shape
+    g = cfg.groups
+    xf = x2.astype(cd)
+    w = S.weights_array(mask, cd)
+    cnt = S.count(x2.shape, w, red, cd)
+    s, mean_d, var = S.moments(xf, w, red, cnt)
+    cnt = jnp.ravel(cnt)[0]  # rows are masked whole: one count for every feature
+    xc = ((xf - s) - mean_d).reshape(m, g, nf // g)
+    wc = xc if w is None else xc * w.reshape(m, 1, 1)
+    cov = red.psum(jnp.einsum("mgi,mgk->gik", wc, xc, precision=S.PRECISION))
+    cov = cov / jnp.maximum(cnt, 1)
+    return xf.reshape(m, g, nf // g), s, mean_d, var, cov, cnt, w
+
+
+def _bi_forward(cfg, red, x2, alpha3, mask):
+    xg, s, mean_d, var, cov, cnt, w = _bi_center(cfg, red, x2, mask)
+    R = _inhib_matrix(cfg, cov, alpha3)
+    yg = xg - jnp.einsum("mgl,gil->mgi", xg, R, precision=S.PRECISION)
+    stats = InhibStats((s + mean_d)[0], var[0], cov)
+    return yg.reshape(x2.shape).astype(x2.dtype), stats, (s, mean_d, cov, cnt)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _batch_inhib(cfg, red, x2, alpha3, mask):
+    y, stats, _ = _bi_forward(cfg, red, x2, alpha3, mask)
+    return y, stats
+
+
+def _batch_inhib_fwd(cfg, red, x2, alpha3, mask):
+    y, stats, (s, mean_d, cov, cnt) = _bi_forward(cfg, red, x2, alpha3, mask)
+    # Residuals: x (input-sized, its own dtype), per-feature shift/mean, (G, n, n) cov.
+    return (y, stats), (x2, alpha3, mask, s, mean_d, cov, cnt)
+
+
+def _batch_inhib_bwd(cfg, red, res, cts):
+    x2, alpha3, mask, s, mean_d, cov, cnt = res
+    dy2 = cts[0]  # statistics are stop-gradient in the public wrapper
+    cd = cov.dtype
+    m, nf = x2.shape
+    g = cfg.groups
+    n = nf // g
+    xf = x2.astype(cd)
+    xg = xf.reshape(m, g, n)
+    dyg = dy2.astype(cd).reshape(m, g, n)
+    R = _inhib_matrix(cfg, cov, alpha3)
+    # y = x - x R^T  ->  dx = dy - dy R,  dR = -dy^T x  (summed over this device's rows)
+    dx = dyg - jnp.einsum("mgi,gil->mgl", dyg, R, precision=S.PRECISION)
+    dR = -jnp.einsum("mgi,mgl->gil", dyg, xg, precision=S.PRECISION)
+    # Linear in dR: the local dalpha sums to the global one across devices; the x path
+    # needs the global dcov.
+    dcov, dalpha = _inhib_matrix_bwd(cfg, cov, alpha3, dR)
+    dcov = red.psum(dcov)
+    dcs = dcov + jnp.swapaxes(dcov, -1, -2)
+    xc = ((xf - s) - mean_d).reshape(m, g, n)
+    w = S.weights_array(mask, cd)
+    if w is not None:
+        xc = xc * w.reshape(m, 1, 1)
+    dx = dx + jnp.einsum("mgi,gik->mgk", xc, dcs, precision=S.PRECISION) / jnp.maximum(cnt, 1)
+    return dx.reshape(m, nf).astype(x2.dtype), dalpha.astype(alpha3.dtype), None
+
+
+_batch_inhib.defvjp(_batch_inhib_fwd, _batch_inhib_bwd)
+
+
+# ===================================================================== inference form
+
+
+def batch_inhib_inference(
+    x,
+    alpha,
+    cov,
+    *,
+    rho: float = 1.0,
+    epsilon: float = 1e-5,
+    axis: int = -1,
+    groups: int = 1,
+    correlation: str = "pearson",
+    denominator: str = "signed",
+    guard: float = 1e-3,
+):
+    r"""BatchInhib with a given (running) covariance: the fixed linear map
+    :math:`y = x (I - R^\top)`, R computed from ``cov`` as in :func:`batch_inhib`.
+
+    Backward: :math:`dx = dy - dy R`, :math:`dR = -dy^\top x`, and ``dalpha``, ``dcov``
+    from dR through the same chain as the training form.
+
+    Args:
+      cov: ``(N, N)`` or ``(groups, N/groups, N/groups)`` (e.g. a running covariance).
+    """
+    fn = "batch_inhib_inference"
+    S.check_float(fn, "x", x)
+    red = S.make_reduce(fn, x, axis)
+    cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard)
+    nfeat = x.shape[red.axis]
+    _check_groups_alpha(fn, nfeat, groups, alpha)
+    _check_groups_alpha(fn, nfeat, groups, cov, name="cov")
+    x2, tshape = _as_matrix(x, red.axis)
+    y2 = _bi_inf(cfg, x2, _alpha3(alpha, groups), _alpha3(cov, groups))
+    return _from_matrix(y2, tshape, red.axis)
+
+
+def _bi_inf_R(cfg, x2, alpha3, cov3):
+    cd = S.compute_dtype(jnp.result_type(x2.dtype, cov3.dtype))
+    return cd, _inhib_matrix(cfg, cov3.astype(cd), alpha3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bi_inf(cfg, x2, alpha3, cov3):
+    cd, R = _bi_inf_R(cfg, x2, alpha3, cov3)
+    m, nf = x2.shape
+    xg = x2.astype(cd).reshape(m, cfg.groups, nf // cfg.groups)
+    yg = xg - jnp.einsum("mgl,gil->mgi", xg, R, precision=S.PRECISION)
+    return yg.reshape(m, nf).astype(x2.dtype)
+
+
+def _bi_inf_fwd(cfg, x2, alpha3, cov3):
+    return _bi_inf(cfg, x2, alpha3, cov3), (x2, alpha3, cov3)
+
+
+def _bi_inf_bwd(cfg, res, dy2):
+    x2, alpha3, cov3 = res
+    cd, R = _bi_inf_R(cfg, x2, alpha3, cov3)
+    m, nf = x2.shape
+    g = cfg.groups
+    xg = x2.astype(cd).reshape(m, g, nf // g)
+    dyg = dy2.astype(cd).reshape(m, g, nf // g)
+    dx = dyg - jnp.einsum("mgi,gil->mgl", dyg, R, precision=S.PRECISION)
+    dR = -jnp.einsum("mgi,mgl->gil", dyg, xg, precision=S.PRECISION)
+    dcov, dalpha = _inhib_matrix_bwd(cfg, cov3.astype(cd), alpha3, dR)
+    return (
+        dx.reshape(m, nf).astype(x2.dtype),
+        dalpha.astype(alpha3.dtype),
+        dcov.astype(cov3.dtype),
+    )
+
+
+_bi_inf.defvjp(_bi_inf_fwd, _bi_inf_bwd)
+
+
+def inhibition_matrix(
+    cov,
+    alpha,
+    *,
+    rho: float = 1.0,
+    epsilon: float = 1e-5,
+    groups: int = 1,
+    correlation: str = "pearson",
+    denominator: str = "signed",
+    guard: float = 1e-3,
+):
+    """The matrix R (groups, n, n) that batch_inhib applies as y = x - x Rᵀ, computed
+    from a covariance (plain jnp, differentiable by autodiff). For plots, folding and
+    eval-mode layers."""
+    fn = "inhibition_matrix"
+    cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard)
+    cov3 = _alpha3(cov, groups)
+    nfeat = cov3.shape[0] * cov3.shape[-1]
+    _check_groups_alpha(fn, nfeat, groups, alpha)
+    cd = S.compute_dtype(cov3.dtype)
+    return _inhib_matrix(cfg, cov3.astype(cd), _alpha3(alpha, groups))

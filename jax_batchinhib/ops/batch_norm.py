@@ -1,0 +1,351 @@
+"""Batch normalization and batch centering with hand-derived backward passes.
+
+Public wrappers validate their arguments at trace time and carry the docstrings; the
+private ``_batch_norm`` / ``_batch_center`` carry ``jax.custom_vjp`` with their
+``_fwd`` / ``_bwd`` rules next to them. See ``docs/derivations.md`` for the derivations.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_batchinhib.ops import _stats as S
+
+Array = jax.Array
+
+
+class BatchStats(NamedTuple):
+    """Per-feature batch statistics: ``mean`` and biased ``var`` (float32 or wider)."""
+
+    mean: Array
+    var: Array | None = None
+
+
+def _vec(v, cfg: S.Reduce, dtype):
+    """A per-feature (N,) vector reshaped to broadcast along the feature axis."""
+    return None if v is None else jnp.reshape(v.astype(dtype), cfg.keep_shape(v.shape[0]))
+
+
+def _squeeze(v, cfg: S.Reduce):
+    return jnp.reshape(v, (v.shape[cfg.axis],))
+
+
+def _grad_vec(g, cfg: S.Reduce, like):
+    """Reduce an x-shaped product to a per-feature gradient in the parameter's dtype."""
+    if like is None:
+        return None
+    return jnp.sum(g, axis=cfg.reduce_axes).astype(like.dtype)
+
+
+# ============================================================================ batch_norm
+
+
+def batch_norm(
+    x,
+    scale=None,
+    bias=None,
+    *,
+    axis: int = -1,
+    epsilon: float = 1e-5,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+):
+    r"""Batch normalization with a hand-derived VJP.
+
+    Forward, per feature over every axis but ``axis`` (and across devices of
+    ``axis_name``), counting only the values where ``mask`` is True:
+
+    .. math::
+        \mu = \tfrac1n\sum_j x_j,\quad \sigma^2 = \tfrac1n\sum_j (x_j-\mu)^2,\quad
+        \hat x = (x-\mu)/\sqrt{\sigma^2+\epsilon},\quad y = \gamma\hat x + \beta
+
+    Backward (seed 003's simplified form), with :math:`d\hat x = \gamma\,dy`:
+
+    .. math::
+        dx = \frac{1}{n\sqrt{\sigma^2+\epsilon}}\Big(n\,d\hat x - \sum d\hat x
+             - \hat x\sum d\hat x\,\hat x\Big),\quad
+        d\gamma = \sum dy\,\hat x,\quad d\beta = \sum dy
+
+    The statistics are outputs too and gradients flow through them correctly
+    (:math:`dx \mathrel{+}= d\mu/n + 2(x-\mu)\,d\sigma^2/n`). The variance is a shifted
+    two-pass sum accumulated in float32 (or float64), so it survives a large mean.
+    The backward keeps ``x`` and per-feature vectors only.
+
+    Args:
+      x: floating array ``(..., N)``; float16/bfloat16 accumulate in float32 and ``y``
+        keeps ``x``'s dtype.
+      scale, bias: ``(N,)`` or None (then 1 and 0).
+      axis: the feature axis.
+      epsilon: added to the variance.
+      axis_name, axis_index_groups: sum the statistics across the devices of this
+        mapped axis (``shard_map``/``pmap``).
+      mask: boolean, x's shape or x's shape without the feature axis; False entries are
+        left out of the statistics and the count (their outputs are still normalized).
+
+    Returns:
+      ``(y, BatchStats(mean, var))`` with ``mean``/``var`` of shape ``(N,)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_batchinhib import batch_norm
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+      >>> y, stats = batch_norm(x, jnp.ones(3), jnp.zeros(3))
+      >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-6))
+      True
+    """
+    fn = "batch_norm"
+    S.check_float(fn, "x", x)
+    cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
+    n = x.shape[cfg.axis]
+    S.check_vector(fn, "scale", scale, n)
+    S.check_vector(fn, "bias", bias, n)
+    S.check_epsilon(fn, epsilon)
+    mask = S.mask_weights(fn, mask, x.shape, cfg)
+    S.static_count(fn, x.shape, cfg, mask)
+    return _batch_norm(cfg, float(epsilon), x, scale, bias, mask)
+
+
+def _bn_forward(cfg, epsilon, x, scale, bias, mask):
+    cd = S.compute_dtype(x.dtype)
+    xf = x.astype(cd)
+    w = S.weights_array(mask, cd)
+    n = S.count(x.shape, w, cfg, cd)
+    s, mean_d, var = S.moments(xf, w, cfg, n)
+    inv = jax.lax.rsqrt(var + epsilon)
+    xhat = ((xf - s) - mean_d) * inv
+    y = xhat
+    if scale is not None:
+        y = y * _vec(scale, cfg, cd)
+    if bias is not None:
+        y = y + _vec(bias, cfg, cd)
+    stats = BatchStats(_squeeze(s + mean_d, cfg), _squeeze(var, cfg))
+    return y.astype(x.dtype), stats, (s, mean_d, inv, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _batch_norm(cfg, epsilon, x, scale, bias, mask):
+    y, stats, _ = _bn_forward(cfg, epsilon, x, scale, bias, mask)
+    return y, stats
+
+
+def _batch_norm_fwd(cfg, epsilon, x, scale, bias, mask):
+    y, stats, (s, mean_d, inv, n) = _bn_forward(cfg, epsilon, x, scale, bias, mask)
+    # Residuals: x (one input-sized array, in its own dtype) and per-feature vectors.
+    return (y, stats), (x, scale, bias, mask, s, mean_d, inv, n)
+
+
+def _batch_norm_bwd(cfg, epsilon, res, cts):
+    x, scale, bias, mask, s, mean_d, inv, n = res
+    dy, (dmean, dvar) = cts
+    cd = inv.dtype
+    w = S.weights_array(mask, cd)
+    dy = dy.astype(cd)
+    xhat = ((x.astype(cd) - s) - mean_d) * inv
+    dxhat = dy if scale is None else dy * _vec(scale, cfg, cd)
+    red = cfg.reduce_axes
+    s1 = cfg.psum(jnp.sum(dxhat, axis=red, keepdims=True))
+    s2 = cfg.psum(jnp.sum(dxhat * xhat, axis=red, keepdims=True))
+    dmean = jnp.reshape(dmean.astype(cd), s1.shape)
+    dvar = jnp.reshape(dvar.astype(cd), s1.shape)
+    # dx = inv*(dxhat - (w/n)(S1 + xhat*S2)) + (w/n)(dmean + 2*(x-mean)*dvar)
+    wn = (1.0 / jnp.maximum(n, 1)) if w is None else w / jnp.maximum(n, 1)
+    dx = inv * dxhat + wn * (dmean - inv * s1 + xhat * (2.0 * dvar / inv - inv * s2))
+    dscale = _grad_vec(dy * xhat, cfg, scale)
+    dbias = _grad_vec(dy, cfg, bias)
+    return dx.astype(x.dtype), dscale, dbias, None
+
+
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+# ======================================================================== batch_center
+
+
+def batch_center(
+    x, bias=None, *, axis: int = -1, axis_name=None, axis_index_groups=None, mask=None
+):
+    r"""Batch centering (seed 001's mean-only "BN"): :math:`y = x - \mu + b`.
+
+    Backward: :math:`dx = dy - \tfrac1n\sum dy` (only counted rows receive the mean
+    term), :math:`db = \sum dy`; the mean output is differentiable
+    (:math:`dx \mathrel{+}= d\mu/n`). Keeps nothing input-sized for the backward.
+
+    Returns ``(y, BatchStats(mean, None))``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_batchinhib import batch_center
+      >>> y, stats = batch_center(jnp.arange(6.0).reshape(3, 2), jnp.zeros(2))
+      >>> y.tolist()
+      [[-2.0, -2.0], [0.0, 0.0], [2.0, 2.0]]
+    """
+    fn = "batch_center"
+    S.check_float(fn, "x", x)
+    cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
+    S.check_vector(fn, "bias", bias, x.shape[cfg.axis])
+    mask = S.mask_weights(fn, mask, x.shape, cfg)
+    S.static_count(fn, x.shape, cfg, mask)
+    return _batch_center(cfg, x, bias, mask)
+
+
+def _bc_forward(cfg, x, bias, mask):
+    cd = S.compute_dtype(x.dtype)
+    xf = x.astype(cd)
+    w = S.weights_array(mask, cd)
+    n = S.count(x.shape, w, cfg, cd)
+    s = S.shift_of(xf, w, cfg, n)
+    mean_d = cfg.psum(S.wsum(xf - s, w, cfg.reduce_axes)) / jnp.maximum(n, 1)
+    y = (xf - s) - mean_d
+    if bias is not None:
+        y = y + _vec(bias, cfg, cd)
+    return y.astype(x.dtype), BatchStats(_squeeze(s + mean_d, cfg), None), n
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _batch_center(cfg, x, bias, mask):
+    y, stats, _ = _bc_forward(cfg, x, bias, mask)
+    return y, stats
+
+
+def _batch_center_fwd(cfg, x, bias, mask):
+    y, stats, n = _bc_forward(cfg, x, bias, mask)
+    return (y, stats), (jnp.zeros((0,), x.dtype), bias, mask, n)
+
+
+def _batch_center_bwd(cfg, res, cts):
+    x0, bias, mask, n = res
+    dy, (dmean, _) = cts
+    cd = n.dtype
+    w = S.weights_array(mask, cd)
+    dyf = dy.astype(cd)
+    s1 = cfg.psum(jnp.sum(dyf, axis=cfg.reduce_axes, keepdims=True))
+    dmean = jnp.reshape(dmean.astype(cd), s1.shape)
+    wn = (1.0 / jnp.maximum(n, 1)) if w is None else w / jnp.maximum(n, 1)
+    dx = dyf + wn * (dmean - s1)
+    return dx.astype(x0.dtype), _grad_vec(dyf, cfg, bias), None
+
+
+_batch_center.defvjp(_batch_center_fwd, _batch_center_bwd)
+
+
+# ===================================================================== inference forms
+
+
+def batch_norm_inference(x, scale, bias, mean, var, *, axis: int = -1, epsilon: float = 1e-5):
+    r"""Batch normalization with given (running) statistics: one affine map per feature.
+
+    :math:`y = \gamma (x-\mu_r)/\sqrt{\sigma^2_r+\epsilon} + \beta`
+    (seed 002: :math:`y = \frac{\gamma}{\sqrt{Var+\epsilon}}x + (\beta -
+    \frac{\gamma E[x]}{\sqrt{Var+\epsilon}})`).
+
+    Backward: :math:`dx = \gamma\,dy/\sqrt{\sigma^2_r+\epsilon}`,
+    :math:`d\gamma = \sum dy\,\hat x`, :math:`d\beta = \sum dy`,
+    :math:`d\mu_r = -\sum \gamma\,dy/\sqrt{\sigma_r^2+\epsilon}`,
+    :math:`d\sigma^2_r = -\tfrac12\sum \gamma\,dy\,\hat x/(\sigma_r^2+\epsilon)`.
+    Every ``(N,)`` argument may be None except ``mean`` and ``var``.
+    """
+    fn = "batch_norm_inference"
+    S.check_float(fn, "x", x)
+    cfg = S.make_reduce(fn, x, axis)
+    n = x.shape[cfg.axis]
+    S.check_vector(fn, "scale", scale, n)
+    S.check_vector(fn, "bias", bias, n)
+    S.check_vector(fn, "mean", mean, n)
+    S.check_vector(fn, "var", var, n)
+    S.check_epsilon(fn, epsilon)
+    if mean is None or var is None:
+        raise ValueError(f"{fn}: mean and var are required (the running statistics)")
+    return _bn_inf(cfg, float(epsilon), x, scale, bias, mean, var)
+
+
+def _bn_inf_parts(cfg, epsilon, x, mean, var):
+    cd = S.compute_dtype(jnp.result_type(x.dtype, mean.dtype, var.dtype))
+    inv = jax.lax.rsqrt(_vec(var, cfg, cd) + epsilon)
+    xhat = (x.astype(cd) - _vec(mean, cfg, cd)) * inv
+    return cd, inv, xhat
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _bn_inf(cfg, epsilon, x, scale, bias, mean, var):
+    cd, inv, xhat = _bn_inf_parts(cfg, epsilon, x, mean, var)
+    y = xhat if scale is None else xhat * _vec(scale, cfg, cd)
+    if bias is not None:
+        y = y + _vec(bias, cfg, cd)
+    return y.astype(x.dtype)
+
+
+def _bn_inf_fwd(cfg, epsilon, x, scale, bias, mean, var):
+    return _bn_inf(cfg, epsilon, x, scale, bias, mean, var), (x, scale, bias, mean, var)
+
+
+def _bn_inf_bwd(cfg, epsilon, res, dy):
+    x, scale, bias, mean, var = res
+    cd, inv, xhat = _bn_inf_parts(cfg, epsilon, x, mean, var)
+    dy = dy.astype(cd)
+    dxhat = dy if scale is None else dy * _vec(scale, cfg, cd)
+    dx = dxhat * inv
+    dmean = -jnp.sum(dx, axis=cfg.reduce_axes).astype(mean.dtype)
+    dvar = (-0.5 * jnp.sum(dxhat * xhat, axis=cfg.reduce_axes) * jnp.squeeze(inv) ** 2).astype(
+        var.dtype
+    )
+    dvar = jnp.reshape(dvar, var.shape)
+    dmean = jnp.reshape(dmean, mean.shape)
+    return (
+        dx.astype(x.dtype),
+        _grad_vec(dy * xhat, cfg, scale),
+        _grad_vec(dy, cfg, bias),
+        dmean,
+        dvar,
+    )
+
+
+_bn_inf.defvjp(_bn_inf_fwd, _bn_inf_bwd)
+
+
+def batch_center_inference(x, bias, mean, *, axis: int = -1):
+    r"""Batch centering with a given (running) mean: :math:`y = x - \mu_r + b`.
+
+    Backward: :math:`dx = dy`, :math:`db = \sum dy`, :math:`d\mu_r = -\sum dy`.
+    """
+    fn = "batch_center_inference"
+    S.check_float(fn, "x", x)
+    cfg = S.make_reduce(fn, x, axis)
+    n = x.shape[cfg.axis]
+    S.check_vector(fn, "bias", bias, n)
+    if mean is None:
+        raise ValueError(f"{fn}: mean is required (the running mean)")
+    S.check_vector(fn, "mean", mean, n)
+    return _bc_inf(cfg, x, bias, mean)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bc_inf(cfg, x, bias, mean):
+    cd = S.compute_dtype(jnp.result_type(x.dtype, mean.dtype))
+    y = x.astype(cd) - _vec(mean, cfg, cd)
+    if bias is not None:
+        y = y + _vec(bias, cfg, cd)
+    return y.astype(x.dtype)
+
+
+def _bc_inf_fwd(cfg, x, bias, mean):
+    return _bc_inf(cfg, x, bias, mean), (jnp.zeros((0,), x.dtype), bias, mean)
+
+
+def _bc_inf_bwd(cfg, res, dy):
+    x0, bias, mean = res
+    cd = S.compute_dtype(jnp.result_type(dy.dtype, mean.dtype))
+    dyf = dy.astype(cd)
+    s = jnp.sum(dyf, axis=cfg.reduce_axes)
+    return (
+        dy.astype(x0.dtype),
+        None if bias is None else s.astype(bias.dtype),
+        (-s).astype(mean.dtype),
+    )
+
+
+_bc_inf.defvjp(_bc_inf_fwd, _bc_inf_bwd)
