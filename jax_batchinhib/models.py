@@ -1,0 +1,213 @@
+"""Example models built from the library's layers (linen, and NNX twins).
+
+- :class:`MLP`: Dense -> norm -> ReLU (-> Dropout) blocks, then a Dense head.
+- :class:`CNN`: a small NHWC CNN (Conv 3x3 -> norm -> ReLU, average pooling), e.g. for
+  8x8 digits ``(B, 8, 8, 1)``.
+- :class:`TwoBranch`: seed 001's two-branch block. Branch A: Dense -> sin -> Dropout ->
+  Dense; branch B: Dense (no bias) -> BatchCenter -> ReLU; concat([B, A]) -> Dense ->
+  logits (the softmax is in the loss, :func:`jax_batchinhib.softmax_cross_entropy`).
+
+The normalization of MLP and CNN is chosen by one string, ``norm`` (see :data:`NORMS`):
+
+=================== ==========================================================
+``"none"``          no normalization
+``"flax_batchnorm"`` :class:`flax.linen.BatchNorm` (:class:`flax.nnx.BatchNorm`)
+``"batchnorm"``     our :class:`jax_batchinhib.linen.BatchNorm`
+``"batchnorm+inhib"`` our BatchNorm followed by our BatchInhib
+``"inhib"``         our BatchInhib alone (``inhib_groups`` groups)
+=================== ==========================================================
+
+All models take ``__call__(x, *, train)``: ``train=True`` uses batch statistics and
+updates ``batch_stats`` (apply with ``mutable=["batch_stats"]``) and draws dropout masks
+from the ``'dropout'`` rng collection; ``train=False`` uses the running statistics.
+``use_autodiff=True`` switches every layer of ours to autodiff of the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jax_batchinhib import linen as bl
+
+NORMS = ("none", "flax_batchnorm", "batchnorm", "batchnorm+inhib", "inhib")
+
+
+def check_norm(where: str, norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"{where}: norm must be one of {NORMS}; got {norm!r}")
+
+
+def norm_layers(
+    norm: str,
+    *,
+    index: int,
+    train: bool,
+    momentum: float | None = 0.9,
+    unbiased: bool = True,
+    inhib_groups: int = 1,
+    use_autodiff: bool = False,
+) -> list[nn.Module]:
+    """The linen normalization layers named by ``norm``, in the order they apply.
+
+    The one place where the variants are defined, so a training script can sweep them.
+    Layer names: ``bn{index}`` for BatchNorm (ours or flax's), ``inhib{index}`` for
+    BatchInhib.
+    """
+    check_norm("models.norm_layers", norm)
+    ura = not train
+    layers: list[nn.Module] = []
+    if norm == "flax_batchnorm":
+        layers.append(
+            nn.BatchNorm(
+                use_running_average=ura,
+                momentum=0.99 if momentum is None else momentum,
+                use_fast_variance=False,
+                name=f"bn{index}",
+            )
+        )
+    if norm in ("batchnorm", "batchnorm+inhib"):
+        layers.append(
+            bl.BatchNorm(
+                use_running_average=ura,
+                momentum=momentum,
+                unbiased=unbiased,
+                use_autodiff=use_autodiff,
+                name=f"bn{index}",
+            )
+        )
+    if norm in ("inhib", "batchnorm+inhib"):
+        layers.append(
+            bl.BatchInhib(
+                use_running_average=ura,
+                momentum=momentum,
+                unbiased=unbiased,
+                groups=inhib_groups,
+                use_autodiff=use_autodiff,
+                name=f"inhib{index}",
+            )
+        )
+    return layers
+
+
+class MLP(nn.Module):
+    """Dense -> norm -> ReLU (-> Dropout) for each width in ``features``, then
+    ``Dense(num_classes)`` (``head``). Dense layers are ``dense{i}``."""
+
+    features: Sequence[int] = (64, 64)
+    num_classes: int = 10
+    norm: str = "batchnorm"
+    inhib_groups: int = 1
+    dropout_rate: float = 0.0
+    momentum: float | None = 0.9
+    unbiased: bool = True
+    use_autodiff: bool = False
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        check_norm("MLP", self.norm)
+        x = x.reshape(x.shape[0], -1)
+        for i, f in enumerate(self.features):
+            x = nn.Dense(f, name=f"dense{i}")(x)
+            for layer in norm_layers(
+                self.norm,
+                index=i,
+                train=train,
+                momentum=self.momentum,
+                unbiased=self.unbiased,
+                inhib_groups=self.inhib_groups,
+                use_autodiff=self.use_autodiff,
+            ):
+                x = layer(x)
+            x = nn.relu(x)
+            if self.dropout_rate > 0:
+                x = bl.Dropout(
+                    self.dropout_rate,
+                    deterministic=not train,
+                    use_autodiff=self.use_autodiff,
+                    name=f"dropout{i}",
+                )(x)
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+class CNN(nn.Module):
+    """A small NHWC CNN: for each width in ``features``, Conv 3x3 (``conv{i}``) -> norm
+    -> ReLU -> 2x2 average pooling (while the image is larger than 2x2); then global
+    average pooling, optional Dropout and ``Dense(num_classes)`` (``head``).
+    Input ``(B, H, W, C)``, e.g. digits ``(B, 8, 8, 1)``."""
+
+    features: Sequence[int] = (16, 32)
+    num_classes: int = 10
+    norm: str = "batchnorm"
+    inhib_groups: int = 1
+    dropout_rate: float = 0.0
+    momentum: float | None = 0.9
+    unbiased: bool = True
+    use_autodiff: bool = False
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        check_norm("CNN", self.norm)
+        if x.ndim != 4:
+            raise ValueError(
+                f"CNN: x must be NHWC (B, H, W, C), e.g. (B, 8, 8, 1); got shape {x.shape}"
+            )
+        for i, f in enumerate(self.features):
+            x = nn.Conv(f, (3, 3), padding="SAME", name=f"conv{i}")(x)
+            for layer in norm_layers(
+                self.norm,
+                index=i,
+                train=train,
+                momentum=self.momentum,
+                unbiased=self.unbiased,
+                inhib_groups=self.inhib_groups,
+                use_autodiff=self.use_autodiff,
+            ):
+                x = layer(x)
+            x = nn.relu(x)
+            if x.shape[1] > 2 and x.shape[2] > 2:
+                x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        x = jnp.mean(x, axis=(1, 2))
+        if self.dropout_rate > 0:
+            x = bl.Dropout(
+                self.dropout_rate,
+                deterministic=not train,
+                use_autodiff=self.use_autodiff,
+                name="dropout",
+            )(x)
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+class TwoBranch(nn.Module):
+    """Seed 001's two-branch block.
+
+    Branch A: ``z1a = sin(fc1a(x))``, dropout (``dropout``), ``yA = fc2a(.)``.
+    Branch B: ``x1B = fc1b(x)`` (no bias), ``xBN = center(x1B)`` (BatchCenter: param
+    ``bias``, batch_stats ``mean``), ``relu``. Head: ``logits = fc2b(concat([relu(xBN),
+    yA], -1))``. Returns logits ``(B, num_classes)``; the softmax is in the loss.
+    """
+
+    features_a: int = 32
+    features_b: int = 32
+    num_classes: int = 10
+    dropout_rate: float = 0.2
+    use_autodiff: bool = False
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        z1a = jnp.sin(nn.Dense(self.features_a, name="fc1a")(x))
+        z1a = bl.Dropout(
+            self.dropout_rate,
+            deterministic=not train,
+            use_autodiff=self.use_autodiff,
+            name="dropout",
+        )(z1a)
+        ya = nn.Dense(self.features_a, name="fc2a")(z1a)
+        x1b = nn.Dense(self.features_b, use_bias=False, name="fc1b")(x)
+        xbn = bl.BatchCenter(
+            use_running_average=not train, use_autodiff=self.use_autodiff, name="center"
+        )(x1b)
+        zbn = jnp.concatenate([nn.relu(xbn), ya], axis=-1)
+        return nn.Dense(self.num_classes, name="fc2b")(zbn)

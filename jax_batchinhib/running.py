@@ -1,0 +1,330 @@
+r"""Running statistics: the state the normalization modules keep, and how it is updated.
+
+Seed 002 replaces the mini-batch statistics at inference by population estimates,
+
+.. math::
+    E[x] \leftarrow E_B[\mu_B], \qquad Var[x] \leftarrow \tfrac{m}{m-1}\,E_B[\sigma_B^2],
+
+where ``m`` is the number of values per feature in a batch (rows times spatial positions;
+padding excluded by a mask; summed over the devices of ``axis_name``). The modules keep
+the same estimates as PyTorch's ``torch.nn.BatchNorm{1,2}d``:
+
+- ``unbiased=True`` stores ``m/(m-1)`` times the biased batch variance (and covariance);
+  ``unbiased=False`` stores the biased batch variance, exactly what ``flax.linen.BatchNorm``
+  stores.
+- ``momentum=None`` keeps the cumulative average over every batch seen,
+  ``new = (1 - 1/k) old + (1/k) batch`` at the k-th batch (torch's ``momentum=None``), with
+  the number of batches ``k`` kept in the ``count`` statistic.
+- a float ``momentum`` keeps flax's exponential moving average
+  ``new = momentum * old + (1 - momentum) * batch``. PyTorch's momentum ``p`` is our
+  ``1 - p`` (torch's default 0.1 is our 0.9).
+
+A batch in which a feature has no counted value (everything masked) leaves that
+feature's statistics and count unchanged. Everything here is plain ``jax.numpy`` and is
+applied under ``jax.lax.stop_gradient`` by the modules: running statistics are state,
+not something the loss is differentiated through.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax_batchinhib.ops import _stats as S
+
+Array = jax.Array
+
+
+def check_momentum(where: str, momentum) -> float | None:
+    """``momentum`` must be None (cumulative average) or a float in [0, 1]."""
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, int | float):
+        raise TypeError(
+            f"{where}: momentum must be a float in [0, 1] or None (cumulative average); "
+            f"got {momentum!r}"
+        )
+    if not (math.isfinite(momentum) and 0.0 <= momentum <= 1.0):
+        raise ValueError(
+            f"{where}: momentum must be a float in [0, 1] or None (cumulative average); "
+            f"got {momentum!r}. Note: PyTorch's momentum p is our 1 - p."
+        )
+    return float(momentum)
+
+
+def stats_dtype(param_dtype, force_float32_reductions: bool = True):
+    """dtype of stored running statistics: float32 (flax's choice) or wider.
+
+    With ``force_float32_reductions`` (the default, as in flax) statistics are stored in
+    ``promote_types(param_dtype, float32)``: float32 for the default ``param_dtype``, the
+    same as flax; float64 parameters keep float64 statistics.
+    """
+    if force_float32_reductions:
+        return jnp.promote_types(param_dtype, jnp.float32)
+    return jnp.dtype(param_dtype)
+
+
+def batch_count(
+    where: str,
+    x,
+    *,
+    axis: int = -1,
+    mask=None,
+    axis_name=None,
+    axis_index_groups=None,
+):
+    """Number of counted values per feature, shape ``(N,)`` float32: the ``m`` of
+    seed 002's ``m/(m-1)``. Rows (positions) where ``mask`` is False are not counted;
+    with ``axis_name`` the counts of every device are summed."""
+    cfg = S.make_reduce(where, x, axis)
+    n = x.shape[cfg.axis]
+    if mask is None:
+        m = 1
+        for a in cfg.reduce_axes:
+            m *= int(x.shape[a])
+        cnt = jnp.full((n,), m, jnp.float32)
+    else:
+        mask = S.mask_weights(where, mask, x.shape, cfg)
+        w = jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), x.shape)
+        cnt = jnp.sum(w, axis=cfg.reduce_axes)
+    if axis_name is not None:
+        cnt = lax.psum(cnt, axis_name, axis_index_groups=S.as_groups(axis_index_groups))
+    return cnt
+
+
+def unbiased_factor(m):
+    """``m/(m-1)`` where ``m > 1``; 1 where ``m <= 1`` (a single value has no spread)."""
+    m = jnp.asarray(m, jnp.float32)
+    return jnp.where(m > 1, m / jnp.maximum(m - 1, 1), 1.0)
+
+
+def update(old, batch, *, momentum: float | None, count=None, valid=None):
+    """One running-statistic update, in ``old``'s dtype.
+
+    Args:
+      old: the stored running statistic.
+      batch: this batch's statistic (already corrected for bias if wanted).
+      momentum: a float for the EMA ``momentum*old + (1-momentum)*batch`` (flax's
+        expression, so ``unbiased=False`` reproduces flax to the bit up to the batch
+        statistics), or None for the cumulative average.
+      count: with ``momentum=None``, the number of batches already averaged (before this
+        one); broadcastable against ``old``.
+      valid: optional boolean broadcastable against ``old``: where False the statistic is
+        left unchanged (a feature with no counted value in this batch).
+
+    Returns:
+      the new running statistic.
+    """
+    batch = lax.stop_gradient(batch).astype(old.dtype)
+    if momentum is None:
+        if count is None:
+            raise ValueError("running.update: momentum=None needs count (batches seen so far)")
+        k = (count + 1).astype(old.dtype)
+        f = 1.0 / k
+        new = (1.0 - f) * old + f * batch
+    else:
+        new = momentum * old + (1 - momentum) * batch
+    if valid is not None:
+        new = jnp.where(valid, new, old)
+    return new.astype(old.dtype)
+
+
+def update_count(count, valid=None):
+    """The next batch count: ``count + 1`` where the batch counted (``valid``)."""
+    inc = jnp.ones_like(count) if valid is None else jnp.asarray(valid).astype(count.dtype)
+    return count + inc
+
+
+# ============================================================ one step of each layer
+#
+# The modules (linen and NNX) hold parameters and statistics; these functions do the
+# rest, so both module families share one implementation: call the op (or, with
+# ``use_autodiff``, its reference in plain jnp), then update the statistics.
+
+
+def _impl(use_autodiff: bool):
+    if use_autodiff:
+        from jax_batchinhib import reference
+
+        return reference
+    from jax_batchinhib import ops
+
+    return ops
+
+
+def values_per_feature(x, axis: int) -> int:
+    """Static number of values per feature on this device (before masking)."""
+    ax = axis % x.ndim
+    m = 1
+    for a in range(x.ndim):
+        if a != ax:
+            m *= int(x.shape[a])
+    return m
+
+
+def _corrected(where, x, axis, mask, axis_name, axis_index_groups, unbiased, *stats):
+    """Per-feature count, 'counted' flag, and the statistics with the m/(m-1) factor."""
+    m = batch_count(
+        where, x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
+    )
+    valid = None if mask is None else m > 0
+    if not unbiased:
+        return m, valid, stats
+    f = unbiased_factor(m)
+    return m, valid, tuple(s * f.astype(s.dtype) for s in stats)
+
+
+def batch_norm_step(
+    where: str,
+    x,
+    scale,
+    bias,
+    state: dict,
+    *,
+    use_running_average: bool,
+    update_stats: bool,
+    momentum: float | None,
+    unbiased: bool,
+    epsilon: float,
+    axis: int,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+    use_autodiff: bool = False,
+):
+    """Batch norm in training mode (batch statistics, running update) or eval mode
+    (running statistics). ``state`` holds ``mean``, ``var`` and, with momentum=None,
+    ``count``. Returns ``(y, new_state)``."""
+    impl = _impl(use_autodiff)
+    if use_running_average:
+        y = impl.batch_norm_inference(
+            x, scale, bias, state["mean"], state["var"], axis=axis, epsilon=epsilon
+        )
+        return y, state
+    y, st = impl.batch_norm(
+        x,
+        scale,
+        bias,
+        axis=axis,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+    )
+    if not update_stats:
+        return y, state
+    mean_b = lax.stop_gradient(st.mean)
+    var_b = lax.stop_gradient(st.var)
+    _, valid, (var_b,) = _corrected(
+        where, x, axis, mask, axis_name, axis_index_groups, unbiased, var_b
+    )
+    count = state.get("count")
+    new = dict(state)
+    new["mean"] = update(state["mean"], mean_b, momentum=momentum, count=count, valid=valid)
+    new["var"] = update(state["var"], var_b, momentum=momentum, count=count, valid=valid)
+    if momentum is None:
+        new["count"] = update_count(count, valid)
+    return y, new
+
+
+def batch_center_step(
+    where: str,
+    x,
+    bias,
+    state: dict,
+    *,
+    use_running_average: bool,
+    update_stats: bool,
+    momentum: float | None,
+    axis: int,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+    use_autodiff: bool = False,
+):
+    """Batch centering in training or eval mode; ``state`` holds ``mean`` (and
+    ``count``). Returns ``(y, new_state)``."""
+    impl = _impl(use_autodiff)
+    if use_running_average:
+        return impl.batch_center_inference(x, bias, state["mean"], axis=axis), state
+    y, st = impl.batch_center(
+        x, bias, axis=axis, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask
+    )
+    if not update_stats:
+        return y, state
+    _, valid, _ = _corrected(where, x, axis, mask, axis_name, axis_index_groups, False)
+    count = state.get("count")
+    new = dict(state)
+    new["mean"] = update(
+        state["mean"], lax.stop_gradient(st.mean), momentum=momentum, count=count, valid=valid
+    )
+    if momentum is None:
+        new["count"] = update_count(count, valid)
+    return y, new
+
+
+def batch_inhib_step(
+    where: str,
+    x,
+    alpha,
+    state: dict,
+    *,
+    use_running_average: bool,
+    update_stats: bool,
+    momentum: float | None,
+    unbiased: bool,
+    axis: int,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+    use_autodiff: bool = False,
+    **inhib,
+):
+    """BatchInhib in training mode (batch covariance, running update) or eval mode (the
+    fixed linear map ``y = x (I - R^T)`` with R from the running covariance).
+
+    ``state`` holds ``mean`` (N,), ``var`` (N,), ``cov`` (alpha's shape) and, with
+    momentum=None, a scalar ``count``. ``inhib`` are the op's options (rho, epsilon,
+    groups, correlation, denominator, guard). The unbiased factor applies to the
+    variance and the covariance alike (Pearson correlations do not depend on it, up to
+    epsilon). Returns ``(y, new_state)``.
+    """
+    impl = _impl(use_autodiff)
+    if use_running_average:
+        y = impl.batch_inhib_inference(x, alpha, state["cov"], axis=axis, **inhib)
+        return y, state
+    y, st = impl.batch_inhib(
+        x,
+        alpha,
+        axis=axis,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+        **inhib,
+    )
+    if not update_stats:
+        return y, state
+    cov_b = jnp.reshape(lax.stop_gradient(st.cov), state["cov"].shape)
+    var_b = lax.stop_gradient(st.var)
+    # rows are masked whole, so every feature has the same count: one scalar.
+    m = batch_count(
+        where, x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
+    )[0]
+    valid_s = None if mask is None else m > 0
+    if unbiased:
+        f = unbiased_factor(m)
+        var_b = var_b * f.astype(var_b.dtype)
+        cov_b = cov_b * f.astype(cov_b.dtype)
+    count = state.get("count")
+    new = dict(state)
+    new["mean"] = update(
+        state["mean"], lax.stop_gradient(st.mean), momentum=momentum, count=count, valid=valid_s
+    )
+    new["var"] = update(state["var"], var_b, momentum=momentum, count=count, valid=valid_s)
+    new["cov"] = update(state["cov"], cov_b, momentum=momentum, count=count, valid=valid_s)
+    if momentum is None:
+        new["count"] = update_count(count, valid_s)
+    return y, new
