@@ -21,6 +21,11 @@ All models take ``__call__(x, *, train)``: ``train=True`` uses batch statistics 
 updates ``batch_stats`` (apply with ``mutable=["batch_stats"]``) and draws dropout masks
 from the ``'dropout'`` rng collection; ``train=False`` uses the running statistics.
 ``use_autodiff=True`` switches every layer of ours to autodiff of the reference.
+
+The NNX twins :class:`NnxMLP`, :class:`NnxCNN` and :class:`NnxTwoBranch` take the input
+size first and ``rngs``; they are called as ``model(x)`` in the mode set by
+``model.train()`` / ``model.eval()`` (or ``nnx.view``), with the same submodule names
+and the same parameters as the linen models.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax import nnx
 
 from jax_batchinhib import linen as bl
+from jax_batchinhib import nnx as bx
 
 NORMS = ("none", "flax_batchnorm", "batchnorm", "batchnorm+inhib", "inhib")
 
@@ -211,3 +218,196 @@ class TwoBranch(nn.Module):
         )(x1b)
         zbn = jnp.concatenate([nn.relu(xbn), ya], axis=-1)
         return nn.Dense(self.num_classes, name="fc2b")(zbn)
+
+
+# =================================================================================== NNX
+
+
+def nnx_norm_layers(
+    norm: str,
+    num_features: int,
+    *,
+    momentum: float | None = 0.9,
+    unbiased: bool = True,
+    inhib_groups: int = 1,
+    use_autodiff: bool = False,
+    rngs: nnx.Rngs,
+) -> nnx.List:
+    """The NNX normalization layers named by ``norm`` (see :func:`norm_layers`)."""
+    check_norm("models.nnx_norm_layers", norm)
+    layers = []
+    if norm == "flax_batchnorm":
+        layers.append(
+            nnx.BatchNorm(
+                num_features,
+                momentum=0.99 if momentum is None else momentum,
+                use_fast_variance=False,
+                rngs=rngs,
+            )
+        )
+    if norm in ("batchnorm", "batchnorm+inhib"):
+        layers.append(
+            bx.BatchNorm(
+                num_features,
+                momentum=momentum,
+                unbiased=unbiased,
+                use_autodiff=use_autodiff,
+                rngs=rngs,
+            )
+        )
+    if norm in ("inhib", "batchnorm+inhib"):
+        layers.append(
+            bx.BatchInhib(
+                num_features,
+                momentum=momentum,
+                unbiased=unbiased,
+                groups=inhib_groups,
+                use_autodiff=use_autodiff,
+                rngs=rngs,
+            )
+        )
+    return nnx.List(layers)
+
+
+class NnxMLP(nnx.Module):
+    """NNX twin of :class:`MLP`: ``dense[i]`` -> ``norms[i]`` -> ReLU (-> ``dropouts[i]``),
+    then ``head``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        features: Sequence[int] = (64, 64),
+        num_classes: int = 10,
+        *,
+        norm: str = "batchnorm",
+        inhib_groups: int = 1,
+        dropout_rate: float = 0.0,
+        momentum: float | None = 0.9,
+        unbiased: bool = True,
+        use_autodiff: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        check_norm("NnxMLP", norm)
+        dense, norms, drops = [], [], []
+        d = in_features
+        for f in features:
+            dense.append(nnx.Linear(d, f, rngs=rngs))
+            norms.append(
+                nnx_norm_layers(
+                    norm,
+                    f,
+                    momentum=momentum,
+                    unbiased=unbiased,
+                    inhib_groups=inhib_groups,
+                    use_autodiff=use_autodiff,
+                    rngs=rngs,
+                )
+            )
+            drops.append(
+                bx.Dropout(dropout_rate, use_autodiff=use_autodiff, rngs=rngs)
+                if dropout_rate > 0
+                else None
+            )
+            d = f
+        self.dense = nnx.List(dense)
+        self.norms = nnx.List(norms)
+        self.dropouts = nnx.List(drops)
+        self.head = nnx.Linear(d, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        for dense, norms, drop in zip(self.dense, self.norms, self.dropouts, strict=True):
+            x = dense(x)
+            for layer in norms:
+                x = layer(x)
+            x = nnx.relu(x)
+            if drop is not None:
+                x = drop(x)
+        return self.head(x)
+
+
+class NnxCNN(nnx.Module):
+    """NNX twin of :class:`CNN` (NHWC input with ``in_channels`` channels)."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        features: Sequence[int] = (16, 32),
+        num_classes: int = 10,
+        *,
+        norm: str = "batchnorm",
+        inhib_groups: int = 1,
+        dropout_rate: float = 0.0,
+        momentum: float | None = 0.9,
+        unbiased: bool = True,
+        use_autodiff: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        check_norm("NnxCNN", norm)
+        convs, norms = [], []
+        c = in_channels
+        for f in features:
+            convs.append(nnx.Conv(c, f, (3, 3), padding="SAME", rngs=rngs))
+            norms.append(
+                nnx_norm_layers(
+                    norm,
+                    f,
+                    momentum=momentum,
+                    unbiased=unbiased,
+                    inhib_groups=inhib_groups,
+                    use_autodiff=use_autodiff,
+                    rngs=rngs,
+                )
+            )
+            c = f
+        self.convs = nnx.List(convs)
+        self.norms = nnx.List(norms)
+        self.dropout = (
+            bx.Dropout(dropout_rate, use_autodiff=use_autodiff, rngs=rngs)
+            if dropout_rate > 0
+            else None
+        )
+        self.head = nnx.Linear(c, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"NnxCNN: x must be NHWC (B, H, W, C); got shape {x.shape}")
+        for conv, norms in zip(self.convs, self.norms, strict=True):
+            x = conv(x)
+            for layer in norms:
+                x = layer(x)
+            x = nnx.relu(x)
+            if x.shape[1] > 2 and x.shape[2] > 2:
+                x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
+        x = jnp.mean(x, axis=(1, 2))
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return self.head(x)
+
+
+class NnxTwoBranch(nnx.Module):
+    """NNX twin of :class:`TwoBranch`: the same submodules ``fc1a``, ``dropout``,
+    ``fc2a``, ``fc1b``, ``center``, ``fc2b``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        features_a: int = 32,
+        features_b: int = 32,
+        num_classes: int = 10,
+        *,
+        dropout_rate: float = 0.2,
+        use_autodiff: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.fc1a = nnx.Linear(in_features, features_a, rngs=rngs)
+        self.dropout = bx.Dropout(dropout_rate, use_autodiff=use_autodiff, rngs=rngs)
+        self.fc2a = nnx.Linear(features_a, features_a, rngs=rngs)
+        self.fc1b = nnx.Linear(in_features, features_b, use_bias=False, rngs=rngs)
+        self.center = bx.BatchCenter(features_b, use_autodiff=use_autodiff, rngs=rngs)
+        self.fc2b = nnx.Linear(features_b + features_a, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        ya = self.fc2a(self.dropout(jnp.sin(self.fc1a(x))))
+        xbn = self.center(self.fc1b(x))
+        return self.fc2b(jnp.concatenate([nnx.relu(xbn), ya], axis=-1))
