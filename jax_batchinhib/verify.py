@@ -1,0 +1,427 @@
+"""``jax-batchinhib verify``: every hand-derived VJP checked against autodiff.
+
+For every op (and every BatchInhib option, and the inference forms) over several shapes
+and float32 / float64 / bfloat16, the same random cotangent is pulled back through the
+op's custom VJP and through ``jax.vjp`` of the naive reference in
+:mod:`jax_batchinhib.reference`; the largest relative error (``max|ours - autodiff| /
+max|autodiff|``) of the forward output and of each input's gradient is compared with the
+dtype's tolerance (:data:`jax_batchinhib.testing.TOLERANCES`). This is the comparison of
+:func:`jax_batchinhib.testing.check_vjp`, compiled as one program per case so that the
+whole sweep takes seconds of compile time rather than minutes of eager dispatch.
+
+The cases are :func:`cases`; :func:`run` checks them and :func:`format_table` prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import sys
+import time
+import zlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_batchinhib import ops
+from jax_batchinhib import reference as ref
+from jax_batchinhib.testing import tolerance
+
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One check: ``op`` and ``reference`` called on ``make(key, dtype)`` with ``kwargs``."""
+
+    name: str  # e.g. "batch_inhib[groups=2]"
+    op: Callable
+    reference: Callable
+    shape: tuple[int, ...]
+    make: Callable  # (key, dtype) -> tuple of positional args
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Result:
+    op: str
+    shape: str
+    dtype: str
+    errors: dict  # input name -> max relative error
+    tols: dict  # input name -> tolerance
+    ok: bool
+    seconds: float
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------- inputs
+# Inputs come from numpy (no compile per shape); each maker is (rng, dtype) -> args.
+
+
+def _normal(rng, shape, dtype, scale=1.0, shift=0.0):
+    return jnp.asarray((scale * rng.standard_normal(shape) + shift).astype(np.float32), dtype)
+
+
+def _x_vec(shape, axis=-1, n_vec=2, shift=0.5, scale=1.5):
+    """x of ``shape`` (non-zero mean, non-unit scale) and ``n_vec`` (N,) vectors."""
+
+    def make(rng, dtype):
+        n = shape[axis]
+        x = _normal(rng, shape, dtype, scale, shift)
+        return (x, *(_normal(rng, (n,), dtype, 0.5, 1.0) for _ in range(n_vec)))
+
+    return make
+
+
+def _bn_inf_args(shape):
+    def make(rng, dtype):
+        n = shape[-1]
+        x = _normal(rng, shape, dtype, 1.5, 0.5)
+        scale = _normal(rng, (n,), dtype, 0.5, 1.0)
+        bias = _normal(rng, (n,), dtype, 0.5)
+        mean = _normal(rng, (n,), dtype, 0.5, 0.5)
+        var = jnp.asarray(0.5 + 2 * rng.random(n), dtype)
+        return x, scale, bias, mean, var
+
+    return make
+
+
+def _bc_inf_args(shape):
+    def make(rng, dtype):
+        n = shape[-1]
+        return (
+            _normal(rng, shape, dtype, 1.5, 0.5),
+            _normal(rng, (n,), dtype, 0.5),
+            _normal(rng, (n,), dtype, 0.5, 0.5),
+        )
+
+    return make
+
+
+def _mixed_np(rng, shape):
+    """Features sharing 3 factors, so that their correlations are far from zero."""
+    n = shape[-1]
+    z = rng.standard_normal((*shape[:-1], 3))
+    return z @ rng.standard_normal((3, n)) + 0.5 * rng.standard_normal(shape) + 0.3
+
+
+def _bi_args(shape, groups=1):
+    def make(rng, dtype):
+        x = jnp.asarray(_mixed_np(rng, shape).astype(np.float32), dtype)
+        return x, _normal(rng, ops.alpha_shape(shape[-1], groups), dtype, 0.5)
+
+    return make
+
+
+def _bi_inf_args(shape, groups=1):
+    def make(rng, dtype):
+        n = shape[-1]
+        x = jnp.asarray(_mixed_np(rng, shape).astype(np.float32), dtype)
+        alpha = _normal(rng, ops.alpha_shape(n, groups), dtype, 0.5)
+        data = _mixed_np(rng, (64, n)).reshape(64, groups, n // groups)
+        data = data - data.mean(0)
+        cov = np.einsum("mgi,mgk->gik", data, data) / 64  # a covariance, like running stats
+        cov = jnp.asarray((cov[0] if groups == 1 else cov).astype(np.float32), dtype)
+        return x, alpha, cov
+
+    return make
+
+
+def _dropout_args(shape):
+    def make(rng, dtype):
+        return _normal(rng, shape, dtype), 0.3, jax.random.key(int(rng.integers(2**31)))
+
+    return make
+
+
+def _sce_args(shape):
+    def make(rng, dtype):
+        logits = _normal(rng, shape, dtype, 2.0)
+        t = np.exp(3.0 * rng.standard_normal(shape))
+        labels = t / t.sum(-1, keepdims=True)  # soft labels: probabilities over the last axis
+        return logits, jnp.asarray(labels.astype(np.float32), dtype)
+
+    return make
+
+
+# -------------------------------------------------------------------------- cases
+
+SHAPES_2D = ((8, 4), (33, 7))
+SHAPES_ND = ((4, 3, 3, 6),)
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """All checks: each op over 2-3 shapes (rank 2 and 4, an odd batch, axis=1 for BN)."""
+    shapes = SHAPES_2D[:1] if quick else SHAPES_2D + SHAPES_ND
+    out: list[Case] = []
+    for s in shapes:
+        out.append(Case("batch_norm", ops.batch_norm, ref.batch_norm, s, _x_vec(s)))
+        out.append(Case("batch_center", ops.batch_center, ref.batch_center, s, _x_vec(s, n_vec=1)))
+        out.append(
+            Case(
+                "batch_norm_inference",
+                ops.batch_norm_inference,
+                ref.batch_norm_inference,
+                s,
+                _bn_inf_args(s),
+            )
+        )
+        out.append(
+            Case(
+                "batch_center_inference",
+                ops.batch_center_inference,
+                ref.batch_center_inference,
+                s,
+                _bc_inf_args(s),
+            )
+        )
+    if not quick:
+        s = (5, 6, 3)  # features on axis 1
+        out.append(
+            Case("batch_norm[axis=1]", ops.batch_norm, ref.batch_norm, s, _x_vec(s, 1), {"axis": 1})
+        )
+    bi_shapes = ((16, 6), (40, 8)) if not quick else ((16, 6),)
+    bi_options = [
+        ("batch_inhib", {}, 1),
+        ("batch_inhib[groups=2]", {"groups": 2}, 2),
+        ('batch_inhib[correlation="variance"]', {"correlation": "variance"}, 1),
+        ('batch_inhib[denominator="abs"]', {"denominator": "abs"}, 1),
+        ("batch_inhib[rho=3]", {"rho": 3.0}, 1),
+    ]
+    for s in bi_shapes:
+        for name, kw, g in bi_options:
+            out.append(Case(name, ops.batch_inhib, ref.batch_inhib, s, _bi_args(s, g), kw))
+    if not quick:
+        s = (4, 5, 6)
+        out.append(Case("batch_inhib", ops.batch_inhib, ref.batch_inhib, s, _bi_args(s)))
+    for s in bi_shapes:
+        for name, kw, g in bi_options[:4]:
+            iname = name.replace("batch_inhib", "batch_inhib_inference")
+            out.append(
+                Case(
+                    iname,
+                    ops.batch_inhib_inference,
+                    ref.batch_inhib_inference,
+                    s,
+                    _bi_inf_args(s, g),
+                    kw,
+                )
+            )
+    for s in shapes:
+        out.append(Case("dropout", ops.dropout, ref.dropout, s, _dropout_args(s)))
+        out.append(Case("softmax", ops.softmax, ref.softmax, s, _x_vec(s, n_vec=0)))
+        out.append(
+            Case(
+                "softmax_cross_entropy",
+                ops.softmax_cross_entropy,
+                ref.softmax_cross_entropy,
+                s,
+                _sce_args(s),
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def _is_diff(a):
+    return isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating)
+
+
+def _compare(op, reference, args, kwargs, rng):
+    """The comparison of :func:`jax_batchinhib.testing.check_vjp`, compiled as one program:
+    outputs and the pullbacks of the same random cotangent through ``op``'s custom VJP and
+    through ``jax.vjp`` of ``reference``. Returns numpy arrays."""
+    argnums = tuple(i for i, a in enumerate(args) if _is_diff(a))
+    dargs = tuple(args[i] for i in argnums)
+
+    def bind(fn):
+        def f(*d):
+            full = list(args)
+            for i, a in zip(argnums, d, strict=True):
+                full[i] = a
+            return fn(*full, **kwargs)
+
+        return f
+
+    out_shape = jax.eval_shape(bind(reference), *dargs)
+    cts = [
+        jnp.asarray(rng.standard_normal(leaf.shape).astype(np.float32), leaf.dtype)
+        for leaf in jax.tree.leaves(out_shape)
+    ]
+    ct = jax.tree.unflatten(jax.tree.structure(out_shape), cts)
+
+    @jax.jit
+    def both(dargs, ct):
+        out_op, vjp_op = jax.vjp(bind(op), *dargs)
+        out_ref, vjp_ref = jax.vjp(bind(reference), *dargs)
+        ct_op = jax.tree.unflatten(jax.tree.structure(out_op), jax.tree.leaves(ct))
+        return out_op, out_ref, vjp_op(ct_op), vjp_ref(ct)
+
+    out_op, out_ref, g_op, g_ref = jax.device_get(both(dargs, ct))
+    return argnums, dargs, out_op, out_ref, g_op, g_ref
+
+
+def _rel(a, b):
+    """max|a - b| / max|b| (normwise relative), as check_vjp computes it."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size == 0:
+        return 0.0
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    scale = float(np.max(np.abs(b)))
+    diff = float(np.max(np.abs(a - b)))
+    return diff / scale if scale > 0 else diff
+
+
+def run_case(case: Case, dtype: str, seed: int = 0) -> Result:
+    """Check one case in one dtype: the forward output and every floating input's gradient
+    of ``case.op`` against autodiff of ``case.reference``."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng([seed, zlib.crc32(f"{case.name}{case.shape}".encode())])
+    with jax.enable_x64(dtype == "float64"):
+        args = case.make(rng, jnp.dtype(dtype))
+        argnums, dargs, out_op, out_ref, g_op, g_ref = _compare(
+            case.op, case.reference, args, case.kwargs, rng
+        )
+    names = list(inspect.signature(case.reference).parameters)
+    errors = {
+        "output": max(
+            _rel(a, b)
+            for a, b in zip(jax.tree.leaves(out_op), jax.tree.leaves(out_ref), strict=True)
+        )
+    }
+    tols = {"output": tolerance(jax.tree.leaves(out_ref)[0].dtype)}
+    for i, a, b, x in zip(argnums, g_op, g_ref, dargs, strict=True):
+        errors[names[i]] = _rel(a, b)
+        tols[names[i]] = tolerance(x.dtype)
+    ok = all(np.isfinite(e) and e <= tols[k] for k, e in errors.items())
+    return Result(
+        op=case.name,
+        shape="x".join(map(str, case.shape)),
+        dtype=dtype,
+        errors=errors,
+        tols=tols,
+        ok=bool(ok),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def run(dtypes=DTYPES, quick=False, ops_filter=None, progress=None) -> list[Result]:
+    """Check every case in every dtype; ``ops_filter``: substrings of op names to keep."""
+    todo = [
+        (c, d)
+        for c in cases(quick)
+        for d in dtypes
+        if not ops_filter or any(f in c.name for f in ops_filter)
+    ]
+    results = []
+    for c, d in todo:
+        results.append(run_case(c, d))
+        if progress is not None:
+            progress(len(results), len(todo), results[-1])
+    return results
+
+
+def format_table(results: list[Result]) -> str:
+    """One row per (op, shape, dtype): the max relative error of each input's gradient
+    (and of the forward ``output``), the tolerance, ok."""
+    head = (
+        f"{'op':36} {'shape':>9} {'dtype':>8}  {'max relative error per input':58} {'tol':>7}  ok"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        errs = "  ".join(f"{k}={v:.1e}" for k, v in r.errors.items())
+        tol = max(r.tols.values())
+        lines.append(
+            f"{r.op:36} {r.shape:>9} {r.dtype:>8}  {errs:58} {tol:7.0e}  {'ok' if r.ok else 'FAIL'}"
+        )
+    return "\n".join(lines)
+
+
+def summary(results: list[Result]) -> str:
+    """A short per-op, per-dtype table of the worst error over shapes and inputs."""
+    byop: dict[str, dict[str, float]] = {}
+    for r in results:
+        base = r.op
+        worst = max(v for k, v in r.errors.items() if k != "output") if len(r.errors) > 1 else 0
+        d = byop.setdefault(base, {})
+        d[r.dtype] = max(d.get(r.dtype, 0.0), worst)
+    dtypes = [d for d in DTYPES if any(d in v for v in byop.values())]
+    lines = ["| op | " + " | ".join(dtypes) + " |", "|---|" + "---|" * len(dtypes)]
+    for op, d in byop.items():
+        lines.append(
+            f"| `{op}` | " + " | ".join(f"{d.get(t, float('nan')):.1e}" for t in dtypes) + " |"
+        )
+    n_ok = sum(r.ok for r in results)
+    lines.append("")
+    lines.append(
+        f"{n_ok}/{len(results)} checks passed (worst relative gradient error over shapes and "
+        f"inputs; tolerances "
+        + ", ".join(f"{t} {tol:.0e}" for t, tol in _tols().items() if t in dtypes)
+        + ")"
+    )
+    return "\n".join(lines)
+
+
+def _tols():
+    from jax_batchinhib.testing import TOLERANCES
+
+    return {str(k): v for k, v in TOLERANCES.items()}
+
+
+def main(args) -> int:
+    """Run the checks for the parsed ``args`` of ``jax-batchinhib verify``; return the exit code."""
+    dtypes = tuple(args.dtypes)
+    progress = None
+    bar = None
+    if not args.json:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=None, desc="verify", unit="check", leave=False, file=sys.stderr)
+
+            def progress(i, n, r):
+                bar.total = n
+                bar.update(1)
+
+        except ImportError:  # tqdm is in the [examples] extra
+            bar = None
+    results = run(dtypes=dtypes, quick=args.quick, ops_filter=args.ops, progress=progress)
+    if bar is not None:
+        bar.close()
+    failed = [r for r in results if not r.ok]
+    if args.json:
+        json.dump(
+            {
+                "ok": not failed,
+                "n_checks": len(results),
+                "n_failed": len(failed),
+                "jax_version": jax.__version__,
+                "backend": jax.default_backend(),
+                "results": [r.as_dict() for r in results],
+            },
+            sys.stdout,
+            indent=1,
+        )
+        sys.stdout.write("\n")
+    else:
+        if args.summary:
+            print(summary(results))
+        else:
+            print(format_table(results))
+            print()
+            print(summary(results))
+        if failed:
+            print(f"\nFAILED: {len(failed)} of {len(results)} checks over tolerance:")
+            for r in failed:
+                print(f"  {r.op} {r.shape} {r.dtype}: {r.errors}")
+        else:
+            print(f"\nAll {len(results)} hand-derived VJPs agree with autodiff.")
+    return 1 if failed else 0
