@@ -1,0 +1,172 @@
+r"""Fold eval-mode layers into the neighbouring Dense or Conv for inference.
+
+In eval mode every layer of ours is a fixed affine (BatchNorm, BatchCenter) or linear
+(BatchInhib) map of the features, so it merges into an adjacent linear layer, and the
+model runs as plain :class:`flax.linen.Dense` / :class:`flax.linen.Conv` layers.
+
+- BatchNorm after a layer with kernel K (``(..., in, out)``) and bias b (seed 002):
+  :math:`y = a\,x + c` with :math:`a = \gamma/\sqrt{Var+\epsilon}`,
+  :math:`c = \beta - \gamma E[x]/\sqrt{Var+\epsilon}`, so
+  :math:`K' = K\,\mathrm{diag}(a)`, :math:`b' = a\,b + c`.
+- BatchCenter after a layer: :math:`b' = b - E[x] + \beta`.
+- BatchInhib is :math:`y = x M` with :math:`M = I - R^\top` (block diagonal over the
+  groups, R from the running covariance). After a layer: :math:`K' = K M`,
+  :math:`b' = b M`. Before a layer: :math:`K'_{\dots i o} = \sum_j M_{ij} K_{\dots j o}`
+  (exact for Conv with zero padding too: M maps a zero pixel to zero).
+
+Every function takes the variables as stored by the modules (linen ``params`` /
+``batch_stats`` sub-dicts, or NNX ``nnx.state`` values converted with
+``.to_pure_dict()``) and returns ``{"kernel": ..., "bias": ...}`` for a plain Dense or
+Conv with ``use_bias=True``, computed in at least float32.
+
+Example:
+  >>> import jax, jax.numpy as jnp, flax.linen as nn
+  >>> from jax_batchinhib import linen as bnn, fold
+  >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+  >>> dense, bn = nn.Dense(4), bnn.BatchNorm(use_running_average=True)
+  >>> dv = dense.init(jax.random.key(1), x)
+  >>> bv = bn.init(jax.random.key(2), dense.apply(dv, x))
+  >>> p = fold.fold_batch_norm(dv["params"], bv["params"], bv["batch_stats"])
+  >>> y = bn.apply(bv, dense.apply(dv, x))
+  >>> bool(jnp.allclose(nn.Dense(4).apply({"params": p}, x), y, atol=1e-5))
+  True
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import block_diag
+
+from jax_batchinhib.ops import inhibition_matrix
+from jax_batchinhib.ops import _stats as S
+
+__all__ = [
+    "batch_norm_affine",
+    "fold_batch_center",
+    "fold_batch_inhib_after",
+    "fold_batch_inhib_before",
+    "fold_batch_norm",
+    "inhib_map",
+    "inhib_options",
+]
+
+
+def _dtype(*arrays):
+    return S.compute_dtype(jnp.result_type(*arrays))
+
+
+def _layer(fn, layer_params):
+    if "kernel" not in layer_params:
+        raise ValueError(
+            f"{fn}: layer_params must hold 'kernel' (a Dense or Conv's params); got keys "
+            f"{sorted(layer_params)}"
+        )
+    k = jnp.asarray(layer_params["kernel"])
+    b = layer_params.get("bias")
+    return k, (None if b is None else jnp.asarray(b))
+
+
+def _check_n(fn, what, v, n):
+    if v is not None and jnp.shape(v) != (n,):
+        raise ValueError(
+            f"{fn}: {what} must have shape ({n},) to match the layer's {n} output features; "
+            f"got {S.shape_str(jnp.shape(v))}"
+        )
+
+
+def batch_norm_affine(bn_params, bn_stats, *, epsilon: float = 1e-5):
+    """Eval-mode BatchNorm as ``y = a * x + c`` per feature (seed 002's closed form).
+
+    ``bn_params`` may lack ``scale`` / ``bias`` (use_scale / use_bias False).
+    """
+    mean, var = jnp.asarray(bn_stats["mean"]), jnp.asarray(bn_stats["var"])
+    cd = _dtype(mean, var)
+    inv = jax.lax.rsqrt(var.astype(cd) + epsilon)
+    scale = bn_params.get("scale")
+    bias = bn_params.get("bias")
+    a = inv if scale is None else jnp.asarray(scale).astype(cd) * inv
+    c = -a * mean.astype(cd)
+    if bias is not None:
+        c = c + jnp.asarray(bias).astype(cd)
+    return a, c
+
+
+def fold_batch_norm(layer_params, bn_params, bn_stats, *, epsilon: float = 1e-5):
+    """Merge an eval-mode BatchNorm into the Dense/Conv before it: ``{kernel, bias}``."""
+    fn = "fold_batch_norm"
+    k, b = _layer(fn, layer_params)
+    n = k.shape[-1]
+    _check_n(fn, "bn_stats['mean']", bn_stats["mean"], n)
+    a, c = batch_norm_affine(bn_params, bn_stats, epsilon=epsilon)
+    cd = _dtype(k, a)
+    new_b = c if b is None else a * b.astype(cd) + c
+    return {"kernel": k.astype(cd) * a, "bias": new_b}
+
+
+def fold_batch_center(layer_params, bc_params, bc_stats):
+    """Merge an eval-mode BatchCenter (``y = x - mean + bias``) into the layer before."""
+    fn = "fold_batch_center"
+    k, b = _layer(fn, layer_params)
+    n = k.shape[-1]
+    mean = jnp.asarray(bc_stats["mean"])
+    _check_n(fn, "bc_stats['mean']", mean, n)
+    cd = _dtype(k, mean)
+    new_b = -mean.astype(cd) if b is None else b.astype(cd) - mean.astype(cd)
+    if bc_params.get("bias") is not None:
+        new_b = new_b + jnp.asarray(bc_params["bias"]).astype(cd)
+    return {"kernel": k.astype(cd), "bias": new_b}
+
+
+def inhib_options(module) -> dict:
+    """The op options (rho, epsilon, groups, correlation, denominator, guard) of a linen
+    or NNX BatchInhib module, to pass to :func:`inhib_map` and the fold functions."""
+    return {
+        k: getattr(module, k)
+        for k in ("rho", "epsilon", "groups", "correlation", "denominator", "guard")
+    }
+
+
+def inhib_map(inhib_params, inhib_stats, **options):
+    """The matrix M (N, N) of an eval-mode BatchInhib, ``y = x @ M``, ``M = I - R^T``
+    block diagonal over the groups; R from the running covariance ``inhib_stats['cov']``
+    and ``inhib_params['alpha']``. ``options``: the layer's rho, epsilon, groups,
+    correlation, denominator, guard (see :func:`inhib_options`)."""
+    R = inhibition_matrix(inhib_stats["cov"], inhib_params["alpha"], **options)
+    rt = [R[g].T for g in range(R.shape[0])]
+    m = rt[0] if len(rt) == 1 else block_diag(*rt)
+    return jnp.eye(m.shape[0], dtype=m.dtype) - m
+
+
+def fold_batch_inhib_after(layer_params, inhib_params, inhib_stats, **options):
+    """Merge an eval-mode BatchInhib into the Dense/Conv *before* it (layer -> inhib):
+    ``K' = K M``, ``b' = b M``."""
+    fn = "fold_batch_inhib_after"
+    k, b = _layer(fn, layer_params)
+    m = inhib_map(inhib_params, inhib_stats, **options)
+    if m.shape[0] != k.shape[-1]:
+        raise ValueError(
+            f"{fn}: the BatchInhib has {m.shape[0]} features but the layer has "
+            f"{k.shape[-1]} outputs"
+        )
+    cd = _dtype(k, m)
+    hi = S.PRECISION
+    new_k = jnp.einsum("...j,jo->...o", k.astype(cd), m.astype(cd), precision=hi)
+    new_b = jnp.zeros((m.shape[0],), cd) if b is None else jnp.dot(b.astype(cd), m, precision=hi)
+    return {"kernel": new_k, "bias": new_b}
+
+
+def fold_batch_inhib_before(layer_params, inhib_params, inhib_stats, **options):
+    """Merge an eval-mode BatchInhib into the Dense/Conv *after* it (inhib -> layer):
+    ``K'[..., i, o] = sum_j M[i, j] K[..., j, o]``, bias unchanged."""
+    fn = "fold_batch_inhib_before"
+    k, b = _layer(fn, layer_params)
+    m = inhib_map(inhib_params, inhib_stats, **options)
+    if m.shape[0] != k.shape[-2]:
+        raise ValueError(
+            f"{fn}: the BatchInhib has {m.shape[0]} features but the layer has {k.shape[-2]} inputs"
+        )
+    cd = _dtype(k, m)
+    new_k = jnp.einsum("ij,...jo->...io", m.astype(cd), k.astype(cd), precision=S.PRECISION)
+    new_b = jnp.zeros((k.shape[-1],), cd) if b is None else b.astype(cd)
+    return {"kernel": new_k, "bias": new_b}
