@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import block_diag
 
-from jax_batchinhib.ops import inhibition_matrix
 from jax_batchinhib.ops import _stats as S
+from jax_batchinhib.ops import inhibition_matrix
 
 __all__ = [
     "batch_norm_affine",
