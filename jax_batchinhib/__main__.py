@@ -1,0 +1,8 @@
+"""``python -m jax_batchinhib``: the same as the ``jax-batchinhib`` command."""
+
+import sys
+
+from jax_batchinhib.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""``jax-batchinhib train``: the example models on scikit-learn's 8x8 digits.
+
+Every variant is trained for several seeds at once (the seeds are a ``jax.vmap`` axis of
+one jitted program), with optax Adam on the mean softmax cross-entropy, on a fixed
+75/25 split of the 1797 digits (pixels scaled to [0, 1]; nothing is downloaded: the data
+ships inside scikit-learn). After each epoch the test set is evaluated in inference mode
+(running statistics). At the end: a table of test accuracy (mean ± std over seeds) and
+steps/s, ``curves.png`` (loss and accuracy) and ``results.json`` in ``--out``.
+
+The pieces, so that a data-parallel or other driver can swap one of them:
+
+- :data:`VARIANTS` name -> model factory;
+- :func:`train_step` one optimizer step for one seed (a pure function);
+- :func:`make_epoch` jit(vmap over seeds(scan over the epoch's batches(train_step)));
+- :func:`train_variant` the loop over epochs for one variant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jax_batchinhib.models import MLP, TwoBranch
+from jax_batchinhib.ops import softmax_cross_entropy
+
+DEFAULTS = {"epochs": 15, "seeds": 3, "batch_size": 64, "lr": 3e-3, "out": "out/train"}
+
+HIDDEN = (64, 64)
+
+#: name -> (description, model factory). The order is the table's.
+VARIANTS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
+    "none": ("MLP 64-64, no normalization", lambda: MLP(HIDDEN, norm="none")),
+    "flax_batchnorm": (
+        "MLP 64-64, flax.linen.BatchNorm",
+        lambda: MLP(HIDDEN, norm="flax_batchnorm"),
+    ),
+    "batchnorm": ("MLP 64-64, our BatchNorm", lambda: MLP(HIDDEN, norm="batchnorm")),
+    "batchnorm+inhib": (
+        "MLP 64-64, our BatchNorm + BatchInhib",
+        lambda: MLP(HIDDEN, norm="batchnorm+inhib"),
+    ),
+    "inhib_groups4": (
+        "MLP 64-64, our BatchInhib, 4 groups of 16",
+        lambda: MLP(HIDDEN, norm="inhib", inhib_groups=4),
+    ),
+    "two_branch": (
+        "seed 001 two-branch: sin, dropout; BatchCenter, ReLU",
+        lambda: TwoBranch(features_a=32, features_b=32, dropout_rate=0.2),
+    ),
+}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_digits_split(test_fraction: float = 0.25, seed: int = 0):
+    """scikit-learn's digits, pixels / 16 in [0, 1], flattened to 64 features; a fixed
+    stratified split. Returns ``(x_train, y_train, x_test, y_test)`` as numpy arrays."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:  # pragma: no cover - extra not installed
+        raise SystemExit(
+            "train: scikit-learn is needed for the digits data: pip install "
+            "'jax-batchinhib[examples]'"
+        ) from e
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    y = d.target.astype(np.int32)
+    xtr, xte, ytr, yte = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    )
+    return xtr, ytr, xte, yte
+
+
+# -------------------------------------------------------------------------- model
+
+
+class State(NamedTuple):
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def init_state(model: nn.Module, tx, key, x_example) -> State:
+    """Parameters (and running statistics) for one seed."""
+    variables = model.init({"params": key, "dropout": key}, x_example, train=False)
+    params = variables["params"]
+    return State(params, variables.get("batch_stats", {}), tx.init(params))
+
+
+def loss_and_logits(model, params, batch_stats, x, y, key, num_classes=10):
+    """Mean softmax cross-entropy in training mode; returns ``(loss, (logits, new_stats))``."""
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+    logits, new = model.apply(
+        variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
+    )
+    loss = jnp.mean(softmax_cross_entropy(logits, jax.nn.one_hot(y, num_classes)))
+    return loss, (logits, new.get("batch_stats", {}))
+
+
+def train_step(model, tx, state: State, x, y, key):
+    """One Adam step for one seed: ``(new_state, (loss, accuracy))`` on the batch.
+
+    A pure function of its arrays; :func:`make_epoch` vmaps it over seeds and scans it
+    over an epoch. A data-parallel driver replaces this (e.g. with a ``pmean`` of the
+    gradients) and keeps the rest."""
+    (loss, (logits, stats)), grads = jax.value_and_grad(
+        lambda p: loss_and_logits(model, p, state.batch_stats, x, y, key), has_aux=True
+    )(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    acc = jnp.mean(jnp.argmax(logits, -1) == y)
+    return State(params, stats, opt_state), (loss, acc)
+
+
+def evaluate(model, state: State, x, y, num_classes=10):
+    """Test loss and accuracy in inference mode (running statistics, no dropout)."""
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    logits = model.apply(variables, x, train=False)
+    loss = jnp.mean(softmax_cross_entropy(logits, jax.nn.one_hot(y, num_classes)))
+    return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+
+
+def make_epoch(model, tx, step=train_step):
+    """``epoch(states, xb, yb, keys, x_test, y_test) -> (states, metrics)``, jitted.
+
+    ``states``: a :class:`State` with a leading seed axis; ``xb`` ``(S, steps, B, 64)``
+    and ``yb`` ``(S, steps, B)`` each seed's shuffled batches; ``keys`` ``(S, steps)``
+    dropout keys. Metrics per seed: mean train loss and accuracy over the epoch's steps,
+    test loss and accuracy after it."""
+
+    def one_seed(state, xb, yb, keys, x_test, y_test):
+        def body(s, batch):
+            return step(model, tx, s, *batch)
+
+        state, (loss, acc) = jax.lax.scan(body, state, (xb, yb, keys))
+        tl, ta = evaluate(model, state, x_test, y_test)
+        return state, (jnp.mean(loss), jnp.mean(acc), tl, ta)
+
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, 0, 0, None, None)), donate_argnums=0)
+
+
+def train_variant(
+    name: str,
+    data,
+    *,
+    epochs: int,
+    seeds: int,
+    batch_size: int,
+    lr: float,
+    progress: Callable[[], None] | None = None,
+) -> dict:
+    """Train ``VARIANTS[name]`` for ``seeds`` seeds at once; returns its curves and
+    numbers (per-epoch means over seeds, final test accuracy per seed, steps/s)."""
+    xtr, ytr, xte, yte = data
+    model = VARIANTS[name][1]()
+    tx = optax.adam(lr)
+    n = xtr.shape[0]
+    steps = n // batch_size
+    if steps < 1:
+        raise ValueError(f"train: batch_size={batch_size} is larger than the {n} training rows")
+    keys = jax.random.split(jax.random.key(0), seeds)
+    states = jax.vmap(lambda k: init_state(model, tx, k, jnp.asarray(xtr[:batch_size])))(keys)
+    epoch_fn = make_epoch(model, tx)
+    rng = np.random.default_rng(0)
+    xte_j, yte_j = jnp.asarray(xte), jnp.asarray(yte)
+    hist = {k: [] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
+    times = []
+    for e in range(epochs):
+        idx = np.stack([rng.permutation(n)[: steps * batch_size] for _ in range(seeds)])
+        idx = idx.reshape(seeds, steps, batch_size)
+        dkeys = jax.vmap(lambda k, e=e: jax.random.split(jax.random.fold_in(k, e), steps))(keys)
+        t0 = time.perf_counter()
+        states, metrics = epoch_fn(
+            states, jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx]), dkeys, xte_j, yte_j
+        )
+        metrics = jax.device_get(metrics)
+        times.append(time.perf_counter() - t0)
+        for k, v in zip(hist, metrics, strict=True):
+            hist[k].append(np.asarray(v, np.float64))
+        if progress is not None:
+            progress()
+    hist = {k: np.stack(v, axis=1) for k, v in hist.items()}  # (seeds, epochs)
+    # steps/s: the first epoch includes compilation, so time the others when there are any.
+    timed = times[1:] if len(times) > 1 else times
+    final = hist["test_acc"][:, -1]
+    return {
+        "variant": name,
+        "description": VARIANTS[name][0],
+        "test_acc_per_seed": final.tolist(),
+        "test_acc_mean": float(final.mean()),
+        "test_acc_std": float(final.std(ddof=1)) if seeds > 1 else 0.0,
+        "steps_per_s": steps * len(timed) / sum(timed),
+        "compile_and_first_epoch_s": times[0],
+        "steps_per_epoch": steps,
+        "curves": {k: v.tolist() for k, v in hist.items()},
+    }
+
+
+# -------------------------------------------------------------------------- report
+
+
+def verdict(a: dict, b: dict) -> tuple[float, float, str]:
+    """``a`` against ``b``: difference of mean test accuracy (points), its standard error
+    over seeds, and 'helps' / 'hurts' / 'ties' (ties: within two standard errors)."""
+    diff = 100 * (a["test_acc_mean"] - b["test_acc_mean"])
+    na, nb = len(a["test_acc_per_seed"]), len(b["test_acc_per_seed"])
+    se = 100 * math.sqrt(a["test_acc_std"] ** 2 / na + b["test_acc_std"] ** 2 / nb)
+    if abs(diff) <= 2 * se or abs(diff) < 0.05:
+        word = "ties"
+    else:
+        word = "helps" if diff > 0 else "hurts"
+    return diff, se, word
+
+
+def format_table(results: list[dict], seeds: int) -> str:
+    lines = [
+        f"| variant | model | test accuracy (mean ± std, {seeds} seeds) | steps/s |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| `{r['variant']}` | {r['description']} | "
+            f"{100 * r['test_acc_mean']:.2f}% ± {100 * r['test_acc_std']:.2f} | "
+            f"{r['steps_per_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def comparisons(results: list[dict]) -> list[str]:
+    by = {r["variant"]: r for r in results}
+    out = []
+    pairs = [
+        ("batchnorm+inhib", "batchnorm", "BatchNorm + BatchInhib vs our BatchNorm"),
+        ("inhib_groups4", "none", "BatchInhib (4 groups) vs no normalization"),
+        ("inhib_groups4", "batchnorm", "BatchInhib (4 groups) vs our BatchNorm"),
+        ("batchnorm", "flax_batchnorm", "our BatchNorm vs flax.linen.BatchNorm"),
+    ]
+    for a, b, label in pairs:
+        if a in by and b in by:
+            d, se, w = verdict(by[a], by[b])
+            out.append(f"{label}: {d:+.2f} ± {se:.2f} points -> {w}")
+    return out
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [
+        ("train_loss", "train loss (epoch mean)", True),
+        ("test_loss", "test loss", True),
+        ("test_acc", "test accuracy", False),
+    ]
+    for ax, (key, title, logy) in zip(axes, panels, strict=True):
+        for r in results:
+            v = np.asarray(r["curves"][key])
+            ep = np.arange(1, v.shape[1] + 1)
+            m, s = v.mean(0), v.std(0)
+            (line,) = ax.plot(ep, m, label=r["variant"])
+            ax.fill_between(ep, m - s, m + s, color=line.get_color(), alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[2].set_ylim(0.8, 1.0)
+    axes[2].legend(loc="lower right", fontsize=8)
+    fig.suptitle("scikit-learn digits: mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(variants, *, epochs, seeds, batch_size, lr, quiet=False) -> list[dict]:
+    """Train ``variants``; returns one result dict per variant (see :func:`train_variant`)."""
+    data = load_digits_split()
+    bar = None
+    if not quiet:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(variants) * epochs, desc="train", unit="epoch")
+        except ImportError:  # pragma: no cover - tqdm is in the [examples] extra
+            bar = None
+    results = []
+    for name in variants:
+        if bar is not None:
+            bar.set_postfix_str(name)
+        results.append(
+            train_variant(
+                name,
+                data,
+                epochs=epochs,
+                seeds=seeds,
+                batch_size=batch_size,
+                lr=lr,
+                progress=None if bar is None else (lambda: bar.update(1)),
+            )
+        )
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def main(args) -> int:
+    """``jax-batchinhib train`` with parsed ``args``; returns the exit status."""
+    for flag in ("epochs", "seeds", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"train: --{flag.replace('_', '-')} must be >= 1")
+    t0 = time.perf_counter()
+    results = run(
+        args.variants,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        quiet=args.quiet,
+    )
+    wall = time.perf_counter() - t0
+    os.makedirs(args.out, exist_ok=True)
+    xtr, _, xte, _ = load_digits_split()
+    table = format_table(results, args.seeds)
+    comp = comparisons(results)
+    print()
+    print(
+        f"digits: {xtr.shape[0]} train / {xte.shape[0]} test, {args.epochs} epochs, "
+        f"batch {args.batch_size}, Adam lr {args.lr}; steps/s counts one step of all "
+        f"{args.seeds} seeds (vmapped), after the first (compiling) epoch; "
+        f"{jax.default_backend()}, {wall:.0f} s in all"
+    )
+    print(table)
+    if comp:
+        print()
+        print(
+            "Differences of mean test accuracy (± standard error over seeds; 'ties' when "
+            "within two standard errors):"
+        )
+        for c in comp:
+            print("  " + c)
+    summary = {
+        "config": {
+            "epochs": args.epochs,
+            "seeds": args.seeds,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "n_train": int(xtr.shape[0]),
+            "n_test": int(xte.shape[0]),
+            "backend": jax.default_backend(),
+            "jax_version": jax.__version__,
+            "wall_s": wall,
+        },
+        "results": results,
+        "comparisons": comp,
+        "table_markdown": table,
+    }
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    written = [os.path.join(args.out, "results.json")]
+    if not args.no_plot:
+        plot(results, os.path.join(args.out, "curves.png"))
+        written.append(os.path.join(args.out, "curves.png"))
+    print("\nwrote " + ", ".join(written))
+    return 0
