@@ -1,0 +1,28 @@
+"""Test-process setup shared by every test module.
+
+The distributed tests (tests/test_distributed.py) need 8 devices. On a CPU-only machine
+XLA can split the host into several devices; that must be decided before JAX creates its
+CPU backend, so it happens here, when pytest imports this file, before any test module
+imports anything that computes with jax. Each pytest-xdist worker is its own process and
+imports this file itself.
+
+``jax_num_cpu_devices`` is the JAX option for it (the config route rather than
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``, so that subprocesses the tests
+start -- notebook kernels, the CLI -- keep their own default of one CPU device). Arrays
+that are not placed explicitly still live on ``jax.devices()[0]``, so single-device tests
+run exactly as before.
+"""
+
+import jax
+
+N_CPU_DEVICES = 8
+
+try:
+    jax.config.update("jax_num_cpu_devices", N_CPU_DEVICES)
+except RuntimeError as err:  # the CPU backend was created before this file was imported
+    raise RuntimeError(
+        "tests/conftest.py: could not give the test process "
+        f"{N_CPU_DEVICES} CPU devices because the JAX backend is already initialised "
+        f"({err}). Run pytest so that nothing computes with jax before conftest.py is "
+        "imported, or set XLA_FLAGS=--xla_force_host_platform_device_count=8."
+    ) from err
