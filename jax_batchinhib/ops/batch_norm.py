@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jax_batchinhib.ops import _ghost
 from jax_batchinhib.ops import _stats as S
 
 Array = jax.Array
@@ -54,6 +55,7 @@ def batch_norm(
     axis_name=None,
     axis_index_groups=None,
     mask=None,
+    virtual_batch_size: int | None = None,
 ):
     r"""Batch normalization with a hand-derived VJP.
 
@@ -83,9 +85,13 @@ def batch_norm(
       axis: the feature axis.
       epsilon: added to the variance.
       axis_name, axis_index_groups: sum the statistics across the devices of this
-        mapped axis (``shard_map``/``pmap``).
+        mapped axis (``shard_map``/``pmap``); see ``docs/scaling.md`` for which
+        gradients come out summed over devices.
       mask: boolean, x's shape or x's shape without the feature axis; False entries are
         left out of the statistics and the count (their outputs are still normalized).
+      virtual_batch_size: ghost batches: normalize each run of this many examples along
+        the leading axis with its own statistics (it must divide ``x.shape[0]``); the
+        returned statistics are then the mean over the sub-batches of their mean and var.
 
     Returns:
       ``(y, BatchStats(mean, var))`` with ``mean``/``var`` of shape ``(N,)``.
@@ -105,6 +111,12 @@ def batch_norm(
     S.check_vector(fn, "scale", scale, n)
     S.check_vector(fn, "bias", bias, n)
     S.check_epsilon(fn, epsilon)
+    if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
+        op = functools.partial(
+            batch_norm, scale=scale, bias=bias, axis=cfg.axis, epsilon=epsilon,
+            axis_name=axis_name, axis_index_groups=axis_index_groups,
+        )  # fmt: skip
+        return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, cfg.axis)
     mask = S.mask_weights(fn, mask, x.shape, cfg)
     S.static_count(fn, x.shape, cfg, mask)
     return _batch_norm(cfg, float(epsilon), x, scale, bias, mask)
@@ -146,17 +158,23 @@ def _batch_norm_bwd(cfg, epsilon, res, cts):
     w = S.weights_array(mask, cd)
     dy = dy.astype(cd)
     xhat = ((x.astype(cd) - s) - mean_d) * inv
-    dxhat = dy if scale is None else dy * _vec(scale, cfg, cd)
     red = cfg.reduce_axes
-    s1 = cfg.psum(jnp.sum(dxhat, axis=red, keepdims=True))
-    s2 = cfg.psum(jnp.sum(dxhat * xhat, axis=red, keepdims=True))
+    # Two reductions of the input-sized arrays, shared by dx and the parameter grads:
+    # S1 = sum(dxhat) = scale * sum(dy), S2 = sum(dxhat * xhat) = scale * sum(dy * xhat)
+    # (scale is per-feature), so dxhat is never formed (issue 4: 4 reductions -> 2).
+    sdy = jnp.sum(dy, axis=red, keepdims=True)
+    sdyx = jnp.sum(dy * xhat, axis=red, keepdims=True)
+    s1, s2 = cfg.psum((sdy, sdyx))
+    a = inv if scale is None else inv * _vec(scale, cfg, cd)
     dmean = jnp.reshape(dmean.astype(cd), s1.shape)
     dvar = jnp.reshape(dvar.astype(cd), s1.shape)
+    dmean, dvar = cfg.stats_ct((dmean, dvar))  # global cotangents of the statistics
     # dx = inv*(dxhat - (w/n)(S1 + xhat*S2)) + (w/n)(dmean + 2*(x-mean)*dvar)
     wn = (1.0 / jnp.maximum(n, 1)) if w is None else w / jnp.maximum(n, 1)
-    dx = inv * dxhat + wn * (dmean - inv * s1 + xhat * (2.0 * dvar / inv - inv * s2))
-    dscale = _grad_vec(dy * xhat, cfg, scale)
-    dbias = _grad_vec(dy, cfg, bias)
+    dx = a * dy + wn * (dmean - a * s1 + xhat * (2.0 * dvar / inv - a * s2))
+    dscale = None if scale is None else jnp.reshape(sdyx, (-1,)).astype(scale.dtype)
+    dbias = None if bias is None else jnp.reshape(sdy, (-1,)).astype(bias.dtype)
+    dscale, dbias = S.param_ct(dscale, scale), S.param_ct(dbias, bias)  # docs/scaling.md
     return dx.astype(x.dtype), dscale, dbias, None
 
 
@@ -167,7 +185,14 @@ _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 def batch_center(
-    x, bias=None, *, axis: int = -1, axis_name=None, axis_index_groups=None, mask=None
+    x,
+    bias=None,
+    *,
+    axis: int = -1,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+    virtual_batch_size: int | None = None,
 ):
     r"""Batch centering (seed 001's mean-only "BN"): :math:`y = x - \mu + b`.
 
@@ -175,7 +200,8 @@ def batch_center(
     term), :math:`db = \sum dy`; the mean output is differentiable
     (:math:`dx \mathrel{+}= d\mu/n`). Keeps nothing input-sized for the backward.
 
-    Returns ``(y, BatchStats(mean, None))``.
+    Returns ``(y, BatchStats(mean, None))``. Arguments as :func:`batch_norm`, including
+    ``virtual_batch_size`` (ghost batches).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -188,6 +214,12 @@ def batch_center(
     S.check_float(fn, "x", x)
     cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
     S.check_vector(fn, "bias", bias, x.shape[cfg.axis])
+    if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
+        op = functools.partial(
+            batch_center, bias=bias, axis=cfg.axis, axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+        )  # fmt: skip
+        return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, cfg.axis)
     mask = S.mask_weights(fn, mask, x.shape, cfg)
     S.static_count(fn, x.shape, cfg, mask)
     return _batch_center(cfg, x, bias, mask)
@@ -224,10 +256,10 @@ def _batch_center_bwd(cfg, res, cts):
     w = S.weights_array(mask, cd)
     dyf = dy.astype(cd)
     s1 = cfg.psum(jnp.sum(dyf, axis=cfg.reduce_axes, keepdims=True))
-    dmean = jnp.reshape(dmean.astype(cd), s1.shape)
+    dmean = cfg.stats_ct(jnp.reshape(dmean.astype(cd), s1.shape))
     wn = (1.0 / jnp.maximum(n, 1)) if w is None else w / jnp.maximum(n, 1)
     dx = dyf + wn * (dmean - s1)
-    return dx.astype(x0.dtype), _grad_vec(dyf, cfg, bias), None
+    return dx.astype(x0.dtype), S.param_ct(_grad_vec(dyf, cfg, bias), bias), None
 
 
 _batch_center.defvjp(_batch_center_fwd, _batch_center_bwd)
