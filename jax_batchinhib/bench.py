@@ -160,6 +160,11 @@ def _keys(n, seed=0):
     return jax.random.split(jax.random.key(seed), n)
 
 
+def _closed(f, tail):
+    """``f`` with its trailing (non-differentiated) arguments bound."""
+    return lambda *p: f(*p, *tail)
+
+
 def _contenders(fwds: dict, diff: tuple, nondiff: tuple, ct, roles=None) -> list[Contender]:
     out = []
     for name, f in fwds.items():
@@ -169,7 +174,7 @@ def _contenders(fwds: dict, diff: tuple, nondiff: tuple, ct, roles=None) -> list
                 name,
                 step,
                 (*diff, *nondiff, ct),
-                fwd=(lambda f: lambda *p: f(*p, *nondiff))(f),
+                fwd=_closed(f, nondiff),
                 primals=diff,
             )
         )
@@ -191,23 +196,35 @@ def _bn_case(shape, dtype) -> Case:
         scale = 1 + 0.1 * jax.random.normal(k[1], (c,), jnp.float32)
         bias = 0.1 * jax.random.normal(k[2], (c,), jnp.float32)
         ct = jax.random.normal(k[3], shape, jnp.float32).astype(dt)
-        flax_bn = nn.BatchNorm(
-            use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dt, param_dtype=jnp.float32
-        )
         stats = {"mean": jnp.zeros((c,), jnp.float32), "var": jnp.ones((c,), jnp.float32)}
 
-        def flax_f(x, scale, bias):
-            y, _ = flax_bn.apply(
-                {"params": {"scale": scale, "bias": bias}, "batch_stats": stats},
-                x,
-                mutable=["batch_stats"],
+        def flax_f(fast):
+            # flax's default (use_fast_variance=True) is one pass, E[x^2] - E[x]^2; the
+            # two-pass variant is the one that matches our (and the reference's) numerics.
+            bn = nn.BatchNorm(
+                use_running_average=False,
+                momentum=0.9,
+                epsilon=1e-5,
+                dtype=dt,
+                param_dtype=jnp.float32,
+                use_fast_variance=fast,
             )
-            return y
+
+            def f(x, scale, bias):
+                y, _ = bn.apply(
+                    {"params": {"scale": scale, "bias": bias}, "batch_stats": stats},
+                    x,
+                    mutable=["batch_stats"],
+                )
+                return y
+
+            return f
 
         fwds = {
             "ours": lambda x, s, b: jb.batch_norm(x, s, b)[0],
             "autodiff": lambda x, s, b: ref.batch_norm(x, s, b)[0],
-            "flax": flax_f,
+            "flax": flax_f(True),
+            "flax_2pass": flax_f(False),
         }
         cs = _contenders(fwds, (x, scale, bias), (), ct)
         copy = jax.jit(lambda a, b: (a + 1, b + 1))  # same bytes as read x, dy; write y, dx
@@ -221,7 +238,11 @@ def _bn_case(shape, dtype) -> Case:
         tuple(shape),
         dt.name,
         build,
-        limit={"kind": "bandwidth", "bytes": 4 * size * dt.itemsize, "count": "read x, dy; write y, dx"},
+        limit={
+            "kind": "bandwidth",
+            "bytes": 4 * size * dt.itemsize,
+            "count": "read x, dy; write y, dx",
+        },
     )
 
 
@@ -294,7 +315,7 @@ def _dropout_case(shape, rate=0.5) -> Case:
                     name,
                     _grad_step(f, 1),
                     (x, key, ct),
-                    fwd=(lambda f: lambda x: f(x, key))(f),
+                    fwd=_closed(f, (key,)),
                     primals=(x,),
                 )
             )
@@ -338,7 +359,7 @@ def _sce_case(shape) -> Case:
     )
 
 
-def _cnn_case(batch=64, image=28, classes=10) -> Case:
+def _cnn_case(batch=128, image=32, channels=3, classes=10) -> Case:
     """A jitted optax train step of jax_batchinhib.models.CNN, our norm vs flax's."""
 
     def build():
@@ -347,12 +368,17 @@ def _cnn_case(batch=64, image=28, classes=10) -> Case:
         from jax_batchinhib import models
 
         k = _keys(4, 4)
-        x = jax.random.normal(k[0], (batch, image, image, 1), jnp.float32)
+        x = jax.random.normal(k[0], (batch, image, image, channels), jnp.float32)
         labels = jax.nn.one_hot(jax.random.randint(k[1], (batch,), 0, classes), classes)
         tx = optax.sgd(0.05, momentum=0.9)
         out = []
-        for name, norm in (("ours", "batchnorm"), ("flax", "flax_batchnorm")):
-            model = _make_cnn(models, norm, classes)
+        variants = (
+            ("ours", "batchnorm", False),
+            ("autodiff", "batchnorm", True),
+            ("flax", "flax_batchnorm", False),
+        )
+        for name, norm, autodiff in variants:
+            model = _make_cnn(models, norm, classes, autodiff)
             variables = model.init({"params": k[2], "dropout": k[3]}, x, train=False)
             params = variables["params"]
             state = {c: v for c, v in variables.items() if c != "params"}
@@ -379,27 +405,30 @@ def _cnn_case(batch=64, image=28, classes=10) -> Case:
             def fwd(params, state=state, loss_fn=loss_fn):
                 return loss_fn(params, state, x, labels, k[3])[0]
 
-            out.append(
-                Contender(name, step, (params, state, opt, x, labels, k[3]), fwd, (params,))
-            )
+            out.append(Contender(name, step, (params, state, opt, x, labels, k[3]), fwd, (params,)))
         return out
 
     return Case(
         f"cnn_train_step/b{batch}/float32",
         "cnn_train_step",
-        (batch, image, image, 1),
+        (batch, image, image, channels),
         "float32",
         build,
-        note="optax sgd+momentum step of jax_batchinhib.models.CNN, norm='batchnorm' vs "
-        "'flax_batchnorm'",
+        note="optax sgd+momentum step of jax_batchinhib.models.CNN(features=(32, 64)) on "
+        f"({batch}, {image}, {image}, {channels}); ours: norm='batchnorm', autodiff: the same "
+        "with use_autodiff=True, flax: norm='flax_batchnorm'",
     )
 
 
-def _make_cnn(models, norm, classes):
+def _make_cnn(models, norm, classes, autodiff=False):
     import inspect
 
     sig = inspect.signature(models.CNN)
-    kw = {"norm": norm}
+    kw = {"norm": norm, "features": (32, 64)}
+    if "use_autodiff" in sig.parameters:
+        kw["use_autodiff"] = autodiff
+    elif autodiff:
+        raise ValueError("models.CNN has no use_autodiff option")
     for name in ("num_classes", "classes", "n_classes"):
         if name in sig.parameters:
             kw[name] = classes
@@ -661,11 +690,15 @@ def run(
         log(f"[{i}/{len(cases)}] {case.name} ...")
         try:
             results.append(
-                time_case(case, repeats=repeats, min_time=min_time, budget=budget, sync=sync, log=log)
+                time_case(
+                    case, repeats=repeats, min_time=min_time, budget=budget, sync=sync, log=log
+                )
             )
         except Exception as e:  # one broken case must not lose the others
             log(f"  FAILED: {type(e).__name__}: {e}")
-            results.append({"name": case.name, "family": case.family, "error": f"{type(e).__name__}: {e}"})
+            results.append(
+                {"name": case.name, "family": case.family, "error": f"{type(e).__name__}: {e}"}
+            )
     out = {
         "schema": SCHEMA,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -692,7 +725,9 @@ def check_targets(results: dict) -> list[dict]:
         fam = [c for c in cases if c["family"] == family]
         if family == "batch_norm" and metric == "copy_fraction":
             if fam:
-                big = max(fam, key=lambda c: math.prod(c["shape"]) * (4 if "32" in c["dtype"] else 2))
+                big = max(
+                    fam, key=lambda c: math.prod(c["shape"]) * (4 if "32" in c["dtype"] else 2)
+                )
                 fam = [c for c in fam if math.prod(c["shape"]) == math.prod(big["shape"])]
         if family == "batch_inhib" and metric == "matmul_fraction":
             fam = [c for c in fam if c["shape"] == [1024, 512]]
@@ -703,14 +738,26 @@ def check_targets(results: dict) -> list[dict]:
                 got.append((c["name"], v))
         if not got:
             rows.append(
-                {"family": family, "metric": metric, "target": f"{op} {value}", "where": where,
-                 "status": "not measured", "values": {}}
+                {
+                    "family": family,
+                    "metric": metric,
+                    "target": f"{op} {value}",
+                    "where": where,
+                    "status": "not measured",
+                    "values": {},
+                }
             )
             continue
         ok = all((v <= value) if op == "<=" else (v >= value) for _, v in got)
         rows.append(
-            {"family": family, "metric": metric, "target": f"{op} {value}", "where": where,
-             "status": "met" if ok else "missed", "values": dict(got)}
+            {
+                "family": family,
+                "metric": metric,
+                "target": f"{op} {value}",
+                "where": where,
+                "status": "met" if ok else "missed",
+                "values": dict(got),
+            }
         )
     return rows
 
@@ -764,7 +811,8 @@ def _render_one(res: dict) -> list[str]:
         f"Run {res['date']}, {res['wall_s']:.0f} s; up to {s['repeats']} rounds per case, "
         f"one timing >= {s['min_time_s'] * 1e3:.0f} ms, sync={s['sync']}.",
         "",
-        "| case | ours | autodiff | flax/optax | ours/autodiff | ours/other | kept ours / autodiff / other | temp ours / autodiff / other | hardware limit |",
+        "| case | ours | autodiff | flax / optax | ours/autodiff | ours/flax, ours/optax | "
+        "kept: ours / autodiff / others | temp: ours / autodiff / others | hardware limit |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in res["cases"]:
@@ -772,20 +820,24 @@ def _render_one(res: dict) -> list[str]:
             out.append(f"| {c['name']} | error: {c['error']} | | | | | | | |")
             continue
         cs = c["contenders"]
-        other = next((k for k in ("flax", "optax") if k in cs), None)
+        others = [
+            k for k, v in cs.items() if k not in ("ours", "autodiff") and v["role"] == "contender"
+        ]
         o = cs.get("ours", {})
         a = cs.get("autodiff", {})
-        t = cs.get(other, {}) if other else {}
 
-        def ratio(pair, key="time"):
+        def ratio(pair, key="time", c=c):
             r = c["ratios"].get(pair)
             return "-" if not r or r.get(key) is None else f"**{r[key]:.2f}**"
 
-        kept = " / ".join(_fmt_b(d.get("resid_bytes")) for d in (o, a, t) if d)
-        temp = " / ".join(_fmt_b(d.get("temp_bytes")) for d in (o, a, t) if d)
+        trio = [d for d in (o, a, *(cs[k] for k in others)) if d]
+        kept = " / ".join(_fmt_b(d.get("resid_bytes")) for d in trio)
+        temp = " / ".join(_fmt_b(d.get("temp_bytes")) for d in trio)
         kr = c["ratios"].get("ours/autodiff", {}).get("resid")
         if kr is not None:
             kept += f" ({kr:.2f}x)"
+        other_t = "<br>".join(f"{k} {_fmt_t(cs[k].get('median_s'))}" for k in others) or "-"
+        other_r = "<br>".join(f"{k} {ratio('ours/' + k)}" for k in others) or "-"
         lim = c.get("limit")
         if lim and lim["kind"] == "bandwidth":
             ls = (
@@ -802,9 +854,7 @@ def _render_one(res: dict) -> list[str]:
         name = c["name"] + (f" ({c['note']})" if c.get("note") else "")
         out.append(
             f"| {name} | {_fmt_t(o.get('median_s'))} | {_fmt_t(a.get('median_s'))} | "
-            f"{(other + ' ' + _fmt_t(t.get('median_s'))) if other else '-'} | "
-            f"{ratio('ours/autodiff')} | {ratio('ours/' + other) if other else '-'} | "
-            f"{kept} | {temp} | {ls} |"
+            f"{other_t} | {ratio('ours/autodiff')} | {other_r} | {kept} | {temp} | {ls} |"
         )
     out += [
         "",
@@ -854,14 +904,35 @@ def build_parser(prog="jax-batchinhib bench") -> argparse.ArgumentParser:
         "(forward+backward, interleaved, medians), with memory and hardware-limit figures.",
     )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="a small subset, ~1 minute on 2 CPU cores (default)")
+    g.add_argument(
+        "--quick", action="store_true", help="a small subset, ~1 minute on 2 CPU cores (default)"
+    )
     g.add_argument("--full", action="store_true", help="every case of issue 4")
-    p.add_argument("--cases", nargs="+", metavar="NAME", help="case names or glob patterns ('batch_norm/*')")
+    p.add_argument(
+        "--cases", nargs="+", metavar="NAME", help="case names or glob patterns ('batch_norm/*')"
+    )
     p.add_argument("--list", action="store_true", help="list the case names and exit")
-    p.add_argument("--repeats", type=int, default=None, help="rounds per case (default 7 quick, 15 full)")
-    p.add_argument("--min-time", type=float, default=None, help="seconds per timing (default 0.005 quick, 0.02 full)")
-    p.add_argument("--case-budget", type=float, default=None, help="timing seconds per case (default 4 quick, 20 full)")
-    p.add_argument("--sync", choices=("auto", "each", "batch"), default="auto", help="block on each call (CPU) or on the last of a timing (accelerators)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="rounds per case (default 7 quick, 15 full)"
+    )
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="seconds per timing (default 0.005 quick, 0.02 full)",
+    )
+    p.add_argument(
+        "--case-budget",
+        type=float,
+        default=None,
+        help="timing seconds per case (default 4 quick, 20 full)",
+    )
+    p.add_argument(
+        "--sync",
+        choices=("auto", "each", "batch"),
+        default="auto",
+        help="block on each call (CPU) or on the last of a timing (accelerators)",
+    )
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the results as markdown")
     return p

@@ -1,0 +1,61 @@
+"""Run the benchmarks and regenerate BENCHMARKS.md.
+
+    python benchmarks/run.py --full          # all cases; writes benchmarks/results_<platform>.json
+                                             # and regenerates BENCHMARKS.md
+    python benchmarks/run.py --render        # only regenerate BENCHMARKS.md from
+                                             # benchmarks/results_*.json and benchmarks/notes.md
+    python benchmarks/run.py --full --json benchmarks/results_gpu.json --markdown /tmp/x.md
+
+Every other flag is ``jax-batchinhib bench``'s (``--quick``, ``--cases``, ``--repeats``, ...);
+see ``jax_batchinhib/bench.py``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from jax_batchinhib import bench  # noqa: E402
+
+OUT = os.path.join(ROOT, "BENCHMARKS.md")
+ORDER = {"cpu": 0, "gpu": 1, "cuda": 1, "rocm": 2, "tpu": 3}
+
+
+def render(out: str = OUT) -> str:
+    """BENCHMARKS.md from every benchmarks/results_*.json (CPU first) and notes.md."""
+    results = []
+    for path in sorted(glob.glob(os.path.join(HERE, "results_*.json"))):
+        with open(path) as f:
+            results.append(json.load(f))
+    results.sort(key=lambda r: ORDER.get(r["machine"]["platform"], 9))
+    notes_path = os.path.join(HERE, "notes.md")
+    notes = open(notes_path).read() if os.path.exists(notes_path) else None
+    with open(out, "w") as f:
+        f.write(bench.render_markdown(results, notes))
+    print(f"wrote {out} from {len(results)} results file(s)")
+    return out
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--render" in argv:
+        render()
+        return 0
+    if "--list" not in argv and "--json" not in argv:
+        import jax
+
+        argv += ["--json", os.path.join(HERE, f"results_{jax.devices()[0].platform}.json")]
+    rc = bench.main(argv)
+    if "--list" not in argv:
+        render()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

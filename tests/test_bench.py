@@ -1,0 +1,103 @@
+"""Smoke test of the benchmark harness (issue 4) on tiny shapes.
+
+It checks that the harness computes what BENCHMARKS.md reports (ratios, residual and
+temp bytes, hardware-limit fractions, targets) and writes valid JSON and markdown. It
+never asserts a speed: timings on a shared 2-core machine say nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jax_batchinhib import bench
+
+QUIET = dict(repeats=3, min_time=1e-4, budget=0.05, sync="each", log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def results():
+    cases = [
+        bench._bn_case((16, 8), jnp.float32),
+        bench._bi_case((32, 8), groups=2),
+        bench._sce_case((8, 5)),
+    ]
+    return bench.run(cases, **QUIET)
+
+
+def test_residual_bytes_counts_what_vjp_keeps():
+    # sin keeps cos(x) (one x-sized float32 array); x * x keeps x itself (an input);
+    # a linear map by a closed-over constant keeps nothing input-sized.
+    x = jnp.ones((4, 8), jnp.float32)
+    assert bench.residual_bytes(jnp.sin, (x,))["resid_bytes"] == 4 * 8 * 4
+    r = bench.residual_bytes(lambda x: x * x, (x,))
+    assert r["resid_bytes"] == 4 * 8 * 4 and r["resid_input_bytes"] == 4 * 8 * 4
+    assert bench.residual_bytes(lambda x: 2.0 * x, (x,))["resid_bytes"] < x.nbytes
+
+
+def test_every_case_has_ratios_memory_and_limits(results):
+    assert [c["name"] for c in results["cases"]] == [
+        "batch_norm/16x8/float32",
+        "batch_inhib/32x8/g2/float32",
+        "softmax_cross_entropy/8x5/float32",
+    ]
+    for c in results["cases"]:
+        assert "error" not in c, c.get("error")
+        cs = c["contenders"]
+        for name in ("ours", "autodiff"):
+            assert cs[name]["median_s"] > 0 and len(cs[name]["times_s"]) == c["rounds"] >= 3
+            assert cs[name]["resid_bytes"] > 0
+            assert cs[name]["temp_bytes"] is None or cs[name]["temp_bytes"] >= 0
+        r = c["ratios"]["ours/autodiff"]
+        assert r["time"] == pytest.approx(cs["ours"]["median_s"] / cs["autodiff"]["median_s"])
+        assert r["resid"] == pytest.approx(
+            cs["ours"]["resid_bytes"] / cs["autodiff"]["resid_bytes"]
+        )
+    bn, bi, sce = results["cases"]
+    assert set(bn["ratios"]) == {"ours/autodiff", "ours/flax", "ours/flax_2pass"}
+    assert set(sce["ratios"]) == {"ours/autodiff", "ours/optax"}
+    # batch_norm keeps x (16*8 float32) and per-feature vectors only
+    assert 16 * 8 * 4 <= bn["contenders"]["ours"]["resid_bytes"] < 16 * 8 * 4 + 8 * 4 * 8
+    lim = bn["limit"]
+    assert lim["bytes"] == 4 * 16 * 8 * 4
+    assert lim["fraction"] == pytest.approx(lim["ours_GBps"] / lim["copy_GBps"])
+    # batch_inhib: 10 M N n flops, n = N / groups
+    assert bi["limit"]["flops"] == 10 * 32 * 8 * 4 and bi["limit"]["fraction"] > 0
+
+
+def test_targets_and_machine(results):
+    m = results["machine"]
+    assert m["cores"] >= 1 and m["device_kind"] == jax.devices()[0].device_kind
+    assert m["jax"] == jax.__version__
+    by = {(t["family"], t["metric"]): t for t in results["targets"]}
+    assert by[("batch_norm", "ours/flax")]["status"] in ("met", "missed")
+    assert by[("cnn_train_step", "ours/flax")]["status"] == "not measured"
+    t = by[("batch_norm", "ours/autodiff")]
+    ratio = results["cases"][0]["ratios"]["ours/autodiff"]["time"]
+    assert t["status"] == ("met" if ratio <= 0.6 else "missed")
+
+
+def test_json_and_markdown(results, tmp_path):
+    path = tmp_path / "r.json"
+    bench.write_json(results, str(path))
+    back = json.loads(path.read_text())
+    assert back["cases"][0]["name"] == "batch_norm/16x8/float32"
+    assert all(math.isfinite(t) for t in back["cases"][0]["contenders"]["ours"]["times_s"])
+    md = bench.render_markdown([back, back], notes="## Notes\n\nhello")
+    assert md.count("## CPU") == 2 and md.rstrip().endswith("hello")
+    for c in back["cases"]:
+        assert c["name"] in md
+    assert "| batch_norm | ours/flax | <= 0.8 |" in md
+    assert bench.headline_table(back).count("\n") == 1 + len(back["cases"])
+
+
+def test_main_list_and_unknown_case(capsys):
+    assert bench.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "batch_norm/4096x512/bfloat16" in out and "cnn_train_step/" in out
+    with pytest.raises(SystemExit, match="matched no case"):
+        bench.main(["--cases", "nope/*"])
