@@ -101,7 +101,7 @@ def grads_by_hand(params: Params, x, labels, keep, rate: float):
     dc = jnp.sum(dxBN, axis=0)
     dx1B = dxBN - jnp.mean(dxBN, axis=0)  # seed: dxBN (1 - 1/m), wrong for m > 1
     # FC_1B (x1B = x W1B)
-    dW1B = c["x"].T @ dx1B  # seed: dL/dx1B · x
+    dW1B = c["x"].T @ dx1B  # seed: dL/dx1B · η (η undefined; x, transposed)
     # FC_2A (yA = zDP W2A + b2A): dz2A is only what the head sends back
     dz2A = dyA  # seed adds (y - ŷ_A), a loss on branch A that the network does not have
     dW2A = c["zDP"].T @ dz2A  # seed: dL/dz2A · z2A (the layer's output, not its input)

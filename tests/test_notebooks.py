@@ -1,0 +1,58 @@
+"""The notebooks: each executes from top to bottom without error (nbclient, this
+interpreter's kernel), and each committed .ipynb is the jupytext pair of its .py source
+with its outputs (plots included) saved."""
+
+import base64
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+jupytext = pytest.importorskip("jupytext")
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+
+
+def test_there_are_three_notebooks():
+    assert len(SOURCES) >= 3, SOURCES
+
+
+def cells(nb):
+    return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+
+@pytest.mark.parametrize("py", SOURCES, ids=[p.stem for p in SOURCES])
+def test_pair_matches_and_outputs_are_committed(py):
+    ipynb = py.with_suffix(".ipynb")
+    assert ipynb.exists(), f"{ipynb.name} missing: jupytext --to ipynb, then execute it"
+    committed = nbformat.read(ipynb, as_version=4)
+    assert cells(jupytext.read(py)) == cells(committed), (
+        f"{py.name} and {ipynb.name} differ: re-pair with `jupytext --sync {py}` and re-run"
+    )
+    code = [c for c in committed.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code), "commit the notebook executed"
+    errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
+    pngs = [
+        o["data"]["image/png"]
+        for c in code
+        for o in c.outputs
+        if "data" in o and "image/png" in o["data"]
+    ]
+    assert pngs, "no plot saved in the notebook"
+    assert all(base64.b64decode(p)[:4] == b"\x89PNG" for p in pngs)
+
+
+@pytest.mark.parametrize("py", SOURCES, ids=[p.stem for p in SOURCES])
+def test_notebook_executes(py):
+    nb = jupytext.read(py)
+    nbclient.NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name="python3",  # jupyter_client starts it with this interpreter
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    ).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code)
