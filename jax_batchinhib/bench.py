@@ -913,7 +913,7 @@ def build_parser(prog="jax-batchinhib bench") -> argparse.ArgumentParser:
     )
     p.add_argument("--list", action="store_true", help="list the case names and exit")
     p.add_argument(
-        "--repeats", type=int, default=None, help="rounds per case (default 7 quick, 15 full)"
+        "--repeats", type=int, default=None, help="rounds per case (default 7 quick, 21 full)"
     )
     p.add_argument(
         "--min-time",
@@ -925,7 +925,7 @@ def build_parser(prog="jax-batchinhib bench") -> argparse.ArgumentParser:
         "--case-budget",
         type=float,
         default=None,
-        help="timing seconds per case (default 4 quick, 20 full)",
+        help="timing seconds per case (default 4 quick, 12 full)",
     )
     p.add_argument(
         "--sync",
@@ -949,9 +949,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = select_cases(args.cases, quick=not full)
     res = run(
         cases,
-        repeats=args.repeats or (15 if full else 7),
+        repeats=args.repeats or (21 if full else 7),
         min_time=args.min_time or (0.02 if full else 0.005),
-        budget=args.case_budget or (20.0 if full else 4.0),
+        budget=args.case_budget or (12.0 if full else 4.0),
         sync=args.sync,
     )
     print()
