@@ -44,9 +44,61 @@ class Reduce:
             return v
         return lax.psum(v, self.axis_name, axis_index_groups=self.axis_index_groups)
 
+    def stats_ct(self, ct):
+        """Cotangents of the statistics outputs, made global (see ``docs/scaling.md``).
+
+        The statistics are the same on every device. Under ``jax.shard_map`` with
+        ``check_vma=True`` (the default) they are typed device-invariant and their
+        cotangent arrives already summed over the devices (autodiff transposes the
+        implicit broadcast into a psum). Untyped (``check_vma=False``, ``jax.pmap``,
+        ``jax.vmap``) each device holds its own part, and autodiff of the reference
+        transposes the forward psum into a psum: do the same here.
+        """
+        if self.axis_name is None or is_typed(self.axis_name):
+            return ct
+        return self.psum(ct)
+
     def keep_shape(self, n: int) -> tuple[int, ...]:
         """Shape of a per-feature vector broadcast against the input."""
         return tuple(n if a == self.axis else 1 for a in range(self.ndim))
+
+
+def _names(axis_name) -> tuple:
+    return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+
+
+def vma(x) -> frozenset:
+    """The mesh axes along which ``x`` varies, as typed by ``jax.shard_map(check_vma=True)``
+    (empty outside it, and for every value when the check is off)."""
+    aval = jax.typeof(x)
+    v = getattr(aval, "vma", None)  # jax <= 0.8 spelling
+    if v is None:
+        v = getattr(getattr(aval, "mat", None), "varying", frozenset())
+    return frozenset(v)
+
+
+def is_typed(axis_name) -> bool:
+    """Whether the mapped axis ``axis_name`` tracks device variance (shard_map with
+    ``check_vma=True``): there ``axis_index`` is typed varying, elsewhere it is not."""
+    return bool(vma(lax.axis_index(axis_name)) & set(_names(axis_name)))
+
+
+def param_ct(ct, primal):
+    """A parameter's cotangent, summed over the devices where ``primal`` is replicated.
+
+    The rules sum over this device's rows, so the cotangent varies across the devices
+    of ``axis_name``. A parameter passed into ``shard_map(check_vma=True)`` replicated
+    (typed invariant) needs an invariant cotangent: the sum over those devices, which is
+    what autodiff gives (it transposes the implicit broadcast into a psum). Untyped
+    (``check_vma=False``, ``pmap``) both sets are empty and the per-device part is
+    returned, as autodiff of the reference does; sum it with ``lax.psum`` yourself.
+    """
+    if ct is None or primal is None:
+        return ct
+    extra = vma(ct) - vma(primal)
+    if not extra:
+        return ct
+    return lax.psum(ct, tuple(sorted(extra, key=str)))
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -126,6 +178,13 @@ def make_reduce(fn: str, x, axis, axis_name=None, axis_index_groups=None) -> Red
         raise ValueError(f"{fn}: x must have at least one dimension; got a scalar")
     ax = normalize_axis(fn, axis, ndim)
     check_axis_name(fn, axis_name)
+    if axis_index_groups is not None and is_typed(axis_name):
+        raise NotImplementedError(
+            f"{fn}: axis_index_groups={axis_index_groups!r} is not supported by "
+            f"jax.shard_map with check_vma=True (JAX's psum refuses it there). Give the mesh "
+            f"a second axis and pass axis_name=<the inner axis> (statistics per group of "
+            f"devices), or use check_vma=False / jax.pmap."
+        )
     red = tuple(a for a in range(ndim) if a != ax)
     return Reduce(ndim, ax, red, axis_name, as_groups(axis_index_groups))
 

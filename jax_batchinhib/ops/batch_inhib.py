@@ -30,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jax_batchinhib.ops import _ghost
 from jax_batchinhib.ops import _stats as S
 
 Array = jax.Array
@@ -184,6 +185,7 @@ def batch_inhib(
     correlation: str = "pearson",
     denominator: str = "signed",
     guard: float = 1e-3,
+    virtual_batch_size: int | None = None,
 ):
     r"""BatchInhib with a hand-derived VJP for ``x`` and ``alpha``.
 
@@ -205,6 +207,11 @@ def batch_inhib(
       guard: δ in the guarded reciprocal D/(D²+δ²) of the denominator D, which keeps y
         and its gradients finite when D crosses zero (uncorrelated or constant features).
       mask: row mask (x's shape without the feature axis, or with a feature dim of 1).
+      axis_name, axis_index_groups: sum the statistics across the devices of this mapped
+        axis; see ``docs/scaling.md``.
+      virtual_batch_size: ghost batches: each run of this many examples along the leading
+        axis gets its own statistics (it must divide ``x.shape[0]``); the returned
+        statistics are the mean over the sub-batches.
 
     Returns:
       ``(y, InhibStats(mean, var, cov))``; the statistics are wrapped in
@@ -224,6 +231,13 @@ def batch_inhib(
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard)
     nfeat = x.shape[red.axis]
     _check_groups_alpha(fn, nfeat, groups, alpha)
+    if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
+        op = functools.partial(
+            batch_inhib, alpha=alpha, rho=rho, epsilon=epsilon, axis=red.axis,
+            axis_name=axis_name, axis_index_groups=axis_index_groups, groups=groups,
+            correlation=correlation, denominator=denominator, guard=guard,
+        )  # fmt: skip
+        return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, red.axis)
     mask = S.mask_weights(fn, mask, x.shape, red, rows_only=True)
     S.static_count(fn, x.shape, red, mask)
     if mask is not None:
@@ -299,7 +313,8 @@ def _batch_inhib_bwd(cfg, red, res, cts):
     if w is not None:
         xc = xc * w.reshape(m, 1, 1)
     dx = dx + jnp.einsum("mgi,gik->mgk", xc, dcs, precision=S.PRECISION) / jnp.maximum(cnt, 1)
-    return dx.reshape(m, nf).astype(x2.dtype), dalpha.astype(alpha3.dtype), None
+    dalpha = S.param_ct(dalpha.astype(alpha3.dtype), alpha3)  # docs/scaling.md
+    return dx.reshape(m, nf).astype(x2.dtype), dalpha, None
 
 
 _batch_inhib.defvjp(_batch_inhib_fwd, _batch_inhib_bwd)
