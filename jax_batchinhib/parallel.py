@@ -1,0 +1,180 @@
+"""Data-parallel training over N devices: meshes, shardings, a synchronized train step.
+
+Two ways to run one train step data-parallel, both exact (``docs/scaling.md``):
+
+- **GSPMD** (:func:`data_parallel`, what ``jax-batchinhib train --devices N`` uses): the
+  single-device step, jitted with the batch sharded along its first axis over a 1-D mesh
+  and the parameters, optimizer state and running statistics replicated. The model needs
+  no ``axis_name``: a batch statistic is a sum over the batch axis, which XLA's SPMD
+  partitioner turns into a local sum plus an all-reduce, so every number is the one a
+  single device computes on the global batch (up to the order of float additions). It
+  works unchanged for any model (flax.linen.BatchNorm included), on CPU devices and on
+  GPUs, and dropout masks equal the single-device ones (JAX's partitionable threefry).
+- **shard_map** (:func:`shard_map_step`): the step runs per device on its shard, the
+  modules are built with ``axis_name`` so that the ops sum their statistics
+  (and the backward's per-feature sums) with explicit ``psum``; the gradients of the
+  replicated parameters come out summed over devices (``check_vma=True``, the default).
+  Explicit control over what is communicated; the model must know the axis name.
+
+On CPU, N devices come from splitting the host (:func:`set_cpu_device_count`, before
+JAX creates its CPU backend); on GPUs ``jax.devices()[:N]`` are the GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def set_cpu_device_count(n: int) -> None:
+    """Make the CPU backend expose ``n`` devices (XLA's host platform device count).
+
+    Must run before JAX creates its CPU backend (before the first computation); after
+    that it raises unless the process already has ``n`` or more CPU devices. A no-op for
+    ``n <= 1``. GPUs are unaffected."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_cpu_device_count: n must be an int >= 1; got {n!r}")
+    if n <= 1 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as err:
+        have = len(jax.devices("cpu"))
+        if have < n:
+            raise RuntimeError(
+                f"set_cpu_device_count: JAX's CPU backend was already created with {have} "
+                f"device(s); call this (or pass --devices) before any JAX computation, or set "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting Python"
+            ) from err
+
+
+def make_mesh(n_devices: int | None = None, axis_name: str = DATA_AXIS) -> Mesh:
+    """A 1-D mesh over the first ``n_devices`` of ``jax.devices()`` (all when None).
+
+    The mesh axis is of type Auto (``jax.sharding.Mesh``'s default), so jit partitions
+    with GSPMD and shard_map takes arrays of any sharding."""
+    devices = jax.devices()
+    if n_devices is None:
+        n_devices = len(devices)
+    if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+        raise ValueError(f"make_mesh: n_devices must be an int >= 1; got {n_devices!r}")
+    if n_devices > len(devices):
+        raise ValueError(
+            f"make_mesh: n_devices={n_devices} but JAX sees {len(devices)} "
+            f"{jax.default_backend()} device(s). On CPU, call "
+            f"jax_batchinhib.parallel.set_cpu_device_count({n_devices}) (or set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n_devices}) before JAX starts."
+        )
+    return Mesh(np.asarray(devices[:n_devices]), (axis_name,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (parameters, optimizer state, statistics)."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+    """Split axis ``batch_axis`` of an array over the mesh's (single) axis."""
+    return NamedSharding(mesh, P(*([None] * batch_axis), mesh.axis_names[0]))
+
+
+def _check_divisible(where: str, shape, batch_axis: int, n: int) -> None:
+    if len(shape) <= batch_axis or shape[batch_axis] % n:
+        raise ValueError(
+            f"{where}: the batch axis {batch_axis} of an array of shape {tuple(shape)} must "
+            f"split evenly over {n} devices; choose a global batch size divisible by {n}"
+        )
+
+
+def shard_batch(tree: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
+    """Place every array of ``tree`` on the mesh, split along ``batch_axis``."""
+    n = mesh.devices.size
+    sharding = batch_sharding(mesh, batch_axis)
+
+    def put(a):
+        _check_divisible("shard_batch", np.shape(a), batch_axis, n)
+        return jax.device_put(a, sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Place every array of ``tree`` on every device of the mesh."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def data_parallel(
+    step: Callable, mesh: Mesh, *, batch_argnums=(1, 2), batch_axis: int = 0, donate=True
+) -> Callable:
+    """GSPMD data parallelism for a single-device ``step(state, *args) -> (state, out)``.
+
+    Returns ``jit(step)`` with arguments ``batch_argnums`` split along ``batch_axis``,
+    every other argument and the whole output replicated. The result equals the
+    single-device step on the same global batch (up to float summation order)."""
+    batch_argnums = tuple(batch_argnums)
+    rep, bat = replicated(mesh), batch_sharding(mesh, batch_axis)
+    n = mesh.devices.size
+
+    def checked(*args):
+        for i in batch_argnums:
+            for leaf in jax.tree.leaves(args[i]):
+                _check_divisible("data_parallel", jnp.shape(leaf), batch_axis, n)
+        return step(*args)
+
+    # One jitted function per number of arguments (the shardings depend on it).
+    cache: dict[int, Callable] = {}
+
+    def call(*args):
+        k = len(args)
+        if k not in cache:
+            shard = tuple(bat if i in batch_argnums else rep for i in range(k))
+            cache[k] = jax.jit(
+                checked,
+                in_shardings=shard,
+                out_shardings=rep,
+                donate_argnums=(0,) if donate else (),
+            )
+        return cache[k](*args)
+
+    return call
+
+
+def shard_map_step(
+    step: Callable, mesh: Mesh, *, batch_argnums=(1, 2), batch_axis: int = 0
+) -> Callable:
+    """Run ``step(state, *args) -> (state, out)`` per device with ``jax.shard_map``.
+
+    Arguments ``batch_argnums`` are split along ``batch_axis`` (each device sees its
+    shard), the rest replicated; ``state`` and ``out`` must come out identical on every
+    device (``check_vma=True`` checks it at trace time: a per-device value returned
+    unreduced is an error). Inside ``step``, the modules need
+    ``axis_name=mesh.axis_names[0]`` and the gradients of the replicated parameters come
+    out summed over the devices: write the loss as the per-device share of the global
+    loss (e.g. the sum of the per-example losses over the global batch size)."""
+    batch_argnums = tuple(batch_argnums)
+    name = mesh.axis_names[0]
+    n = mesh.devices.size
+    cache: dict[int, Callable] = {}
+
+    def call(*args):
+        k = len(args)
+        for i in batch_argnums:
+            for leaf in jax.tree.leaves(args[i]):
+                _check_divisible("shard_map_step", jnp.shape(leaf), batch_axis, n)
+        if k not in cache:
+            bspec = P(*([None] * batch_axis), name)
+            specs = tuple(bspec if i in batch_argnums else P() for i in range(k))
+            f = jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P())
+            cache[k] = jax.jit(f)
+        return cache[k](*args)
+
+    return call

@@ -1,0 +1,529 @@
+"""Data parallelism with 8 CPU devices (tests/conftest.py splits the host into 8).
+
+What is shown (issue 6), each against the single-device computation on the full batch:
+
+- batch_norm, batch_center, batch_inhib (groups 1 and 2) under ``jax.shard_map`` with
+  ``axis_name``, with ``check_vma`` on and off: outputs, statistics and the gradients of
+  x and of the parameters equal the full batch on one device, and equal autodiff of the
+  reference run under the same shard_map;
+- the same under ``jax.jit`` with the batch sharded over 8 devices and no axis_name;
+- masks with uneven valid rows per device (one device with none): the statistics are those
+  of the valid rows gathered on one device;
+- ``axis_index_groups`` (pmap, shard_map without vma checks) and its shard_map
+  replacement, a 2-D mesh;
+- errors: an axis_name that names no mapped axis, groups where JAX refuses them;
+- ghost batches (``virtual_batch_size``) equal one call per sub-batch;
+- training: a model trained for several steps on 8 devices (GSPMD and shard_map) holds
+  the parameters and batch_stats of the single-device run; the running statistics are
+  bitwise identical on every device.
+
+Tolerances: float64 tests use rtol=1e-10, atol=1e-12 (float64 round-off of sums over 32
+rows in a different order is ~1e-15 relative). Training tests run in float32 (the models'
+dtype) for 3 SGD steps: the single- and 8-device runs differ only in the order of float32
+additions (~1e-7 relative per sum), so rtol=2e-5, atol=1e-6.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_batchinhib as jb
+from jax_batchinhib import linen as bl
+from jax_batchinhib import parallel, train
+from jax_batchinhib import reference as ref
+from jax_batchinhib.models import MLP
+
+ND = 8
+B, N = 32, 4  # 4 rows per device
+RTOL, ATOL = 1e-10, 1e-12  # float64 round-off
+RTOL32, ATOL32 = 2e-5, 1e-6  # float32 round-off after 3 steps
+
+pytestmark = pytest.mark.skipif(
+    len(jax.devices()) < ND, reason="needs 8 devices (tests/conftest.py sets them up)"
+)
+
+
+@functools.cache
+def mesh():
+    return parallel.make_mesh(ND)
+
+
+def close(a, b, rtol=RTOL, atol=ATOL):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------ the ops and losses
+
+OPS = ["batch_norm", "batch_center", "batch_inhib", "batch_inhib_groups2"]
+
+
+def call(name, mod, x, p, **kw):
+    """(y, stats) of op ``name`` from module ``mod`` (jb or reference)."""
+    if name == "batch_norm":
+        return mod.batch_norm(x, p["scale"], p["bias"], **kw)
+    if name == "batch_center":
+        return mod.batch_center(x, p["bias"], **kw)
+    groups = 2 if name == "batch_inhib_groups2" else 1
+    return mod.batch_inhib(x, p[f"alpha{groups}"], groups=groups, **kw)
+
+
+def params():
+    k = jax.random.split(jax.random.key(3), 3)
+    return {
+        "scale": 1.0 + 0.3 * jax.random.normal(k[0], (N,), jnp.float64),
+        "bias": 0.5 * jax.random.normal(k[1], (N,), jnp.float64),
+        "alpha1": 0.5 * jax.random.normal(k[2], (N, N), jnp.float64),
+        "alpha2": 0.5 * jax.random.normal(k[2], (2, N // 2, N // 2), jnp.float64),
+    }
+
+
+def data():
+    kx, kc = jax.random.split(jax.random.key(0))
+    # features correlated and off-centre, so every term of every rule matters
+    x = jax.random.normal(kx, (B, N), jnp.float64) @ jnp.array(
+        [[1.0, 0.5, 0.0, 0.2], [0.0, 1.0, 0.4, 0.0], [0.3, 0.0, 1.0, 0.5], [0.0, 0.2, 0.0, 1.0]]
+    ) + jnp.array([2.0, -1.0, 0.5, 3.0])
+    ct = jax.random.normal(kc, (B, N), jnp.float64)
+    return x, ct
+
+
+def loss(name, mod, x, p, ct, n_share=1, **kw):
+    """A loss using y and (for batch_norm/center) the statistics, which are outputs with
+    gradients. Under shard_map the per-device losses add up to the global loss, so the
+    statistics' term (the same on every device) is counted ``1/n_share`` on each."""
+    y, st = call(name, mod, x, p, **kw)
+    out = jnp.sum(y * ct)
+    if name == "batch_norm":
+        out = out + (jnp.sum(jnp.sin(st.mean)) + jnp.sum(jnp.cos(st.var))) / n_share
+    if name == "batch_center":
+        out = out + jnp.sum(jnp.sin(st.mean)) / n_share
+    return out, (y, st)
+
+
+def full_batch(name, mask=None):
+    """Single device, whole batch: (y, stats, dx, dparams)."""
+    x, ct = data()
+    p = params()
+
+    @jax.jit
+    def f(x, p, ct, mask):
+        g = jax.grad(loss, argnums=(2, 3), has_aux=True)
+        (dx, dp), (y, st) = g(name, jb, x, p, ct, mask=mask)
+        return y, st, dx, dp
+
+    return f(x, p, ct, mask)
+
+
+# ------------------------------------------------------------------- shard_map
+
+
+@pytest.mark.parametrize("check_vma", [True, False], ids=["vma", "no_vma"])
+@pytest.mark.parametrize("name", OPS)
+def test_shard_map_equals_full_batch(name, check_vma):
+    """Outputs, statistics, dx and dparams under shard_map(axis_name) equal the
+    single-device full batch, and autodiff of the reference under the same shard_map.
+
+    With check_vma=True the gradients of the replicated parameters come out summed over
+    the devices (typed invariant); with check_vma=False they are per-device parts, summed
+    here with psum, as for autodiff of the reference."""
+    with jax.enable_x64(True):
+        x, ct = data()
+        p = params()
+        want = full_batch(name)
+
+        def body(mod, x, p, ct):
+            g = jax.grad(loss, argnums=(2, 3), has_aux=True)
+            (dx, dp), (y, st) = g(name, mod, x, p, ct, n_share=ND, axis_name="data")
+            if not check_vma:
+                dp = lax.psum(dp, "data")
+            return y, st, dx, dp
+
+        outs = {}
+        for label, mod in (("ops", jb), ("reference", ref)):
+            f = jax.shard_map(
+                functools.partial(body, mod),
+                mesh=mesh(),
+                in_specs=(P("data"), P(), P("data")),
+                out_specs=(P("data"), P(), P("data"), P()),
+                check_vma=check_vma,
+            )
+            outs[label] = jax.jit(f)(x, p, ct)
+        close(outs["ops"], want)
+        close(outs["reference"], want)
+        close(outs["ops"], outs["reference"])
+
+
+def test_shard_map_parameter_gradients_per_device_without_vma():
+    """check_vma=False: dscale/dbias per device are the sums over that device's rows
+    (their psum is the full-batch gradient, shown above); the same as the reference."""
+    with jax.enable_x64(True):
+        x, ct = data()
+        p = params()
+
+        def body(mod, x, p, ct):
+            g = jax.grad(lambda p: loss("batch_norm", mod, x, p, ct, axis_name="data")[0])
+            return g(p)
+
+        got = {}
+        for label, mod in (("ops", jb), ("reference", ref)):
+            f = jax.shard_map(
+                functools.partial(body, mod),
+                mesh=mesh(),
+                in_specs=(P("data"), P(), P("data")),
+                out_specs=P("data"),  # each device's own cotangent, stacked
+                check_vma=False,
+            )
+            got[label] = jax.jit(lambda x, p, ct, f=f: f(x, p, ct))(x, p, ct)
+        close(got["ops"]["scale"], got["reference"]["scale"])
+        close(got["ops"]["bias"], got["reference"]["bias"])
+        # the bias gradient of device d is the column sum of its own rows of ct
+        per_dev = np.asarray(ct).reshape(ND, B // ND, N).sum(1).reshape(-1)
+        np.testing.assert_allclose(np.asarray(got["ops"]["bias"]), per_dev, rtol=RTOL, atol=ATOL)
+
+
+# ----------------------------------------------------------------------- GSPMD
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_jit_sharded_batch_equals_full_batch(name):
+    """jit over a batch split over 8 devices, no axis_name: XLA partitions the statistics
+    sums (all-reduce in the compiled program) and every result equals one device's."""
+    with jax.enable_x64(True):
+        x, ct = data()
+        p = params()
+        want = full_batch(name)
+        bat = parallel.batch_sharding(mesh())
+        xs, cts = jax.device_put(x, bat), jax.device_put(ct, bat)
+        ps = parallel.replicate(p, mesh())
+        assert len(xs.sharding.device_set) == ND
+
+        def f(x, p, ct):
+            (dx, dp), (y, st) = jax.grad(loss, argnums=(2, 3), has_aux=True)(name, jb, x, p, ct)
+            return y, st, dx, dp
+
+        jf = jax.jit(f)
+        hlo = jf.lower(xs, ps, cts).compile().as_text()
+        assert "all-reduce" in hlo  # the sums really cross devices
+        got = jf(xs, ps, cts)
+        assert got[2].sharding.is_equivalent_to(NamedSharding(mesh(), P("data")), 2)
+        close(got, want)
+
+
+# ----------------------------------------------------------------------- masks
+
+# valid rows per device (4 rows each): uneven, one device with none
+COUNTS = np.array([4, 3, 1, 0, 2, 4, 1, 3])
+
+
+def uneven_mask():
+    return jnp.asarray((np.arange(B // ND)[None, :] < COUNTS[:, None]).reshape(B))
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "batch_inhib_groups2"])
+def test_uneven_masks_give_global_statistics(name):
+    """Each device holds a different number of valid rows: the statistics are those of
+    the valid rows gathered on one device (counts summed, never an average of per-device
+    means, flax issue 2417), and y and the gradients equal the single-device masked
+    batch."""
+    with jax.enable_x64(True):
+        x, ct = data()
+        p = params()
+        mask = uneven_mask()
+        valid = np.asarray(mask)
+        # statistics of the valid rows alone, on one device, no mask
+        y_valid, st_valid = jax.jit(lambda x, p: call(name, jb, x, p))(x[valid], p)
+        # the naive per-device average of means is different here (the test can fail)
+        xs = np.asarray(x).reshape(ND, B // ND, N)
+        per_dev = [xs[d, : COUNTS[d]].mean(0) for d in range(ND) if COUNTS[d]]
+        assert np.max(np.abs(np.mean(per_dev, 0) - np.asarray(st_valid.mean))) > 1e-2
+
+        want = full_batch(name, mask)
+
+        def body(x, p, ct, mask):
+            g = jax.grad(loss, argnums=(2, 3), has_aux=True)
+            (dx, dp), (y, st) = g(name, jb, x, p, ct, n_share=ND, axis_name="data", mask=mask)
+            return y, st, dx, dp
+
+        f = jax.shard_map(
+            body,
+            mesh=mesh(),
+            in_specs=(P("data"), P(), P("data"), P("data")),
+            out_specs=(P("data"), P(), P("data"), P()),
+        )
+        y, st, dx, dp = jax.jit(f)(x, p, ct, mask)
+        close(st, st_valid)
+        close(y[valid], y_valid)
+        close((y, st, dx, dp), want)
+
+
+# ------------------------------------------------------- axis_index_groups and errors
+
+
+def _grouped_stats_want(x):
+    """batch_norm statistics of devices 0-3 and of devices 4-7, each on one device."""
+    half = B // 2
+    return [jb.batch_norm(x[i * half : (i + 1) * half])[1] for i in range(2)]
+
+
+def test_axis_index_groups_under_pmap_and_untyped_shard_map():
+    """axis_index_groups=[[0..3],[4..7]]: statistics over each half of the devices.
+    JAX supports it under pmap and shard_map(check_vma=False)."""
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with jax.enable_x64(True):
+        x, _ = data()
+        want = _grouped_stats_want(x)
+
+        def stats(x):
+            return jb.batch_norm(x, axis_name="data", axis_index_groups=groups)[1]
+
+        pm = jax.pmap(stats, axis_name="data")(x.reshape(ND, B // ND, N))
+        sm = jax.jit(
+            jax.shard_map(
+                lambda x: jax.tree.map(lambda s: s[None], stats(x)),
+                mesh=mesh(),
+                in_specs=P("data"),
+                out_specs=P("data"),
+                check_vma=False,
+            )
+        )(x)
+        for got in (pm, sm):
+            for d in range(ND):
+                close(jax.tree.map(lambda s, d=d: s[d], got), want[d // 4])
+
+
+def test_axis_index_groups_typed_shard_map_error_and_2d_mesh():
+    """shard_map with check_vma=True refuses axis_index_groups (JAX's psum does): the op
+    says so and names the replacement, a 2-D mesh whose inner axis is the group."""
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with jax.enable_x64(True):
+        x, _ = data()
+        f = jax.shard_map(
+            lambda x: jb.batch_norm(x, axis_name="data", axis_index_groups=groups)[0],
+            mesh=mesh(),
+            in_specs=P("data"),
+            out_specs=P("data"),
+        )
+        with pytest.raises(NotImplementedError, match=r"batch_norm: axis_index_groups.*mesh"):
+            jax.jit(f)(x)
+
+        mesh2 = jax.sharding.Mesh(np.asarray(jax.devices()[:ND]).reshape(2, 4), ("g", "d"))
+        st = jax.jit(
+            jax.shard_map(
+                lambda x: jax.tree.map(lambda s: s[None], jb.batch_norm(x, axis_name="d")[1]),
+                mesh=mesh2,
+                in_specs=P(("g", "d")),
+                out_specs=P("g"),
+            )
+        )(x)
+        want = _grouped_stats_want(x)
+        for i in range(2):
+            close(jax.tree.map(lambda s, i=i: s[i], st), want[i])
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "batch_center", "batch_inhib"])
+def test_axis_name_without_mapped_axis_is_a_clear_error(name):
+    """axis_name naming no mapped axis: a NameError naming the op, the argument and the
+    fix, at trace time (under jit, and inside a shard_map over another axis)."""
+    with jax.enable_x64(True):
+        x, _ = data()
+        p = params()
+    pattern = rf"{name}: axis_name='batch' names no mapped axis.*shard_map"
+    with pytest.raises(NameError, match=pattern):
+        jax.jit(lambda x: call(name, jb, x, p, axis_name="batch"))(x)
+    f = jax.shard_map(
+        lambda x: call(name, jb, x, p, axis_name="batch")[0],
+        mesh=mesh(),
+        in_specs=P("data"),
+        out_specs=P("data"),
+    )
+    with pytest.raises(NameError, match=pattern):
+        jax.jit(f)(x)
+
+
+# --------------------------------------------------------------------- ghost batches
+
+
+def ghost_by_hand(name, x, p, v, mask=None):
+    """Ghost batches composed from one plain call per sub-batch of ``v`` rows: y
+    concatenated, statistics averaged over the sub-batches."""
+    ys, sts = [], []
+    for j in range(x.shape[0] // v):
+        sl = slice(j * v, (j + 1) * v)
+        y, st = call(name, jb, x[sl], p, mask=None if mask is None else mask[sl])
+        ys.append(y)
+        sts.append(st)
+    return jnp.concatenate(ys), jax.tree.map(lambda *a: jnp.mean(jnp.stack(a), 0), *sts)
+
+
+def ghost_loss(y, st, ct):
+    out = jnp.sum(y * ct)
+    if st.var is not None:
+        out = out + jnp.sum(jnp.cos(st.var))
+    return out + jnp.sum(jnp.sin(st.mean))
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "batch_center", "batch_inhib_groups2"])
+def test_ghost_batches_equal_one_call_per_sub_batch(name):
+    """virtual_batch_size=v: y and the statistics equal v-row calls on each sub-batch
+    (statistics: their mean), and so do dx and dparams of a loss of y and the statistics
+    (the parameter gradients sum over the sub-batches)."""
+    v = 8
+    with jax.enable_x64(True):
+        x, ct = data()
+        x = jnp.stack([x, 2.0 * x + 1.0], axis=1)  # (B, 2, N): a spatial axis too
+        ct = jnp.stack([ct, -ct], axis=1)
+        p = params()
+
+        def run(fwd):
+            def f(x, p):
+                y, st = fwd(x, p)
+                return ghost_loss(y, st, ct), (y, st)
+
+            (dx, dp), (y, st) = jax.grad(f, argnums=(0, 1), has_aux=True)(x, p)
+            return y, st, dx, dp
+
+        got = jax.jit(lambda x, p: run(lambda x, p: call(name, jb, x, p, virtual_batch_size=v)))
+        want = jax.jit(lambda x, p: run(lambda x, p: ghost_by_hand(name, x, p, v)))
+        got, want = got(x, p), want(x, p)
+        close(got, want)
+        # and it is not the full-batch normalization (the test can fail)
+        assert np.max(np.abs(np.asarray(got[0] - call(name, jb, x, p)[0]))) > 1e-3
+
+
+def test_ghost_batches_masked_and_errors():
+    """A masked ghost batch equals the masked call on its sub-batch; v must divide B and
+    the batch axis must not be the feature axis."""
+    v = 8
+    with jax.enable_x64(True):
+        x, _ = data()
+        mask = uneven_mask()
+        p = params()
+        for name in ("batch_norm", "batch_inhib"):
+            got = call(name, jb, x, p, mask=mask, virtual_batch_size=v)
+            close(got, ghost_by_hand(name, x, p, v, mask))
+    with pytest.raises(ValueError, match=r"batch_norm: virtual_batch_size=5 must divide.*32"):
+        jb.batch_norm(x, virtual_batch_size=5)
+    with pytest.raises(ValueError, match=r"batch_inhib: virtual_batch_size.*feature axis"):
+        jb.batch_inhib(x, jnp.zeros((B, B)), axis=0, virtual_batch_size=4)
+    with pytest.raises(ValueError, match=r"batch_center: virtual_batch_size must be an int"):
+        jb.batch_center(x, virtual_batch_size=0)
+
+
+# --------------------------------------------------------------------------- training
+
+STEPS = 3
+
+
+def digits_like(key, steps=STEPS):
+    """``steps`` global batches of B rows of 64 'pixels' and 10 labels (random: the test
+    is about equality of two runs, not learning)."""
+    kx, ky = jax.random.split(key)
+    x = jax.random.uniform(kx, (steps, B, 64), jnp.float32)
+    y = jax.random.randint(ky, (steps, B), 0, 10)
+    return x, y
+
+
+def run_steps(step, state, xb, yb, keys):
+    losses = []
+    for t in range(xb.shape[0]):
+        state, (loss, _) = step(state, xb[t], yb[t], keys[t])
+        losses.append(loss)
+    return state, jnp.stack(losses)
+
+
+def assert_identical_on_every_device(tree):
+    for leaf in jax.tree.leaves(tree):
+        shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+        assert len(shards) == ND
+        for sh in shards[1:]:
+            np.testing.assert_array_equal(sh, shards[0])  # bitwise
+
+
+def test_gspmd_training_equals_single_device():
+    """train.train_step on the MLP with BatchNorm + BatchInhib and dropout, SGD, 3 steps:
+    run by parallel.data_parallel with the global batch split over 8 devices, it ends with
+    the single-device run's losses, parameters and batch_stats (float32 round-off); the
+    running statistics are the same bits on every device."""
+    model = MLP((16, 16), norm="batchnorm+inhib", dropout_rate=0.2)
+    tx = optax.sgd(0.1)
+    xb, yb = digits_like(jax.random.key(1))
+    keys = jax.random.split(jax.random.key(2), STEPS)
+    state0 = train.init_state(model, tx, jax.random.key(0), xb[0])
+    step = functools.partial(train.train_step, model, tx)
+
+    s1, l1 = run_steps(jax.jit(step), state0, xb, yb, keys)
+    dp_step = parallel.data_parallel(step, mesh(), donate=False)
+    s8, l8 = run_steps(dp_step, parallel.replicate(state0, mesh()), xb, yb, keys)
+
+    assert s8.params["dense0"]["kernel"].sharding.is_fully_replicated
+    close(l8, l1, RTOL32, ATOL32)
+    close(s8.params, s1.params, RTOL32, ATOL32)
+    close(s8.batch_stats, s1.batch_stats, RTOL32, ATOL32)
+    assert_identical_on_every_device(s8.batch_stats)
+    assert_identical_on_every_device(s8.params)
+    # the statistics moved: the test compares something
+    assert np.max(np.abs(np.asarray(s1.batch_stats["bn0"]["mean"]))) > 1e-3
+
+
+def make_sync_net(axis_name):
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train: bool):
+            x = nn.Dense(8)(x)
+            x = bl.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=axis_name)(x)
+            x = nn.relu(x)
+            x = bl.BatchInhib(
+                use_running_average=not train, momentum=0.9, groups=2, axis_name=axis_name
+            )(x)
+            return nn.Dense(10)(x)
+
+    return Net()
+
+
+def test_shard_map_training_with_axis_name_equals_single_device():
+    """The modules with axis_name='data' under parallel.shard_map_step (a per-device step:
+    loss = the device's share of the global mean, gradients summed over devices by the
+    ops' rules): 3 SGD steps end with the single-device parameters and batch_stats, and
+    the running statistics are the same bits on every device."""
+    tx = optax.sgd(0.1)
+    xb, yb = digits_like(jax.random.key(4))
+    keys = jax.random.split(jax.random.key(5), STEPS)
+
+    def make_step(model, n_share):
+        def step(state, x, y, key):
+            def f(p):
+                loss, aux = train.loss_and_logits(model, p, state.batch_stats, x, y, key)
+                return loss / n_share, aux
+
+            (loss, (_, stats)), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+            if n_share > 1:  # the per-device shares add up to the global mean loss
+                loss = lax.psum(loss, "data")
+            updates, opt = tx.update(grads, state.opt_state, state.params)
+            return train.State(optax.apply_updates(state.params, updates), stats, opt), (
+                loss,
+                loss,
+            )
+
+        return step
+
+    single, synced = make_sync_net(None), make_sync_net("data")
+    state0 = train.init_state(single, tx, jax.random.key(0), xb[0])
+    s1, l1 = run_steps(jax.jit(make_step(single, 1)), state0, xb, yb, keys)
+    sm_step = parallel.shard_map_step(make_step(synced, ND), mesh())
+    s8, l8 = run_steps(sm_step, parallel.replicate(state0, mesh()), xb, yb, keys)
+    close(l8, l1, RTOL32, ATOL32)
+    close(s8.params, s1.params, RTOL32, ATOL32)
+    close(s8.batch_stats, s1.batch_stats, RTOL32, ATOL32)
+    assert_identical_on_every_device(s8.batch_stats)
