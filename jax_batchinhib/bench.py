@@ -803,7 +803,7 @@ def _render_one(res: dict) -> list[str]:
     m = res["machine"]
     s = res["settings"]
     out = [
-        f"## {m['platform'].upper()}: {m['device_kind']}",
+        f"## {m['platform'].upper()}: {m['cpu'] if m['platform'] == 'cpu' else m['device_kind']}",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores; device `{m['device_kind']}` "
         f"({m['platform']}, {m['device_count']} device(s)); jax {m['jax']}, jaxlib "
