@@ -47,7 +47,7 @@ def _run_verify(args, rest):
 
 
 def _train_parser(sub):
-    from jax_batchinhib.train import DEFAULTS, VARIANTS
+    from jax_batchinhib.train import DEFAULT_VARIANTS, DEFAULTS, VARIANTS
 
     p = sub.add_parser(
         "train",
@@ -68,10 +68,13 @@ def _train_parser(sub):
     p.add_argument(
         "--variants",
         nargs="+",
-        default=list(VARIANTS),
+        default=list(DEFAULT_VARIANTS),
         choices=list(VARIANTS),
         metavar="VARIANT",
-        help="variants to train (default: all): " + ", ".join(VARIANTS),
+        help="variants to train (default: "
+        + ", ".join(DEFAULT_VARIANTS)
+        + "); also: "
+        + ", ".join(v for v in VARIANTS if v not in DEFAULT_VARIANTS),
     )
     p.add_argument(
         "--batch-size", type=int, default=DEFAULTS["batch_size"], help="default %(default)s"

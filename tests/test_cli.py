@@ -111,17 +111,17 @@ def test_verify_table_lists_op_shape_dtype_errors_tolerance(capsys):
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
     argv = ["train", "--epochs", "4", "--seeds", "2", "--quiet", "--out", str(out)]
-    argv += ["--variants", "batchnorm", "batchnorm+inhib", "two_branch"]
+    argv += ["--variants", "batchnorm", "batchnorm+inhib_a0_abs", "two_branch"]
     assert cli.main(argv) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
 def test_train_learns_the_digits(trained):
     """After 4 epochs every variant is far above chance (10%); the normalized ones > 90%
-    on the held-out quarter of the digits."""
+    on the held-out quarter of the digits (BatchInhib here at full strength, alpha = 0)."""
     _, d = trained
     acc = {r["variant"]: r["test_acc_per_seed"] for r in d["results"]}
-    assert set(acc) == {"batchnorm", "batchnorm+inhib", "two_branch"}
+    assert set(acc) == {"batchnorm", "batchnorm+inhib_a0_abs", "two_branch"}
     for name, a in acc.items():
         assert len(a) == 2
         assert min(a) > (0.9 if "batchnorm" in name else 0.6), (name, a)
@@ -137,8 +137,8 @@ def test_train_writes_json_plot_and_table(trained, capsys):
     r = d["results"][0]
     assert len(r["curves"]["test_acc"]) == 2 and len(r["curves"]["test_acc"][0]) == 4
     assert r["steps_per_s"] > 0
-    assert "| `batchnorm+inhib` |" in d["table_markdown"]
-    assert any(c.startswith("BatchNorm + BatchInhib vs our BatchNorm") for c in d["comparisons"])
+    assert "| `batchnorm+inhib_a0_abs` |" in d["table_markdown"]
+    assert any(c.startswith('BatchNorm + BatchInhib (alpha 0, "abs") vs') for c in d["comparisons"])
 
 
 def test_train_rejects_bad_flags(capsys):
