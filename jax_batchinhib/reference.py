@@ -220,4 +220,4 @@ def softmax_cross_entropy(logits, labels, axis=-1):
     z = logits.astype(cd)
     m = lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
     logp = z - m - jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True))
-    return -jnp.sum(labels.astype(cd) * logp, axis=axis)
+    return (-jnp.sum(labels.astype(cd) * logp, axis=axis)).astype(jnp.result_type(logits, labels))

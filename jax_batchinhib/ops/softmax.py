@@ -66,7 +66,8 @@ def softmax_cross_entropy(logits, labels, axis: int = -1):
     :math:`dz = g\,((\sum_k t_k)\,\mathrm{softmax}(z) - t)` (seed 001's
     :math:`y_B - \hat y_B` for normalized labels), :math:`dt = -g \log\mathrm{softmax}(z)`.
 
-    Returns the loss with ``axis`` removed, in float32 (or float64).
+    Returns the loss with ``axis`` removed, in the dtype of ``logits`` (computed in at
+    least float32).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -108,12 +109,13 @@ def _sce_parts(axis, logits, labels):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sce(axis, logits, labels):
     z, t, lse = _sce_parts(axis, logits, labels)
-    return jnp.sum(t * (lse - z), axis=axis)
+    return jnp.sum(t * (lse - z), axis=axis).astype(jnp.result_type(logits, labels))
 
 
 def _sce_fwd(axis, logits, labels):
     z, t, lse = _sce_parts(axis, logits, labels)
-    return jnp.sum(t * (lse - z), axis=axis), (logits, labels, lse)
+    loss = jnp.sum(t * (lse - z), axis=axis).astype(jnp.result_type(logits, labels))
+    return loss, (logits, labels, lse)
 
 
 def _sce_bwd(axis, res, g):
