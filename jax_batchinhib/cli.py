@@ -85,10 +85,24 @@ def _train_parser(sub):
     p.add_argument("--out", default=DEFAULTS["out"], help="output folder (default %(default)s)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="data-parallel over this many devices: the GPUs, or on CPU this many host "
+        "devices (XLA's host platform device count); the batch size must divide evenly "
+        "(default %(default)s)",
+    )
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args, rest):
+    if args.devices < 1:
+        raise SystemExit("train: --devices must be >= 1")
+    if args.devices > 1:  # before JAX creates its CPU backend (importing jax does not)
+        from jax_batchinhib import parallel
+
+        parallel.set_cpu_device_count(args.devices)
     from jax_batchinhib import train
 
     return train.main(args)

@@ -17,6 +17,7 @@ The pieces, so that a data-parallel or other driver can swap one of them:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -229,9 +230,14 @@ def train_variant(
     batch_size: int,
     lr: float,
     progress: Callable[[], None] | None = None,
+    devices: int = 1,
 ) -> dict:
     """Train ``VARIANTS[name]`` for ``seeds`` seeds at once; returns its curves and
-    numbers (per-epoch means over seeds, final test accuracy per seed, steps/s)."""
+    numbers (per-epoch means over seeds, final test accuracy per seed, steps/s).
+
+    ``devices > 1``: data-parallel over ``jax.devices()[:devices]`` (GSPMD, see
+    :mod:`jax_batchinhib.parallel`): each batch is split over the devices, the rest is
+    replicated; the curves equal the single-device run's up to float32 round-off."""
     xtr, ytr, xte, yte = data
     model = VARIANTS[name][1]()
     tx = optax.adam(lr)
@@ -244,6 +250,17 @@ def train_variant(
     epoch_fn = make_epoch(model, tx)
     rng = np.random.default_rng(0)
     xte_j, yte_j = jnp.asarray(xte), jnp.asarray(yte)
+    place = jnp.asarray  # where each epoch's batches go: one device, or split over several
+    if devices > 1:
+        from jax_batchinhib import parallel
+
+        if batch_size % devices:
+            raise ValueError(
+                f"train: --batch-size {batch_size} must be divisible by --devices {devices}"
+            )
+        mesh = parallel.make_mesh(devices)
+        states, keys, xte_j, yte_j = parallel.replicate((states, keys, xte_j, yte_j), mesh)
+        place = functools.partial(parallel.shard_batch, mesh=mesh, batch_axis=2)
     hist = {k: [] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
     times = []
     for e in range(epochs):
@@ -251,9 +268,7 @@ def train_variant(
         idx = idx.reshape(seeds, steps, batch_size)
         dkeys = jax.vmap(lambda k, e=e: jax.random.split(jax.random.fold_in(k, e), steps))(keys)
         t0 = time.perf_counter()
-        states, metrics = epoch_fn(
-            states, jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx]), dkeys, xte_j, yte_j
-        )
+        states, metrics = epoch_fn(states, place(xtr[idx]), place(ytr[idx]), dkeys, xte_j, yte_j)
         metrics = jax.device_get(metrics)
         times.append(time.perf_counter() - t0)
         for k, v in zip(hist, metrics, strict=True):
@@ -372,7 +387,7 @@ def plot(results: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def run(variants, *, epochs, seeds, batch_size, lr, quiet=False) -> list[dict]:
+def run(variants, *, epochs, seeds, batch_size, lr, quiet=False, devices=1) -> list[dict]:
     """Train ``variants``; returns one result dict per variant (see :func:`train_variant`)."""
     data = load_digits_split()
     bar = None
@@ -395,6 +410,7 @@ def run(variants, *, epochs, seeds, batch_size, lr, quiet=False) -> list[dict]:
                 seeds=seeds,
                 batch_size=batch_size,
                 lr=lr,
+                devices=devices,
                 progress=None if bar is None else (lambda: bar.update(1)),
             )
         )
@@ -416,6 +432,7 @@ def main(args) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         quiet=args.quiet,
+        devices=getattr(args, "devices", 1),
     )
     wall = time.perf_counter() - t0
     os.makedirs(args.out, exist_ok=True)
@@ -444,6 +461,7 @@ def main(args) -> int:
             "seeds": args.seeds,
             "batch_size": args.batch_size,
             "lr": args.lr,
+            "devices": getattr(args, "devices", 1),
             "n_train": int(xtr.shape[0]),
             "n_test": int(xte.shape[0]),
             "backend": jax.default_backend(),
