@@ -172,6 +172,14 @@ def check_mask_arg(where, mask):
         raise TypeError(f"{where}: mask must be a boolean array; got dtype {jnp.result_type(mask)}")
 
 
+def check_virtual_batch_size_arg(where, v):
+    """``virtual_batch_size``: None or an int >= 1 (that it divides the batch is checked
+    on the batch, in training mode)."""
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise ValueError(f"{where}: virtual_batch_size must be an int >= 1 or None; got {v!r}")
+    return v
+
+
 def training_form_ok(x, axis, mask, axis_name) -> bool:
     """During init, a batch of one value per feature gets the inference form (flax's
     init accepts any batch; our training form refuses a single value)."""
@@ -214,6 +222,12 @@ class BatchNorm(nn.Module):
       002's) or the biased batch variance (False, flax's).
     - ``use_autodiff``: differentiate the plain-jnp reference instead of using the
       hand-derived VJP (needed for jax.jvp / jacfwd / hessian).
+    - ``virtual_batch_size``: ghost batches (Keras's ``virtual_batch_size``): in
+      training mode each run of this many examples along the leading axis is normalized
+      with its own statistics (it must divide ``x.shape[0]``), and the running
+      statistics are updated with the average over the ghost batches of their statistics,
+      each unbiased with its own count (``m = virtual_batch_size`` times the positions
+      per example). Eval mode ignores it. The same attribute on every module.
 
     ``use_fast_variance`` is accepted for compatibility and ignored: the op always uses
     the shifted two-pass variance (flax's ``use_fast_variance=False`` up to round-off).
@@ -236,6 +250,7 @@ class BatchNorm(nn.Module):
     force_float32_reductions: bool = True
     unbiased: bool = True
     use_autodiff: bool = False
+    virtual_batch_size: int | None = None
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -290,6 +305,7 @@ class BatchNorm(nn.Module):
             axis_index_groups=self.axis_index_groups,
             mask=mask,
             use_autodiff=self.use_autodiff,
+            virtual_batch_size=check_virtual_batch_size_arg(where, self.virtual_batch_size),
         )
         if not use_ra and not init:
             ra_mean.value = new["mean"]
@@ -318,6 +334,7 @@ class BatchCenter(nn.Module):
     axis_index_groups: Any = None
     force_float32_reductions: bool = True
     use_autodiff: bool = False
+    virtual_batch_size: int | None = None
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -357,6 +374,7 @@ class BatchCenter(nn.Module):
             axis_index_groups=self.axis_index_groups,
             mask=mask,
             use_autodiff=self.use_autodiff,
+            virtual_batch_size=check_virtual_batch_size_arg(where, self.virtual_batch_size),
         )
         if not use_ra and not init:
             ra_mean.value = new["mean"]
@@ -398,6 +416,7 @@ class BatchInhib(nn.Module):
     force_float32_reductions: bool = True
     unbiased: bool = True
     use_autodiff: bool = False
+    virtual_batch_size: int | None = None
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -444,6 +463,7 @@ class BatchInhib(nn.Module):
             axis_index_groups=self.axis_index_groups,
             mask=mask,
             use_autodiff=self.use_autodiff,
+            virtual_batch_size=check_virtual_batch_size_arg(where, self.virtual_batch_size),
             **inhib_options(self),
         )
         if not use_ra and not init:

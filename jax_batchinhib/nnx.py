@@ -109,8 +109,9 @@ class BatchNorm(_Stats):
     Arguments as :class:`flax.nnx.BatchNorm` plus ``momentum=None`` (cumulative
     average, with a ``count`` statistic), ``unbiased`` (True: m/(m-1) times the batch
     variance, like PyTorch; False: flax's), ``force_float32_reductions`` (statistics
-    dtype, as linen) and ``use_autodiff``. ``use_fast_variance`` is accepted and ignored
-    (the op's variance is two-pass).
+    dtype, as linen), ``use_autodiff`` and ``virtual_batch_size`` (ghost batches, as
+    :class:`jax_batchinhib.linen.BatchNorm`; also on BatchCenter and BatchInhib).
+    ``use_fast_variance`` is accepted and ignored (the op's variance is two-pass).
     """
 
     _stat_names = ("mean", "var")
@@ -135,6 +136,7 @@ class BatchNorm(_Stats):
         force_float32_reductions: bool = True,
         unbiased: bool = True,
         use_autodiff: bool = False,
+        virtual_batch_size: int | None = None,
         rngs: nnx.Rngs,
     ):
         where = "BatchNorm"
@@ -161,6 +163,7 @@ class BatchNorm(_Stats):
         self.force_float32_reductions = force_float32_reductions
         self.unbiased = unbiased
         self.use_autodiff = use_autodiff
+        self.virtual_batch_size = _L.check_virtual_batch_size_arg(where, virtual_batch_size)
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         where = "BatchNorm"
@@ -187,6 +190,7 @@ class BatchNorm(_Stats):
             axis_index_groups=self.axis_index_groups,
             mask=mask,
             use_autodiff=self.use_autodiff,
+            virtual_batch_size=self.virtual_batch_size,
         )
         if not use_ra:
             self._write(new)
@@ -213,6 +217,7 @@ class BatchCenter(_Stats):
         axis_index_groups: Any = None,
         force_float32_reductions: bool = True,
         use_autodiff: bool = False,
+        virtual_batch_size: int | None = None,
         rngs: nnx.Rngs,
     ):
         where = "BatchCenter"
@@ -233,6 +238,7 @@ class BatchCenter(_Stats):
         self.axis_index_groups = axis_index_groups
         self.force_float32_reductions = force_float32_reductions
         self.use_autodiff = use_autodiff
+        self.virtual_batch_size = _L.check_virtual_batch_size_arg(where, virtual_batch_size)
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         where = "BatchCenter"
@@ -255,6 +261,7 @@ class BatchCenter(_Stats):
             axis_index_groups=self.axis_index_groups,
             mask=mask,
             use_autodiff=self.use_autodiff,
+            virtual_batch_size=self.virtual_batch_size,
         )
         if not use_ra:
             self._write(new)
@@ -294,6 +301,7 @@ class BatchInhib(_Stats):
         force_float32_reductions: bool = True,
         unbiased: bool = True,
         use_autodiff: bool = False,
+        virtual_batch_size: int | None = None,
         rngs: nnx.Rngs,
     ):
         where = "BatchInhib"
@@ -325,6 +333,7 @@ class BatchInhib(_Stats):
         self.force_float32_reductions = force_float32_reductions
         self.unbiased = unbiased
         self.use_autodiff = use_autodiff
+        self.virtual_batch_size = _L.check_virtual_batch_size_arg(where, virtual_batch_size)
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         where = "BatchInhib"
@@ -348,6 +357,7 @@ class BatchInhib(_Stats):
             axis_index_groups=self.axis_index_groups,
             mask=mask,
             use_autodiff=self.use_autodiff,
+            virtual_batch_size=self.virtual_batch_size,
             **_L.inhib_options(self),
         )
         if not use_ra:

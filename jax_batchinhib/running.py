@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_batchinhib.ops import _ghost
 from jax_batchinhib.ops import _stats as S
 
 Array = jax.Array
@@ -95,9 +96,10 @@ def batch_count(
     return cnt
 
 
-def unbiased_factor(m):
-    """``m/(m-1)`` where ``m > 1``; 1 where ``m <= 1`` (a single value has no spread)."""
-    m = jnp.asarray(m, jnp.float32)
+def unbiased_factor(m, dtype=jnp.float32):
+    """``m/(m-1)`` where ``m > 1``; 1 where ``m <= 1`` (a single value has no spread),
+    computed in ``dtype`` (the statistic's: float64 statistics get a float64 factor)."""
+    m = jnp.asarray(m, dtype)
     return jnp.where(m > 1, m / jnp.maximum(m - 1, 1), 1.0)
 
 
@@ -165,16 +167,40 @@ def values_per_feature(x, axis: int) -> int:
     return m
 
 
-def _corrected(where, x, axis, mask, axis_name, axis_index_groups, unbiased, *stats):
-    """Per-feature count, 'counted' flag, and the statistics with the m/(m-1) factor."""
+def _valid(where, x, axis, mask, axis_name, axis_index_groups):
+    """Per-feature 'some value counted in this batch' flag (None without a mask)."""
+    if mask is None:
+        return None
     m = batch_count(
         where, x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
     )
-    valid = None if mask is None else m > 0
-    if not unbiased:
-        return m, valid, stats
-    f = unbiased_factor(m)
-    return m, valid, tuple(s * f.astype(s.dtype) for s in stats)
+    return m > 0
+
+
+def _unbias(where, xs, axis, mask, axis_name, axis_index_groups, *stats, scalar=False):
+    """The statistics of the batch ``xs`` times its own ``m/(m-1)`` (per feature, or one
+    scalar ``m`` with ``scalar``: BatchInhib masks whole rows, so every feature has the
+    same count)."""
+    m = batch_count(
+        where, xs, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
+    )
+    m = m[0] if scalar else m
+    return tuple(s * unbiased_factor(m, jnp.promote_types(s.dtype, jnp.float32)) for s in stats)
+
+
+def _per_batch(where, one, x, mask, virtual_batch_size, axis):
+    """``one(xs, mask=...) -> (y, stats)`` on the whole batch or, with
+    ``virtual_batch_size=v``, on each ghost batch of ``v`` rows (``ops/_ghost.py``: the
+    op vmapped over sub-batches), the statistics averaged over the ghost batches.
+
+    ``one`` applies the ``m/(m-1)`` correction itself, so with ghost batches ``m`` is the
+    count of one ghost batch (``v`` times the positions per example, times the devices
+    of ``axis_name``), not of the whole batch, and the running variance is the average
+    of the ghost batches' unbiased variances.
+    """
+    if virtual_batch_size is None:
+        return one(x, mask=mask)
+    return _ghost.ghost_batches(where, one, x, mask, virtual_batch_size, axis % x.ndim)
 
 
 def batch_norm_step(
@@ -194,33 +220,40 @@ def batch_norm_step(
     axis_index_groups=None,
     mask=None,
     use_autodiff: bool = False,
+    virtual_batch_size: int | None = None,
 ):
     """Batch norm in training mode (batch statistics, running update) or eval mode
     (running statistics). ``state`` holds ``mean``, ``var`` and, with momentum=None,
-    ``count``. Returns ``(y, new_state)``."""
+    ``count``. ``virtual_batch_size``: ghost batches in training mode (ignored in eval
+    mode); see :func:`_per_batch`. Returns ``(y, new_state)``."""
     impl = _impl(use_autodiff)
     if use_running_average:
         y = impl.batch_norm_inference(
             x, scale, bias, state["mean"], state["var"], axis=axis, epsilon=epsilon
         )
         return y, state
-    y, st = impl.batch_norm(
-        x,
-        scale,
-        bias,
-        axis=axis,
-        epsilon=epsilon,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        mask=mask,
-    )
+
+    def one(xs, *, mask):
+        y, st = impl.batch_norm(
+            xs,
+            scale,
+            bias,
+            axis=axis,
+            epsilon=epsilon,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            mask=mask,
+        )
+        mean_b = lax.stop_gradient(st.mean)
+        var_b = lax.stop_gradient(st.var)
+        if update_stats and unbiased:
+            (var_b,) = _unbias(where, xs, axis, mask, axis_name, axis_index_groups, var_b)
+        return y, (mean_b, var_b)
+
+    y, (mean_b, var_b) = _per_batch(where, one, x, mask, virtual_batch_size, axis)
     if not update_stats:
         return y, state
-    mean_b = lax.stop_gradient(st.mean)
-    var_b = lax.stop_gradient(st.var)
-    _, valid, (var_b,) = _corrected(
-        where, x, axis, mask, axis_name, axis_index_groups, unbiased, var_b
-    )
+    valid = _valid(where, x, axis, mask, axis_name, axis_index_groups)
     count = state.get("count")
     new = dict(state)
     new["mean"] = update(state["mean"], mean_b, momentum=momentum, count=count, valid=valid)
@@ -244,23 +277,33 @@ def batch_center_step(
     axis_index_groups=None,
     mask=None,
     use_autodiff: bool = False,
+    virtual_batch_size: int | None = None,
 ):
     """Batch centering in training or eval mode; ``state`` holds ``mean`` (and
-    ``count``). Returns ``(y, new_state)``."""
+    ``count``); ``virtual_batch_size`` as :func:`batch_norm_step`. Returns
+    ``(y, new_state)``."""
     impl = _impl(use_autodiff)
     if use_running_average:
         return impl.batch_center_inference(x, bias, state["mean"], axis=axis), state
-    y, st = impl.batch_center(
-        x, bias, axis=axis, axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask
-    )
+
+    def one(xs, *, mask):
+        y, st = impl.batch_center(
+            xs,
+            bias,
+            axis=axis,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            mask=mask,
+        )
+        return y, lax.stop_gradient(st.mean)
+
+    y, mean_b = _per_batch(where, one, x, mask, virtual_batch_size, axis)
     if not update_stats:
         return y, state
-    _, valid, _ = _corrected(where, x, axis, mask, axis_name, axis_index_groups, False)
+    valid = _valid(where, x, axis, mask, axis_name, axis_index_groups)
     count = state.get("count")
     new = dict(state)
-    new["mean"] = update(
-        state["mean"], lax.stop_gradient(st.mean), momentum=momentum, count=count, valid=valid
-    )
+    new["mean"] = update(state["mean"], mean_b, momentum=momentum, count=count, valid=valid)
     if momentum is None:
         new["count"] = update_count(count, valid)
     return y, new
@@ -281,6 +324,7 @@ def batch_inhib_step(
     axis_index_groups=None,
     mask=None,
     use_autodiff: bool = False,
+    virtual_batch_size: int | None = None,
     **inhib,
 ):
     """BatchInhib in training mode (batch covariance, running update) or eval mode (the
@@ -290,39 +334,42 @@ def batch_inhib_step(
     momentum=None, a scalar ``count``. ``inhib`` are the op's options (rho, epsilon,
     groups, correlation, denominator, guard). The unbiased factor applies to the
     variance and the covariance alike (Pearson correlations do not depend on it, up to
-    epsilon). Returns ``(y, new_state)``.
+    epsilon). ``virtual_batch_size``: ghost batches in training mode, as
+    :func:`batch_norm_step`. Returns ``(y, new_state)``.
     """
     impl = _impl(use_autodiff)
     if use_running_average:
         y = impl.batch_inhib_inference(x, alpha, state["cov"], axis=axis, **inhib)
         return y, state
-    y, st = impl.batch_inhib(
-        x,
-        alpha,
-        axis=axis,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        mask=mask,
-        **inhib,
-    )
+
+    def one(xs, *, mask):
+        y, st = impl.batch_inhib(
+            xs,
+            alpha,
+            axis=axis,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            mask=mask,
+            **inhib,
+        )
+        mean_b = lax.stop_gradient(st.mean)
+        var_b = lax.stop_gradient(st.var)
+        cov_b = lax.stop_gradient(st.cov)
+        if update_stats and unbiased:
+            var_b, cov_b = _unbias(
+                where, xs, axis, mask, axis_name, axis_index_groups, var_b, cov_b, scalar=True
+            )
+        return y, (mean_b, var_b, cov_b)
+
+    y, (mean_b, var_b, cov_b) = _per_batch(where, one, x, mask, virtual_batch_size, axis)
     if not update_stats:
         return y, state
-    cov_b = jnp.reshape(lax.stop_gradient(st.cov), state["cov"].shape)
-    var_b = lax.stop_gradient(st.var)
-    # rows are masked whole, so every feature has the same count: one scalar.
-    m = batch_count(
-        where, x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
-    )[0]
-    valid_s = None if mask is None else m > 0
-    if unbiased:
-        f = unbiased_factor(m)
-        var_b = var_b * f.astype(var_b.dtype)
-        cov_b = cov_b * f.astype(cov_b.dtype)
+    cov_b = jnp.reshape(cov_b, state["cov"].shape)
+    valid_s = _valid(where, x, axis, mask, axis_name, axis_index_groups)
+    valid_s = None if valid_s is None else valid_s[0]
     count = state.get("count")
     new = dict(state)
-    new["mean"] = update(
-        state["mean"], lax.stop_gradient(st.mean), momentum=momentum, count=count, valid=valid_s
-    )
+    new["mean"] = update(state["mean"], mean_b, momentum=momentum, count=count, valid=valid_s)
     new["var"] = update(state["var"], var_b, momentum=momentum, count=count, valid=valid_s)
     new["cov"] = update(state["cov"], cov_b, momentum=momentum, count=count, valid=valid_s)
     if momentum is None:
