@@ -119,11 +119,11 @@ def fold_batch_center(layer_params, bc_params, bc_stats):
 
 
 def inhib_options(module) -> dict:
-    """The op options (rho, epsilon, groups, correlation, denominator, guard) of a linen
+    """The op options (rho, epsilon, groups, correlation, denominator, guard, guard_mode) of a linen
     or NNX BatchInhib module, to pass to :func:`inhib_map` and the fold functions."""
     return {
         k: getattr(module, k)
-        for k in ("rho", "epsilon", "groups", "correlation", "denominator", "guard")
+        for k in ("rho", "epsilon", "groups", "correlation", "denominator", "guard", "guard_mode")
     }
 
 

@@ -45,7 +45,7 @@ from jax.nn import initializers
 
 from jax_batchinhib import running
 from jax_batchinhib.ops import _stats as S
-from jax_batchinhib.ops.batch_inhib import CORRELATIONS, DENOMINATORS, alpha_shape
+from jax_batchinhib.ops.batch_inhib import CORRELATIONS, DENOMINATORS, GUARD_MODES, alpha_shape
 
 Array = jax.Array
 Dtype = Any
@@ -186,7 +186,9 @@ def training_form_ok(x, axis, mask, axis_name) -> bool:
     return mask is not None or axis_name is not None or running.values_per_feature(x, axis) > 1
 
 
-def check_inhib_options(where, rho, epsilon, groups, correlation, denominator, guard, n):
+def check_inhib_options(
+    where, rho, epsilon, groups, correlation, denominator, guard, n, guard_mode="absolute"
+):
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{where}: groups must be an int >= 1; got {groups!r}")
     if n % groups:
@@ -200,7 +202,9 @@ def check_inhib_options(where, rho, epsilon, groups, correlation, denominator, g
         raise ValueError(f"{where}: denominator must be one of {DENOMINATORS}; got {denominator!r}")
     if isinstance(rho, bool) or not isinstance(rho, int | float) or not rho > 0:
         raise ValueError(f"{where}: rho must be a float > 0; got {rho!r}")
-    for arg, v in (("epsilon", epsilon), ("guard", guard)):
+    if guard_mode not in GUARD_MODES:
+        raise ValueError(f"{where}: guard_mode must be one of {GUARD_MODES}; got {guard_mode!r}")
+    for arg, v in (("epsilon", epsilon), ("guard", 0.0 if guard is None else guard)):
         if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
             raise ValueError(f"{where}: {arg} must be a float >= 0; got {v!r}")
 
@@ -407,7 +411,8 @@ class BatchInhib(nn.Module):
     groups: int = 1
     correlation: str = "pearson"
     denominator: str = "signed"
-    guard: float = 1e-3
+    guard: float | None = None  # None: 1e-3 (absolute) or 0.5 (relative guard_mode)
+    guard_mode: str = "absolute"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     alpha_init: Initializer | None = None
@@ -431,7 +436,7 @@ class BatchInhib(nn.Module):
         n = x.shape[ax]
         check_inhib_options(
             where, self.rho, self.epsilon, self.groups, self.correlation, self.denominator,
-            self.guard, n,
+            self.guard, n, self.guard_mode,
         )  # fmt: skip
         ashape = alpha_shape(n, self.groups)
         init_fn = self.alpha_init or near_identity_alpha_init(self.rho)
@@ -482,7 +487,8 @@ def inhib_options(mdl) -> dict:
         groups=mdl.groups,
         correlation=mdl.correlation,
         denominator=mdl.denominator,
-        guard=float(mdl.guard),
+        guard=None if mdl.guard is None else float(mdl.guard),
+        guard_mode=mdl.guard_mode,
     )
 
 

@@ -292,7 +292,8 @@ class BatchInhib(_Stats):
         groups: int = 1,
         correlation: str = "pearson",
         denominator: str = "signed",
-        guard: float = 1e-3,
+        guard: float | None = None,
+        guard_mode: str = "absolute",
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         alpha_init: Initializer | None = None,
@@ -306,7 +307,9 @@ class BatchInhib(_Stats):
     ):
         where = "BatchInhib"
         n = _check_num_features(where, num_features)
-        _L.check_inhib_options(where, rho, epsilon, groups, correlation, denominator, guard, n)
+        _L.check_inhib_options(
+            where, rho, epsilon, groups, correlation, denominator, guard, n, guard_mode
+        )
         self.momentum = running.check_momentum(where, momentum)
         ashape = alpha_shape(n, groups)
         sdt = running.stats_dtype(param_dtype, force_float32_reductions)
@@ -326,6 +329,7 @@ class BatchInhib(_Stats):
         self.correlation = correlation
         self.denominator = denominator
         self.guard = guard
+        self.guard_mode = guard_mode
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.axis_name = axis_name

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_batchinhib.ops.batch_inhib import InhibStats
+from jax_batchinhib.ops.batch_inhib import GUARD_DEFAULTS, RELATIVE_GUARD_FLOOR, InhibStats
 from jax_batchinhib.ops.batch_norm import BatchStats
 
 
@@ -114,8 +114,9 @@ def batch_center_inference(x, bias, mean, *, axis=-1):
     return y.astype(x.dtype)
 
 
-def _inhibition(cov, alpha, rho, epsilon, correlation, denominator, guard):
+def _inhibition(cov, alpha, rho, epsilon, correlation, denominator, guard, guard_mode="absolute"):
     """Seed 000 eqs 1.2-1.4 from a covariance (G, n, n): R (G, n, n)."""
+    guard = GUARD_DEFAULTS[guard_mode] if guard is None else guard
     n = cov.shape[-1]
     var = jnp.diagonal(cov, axis1=-2, axis2=-1)
     sigma = jnp.sqrt(var + epsilon) if correlation == "pearson" else var + epsilon  # (1.2)
@@ -124,7 +125,10 @@ def _inhibition(cov, alpha, rho, epsilon, correlation, denominator, guard):
     g = g * (1 - jnp.eye(n))  # l != i
     num = g * r
     den = jnp.sum(g * (r if denominator == "signed" else jnp.abs(r)), axis=-1, keepdims=True)
-    return num * den / (den**2 + guard**2)  # (1.4), guarded 1/den
+    if guard_mode == "absolute":
+        return num * den / (den**2 + guard**2)  # (1.4), guarded 1/den
+    a = jnp.sum(g * jnp.abs(r), axis=-1, keepdims=True)
+    return num * den / (den**2 + guard**2 * (a**2 + RELATIVE_GUARD_FLOOR**2))  # scale-free guard
 
 
 def batch_inhib(
@@ -140,7 +144,8 @@ def batch_inhib(
     groups=1,
     correlation="pearson",
     denominator="signed",
-    guard=1e-3,
+    guard=None,
+    guard_mode="absolute",
 ):
     """Reference BatchInhib (seed 000 eqs 1.1-1.5), statistics stop-gradient."""
     cd = _f32(x.dtype)
@@ -163,7 +168,7 @@ def batch_inhib(
         _psum(jnp.einsum("mgi,mgk->gik", w[:, :, None] * Xc, Xc), axis_name, axis_index_groups) / n
     )
     a3 = alpha[None] if groups == 1 else alpha
-    R = _inhibition(cov, a3.astype(cd), rho, epsilon, correlation, denominator, guard)
+    R = _inhibition(cov, a3.astype(cd), rho, epsilon, correlation, denominator, guard, guard_mode)
     Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R)  # (1.5)
     y = jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
     var = jnp.diagonal(cov, axis1=-2, axis2=-1).reshape(-1)
@@ -182,7 +187,8 @@ def batch_inhib_inference(
     groups=1,
     correlation="pearson",
     denominator="signed",
-    guard=1e-3,
+    guard=None,
+    guard_mode="absolute",
 ):
     """Reference BatchInhib with a given covariance: y = x (I - R^T)."""
     cd = _f32(jnp.result_type(x.dtype, cov.dtype))
@@ -192,7 +198,9 @@ def batch_inhib_inference(
     Xg = xt.reshape(-1, groups, N // groups).astype(cd)
     a3 = alpha[None] if groups == 1 else alpha
     c3 = cov[None] if groups == 1 else cov
-    R = _inhibition(c3.astype(cd), a3.astype(cd), rho, epsilon, correlation, denominator, guard)
+    R = _inhibition(
+        c3.astype(cd), a3.astype(cd), rho, epsilon, correlation, denominator, guard, guard_mode
+    )
     Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R)
     return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
 

@@ -51,6 +51,7 @@ class InhibMLP(nn.Module):
     batchnorm: bool = True
     groups: int = 1
     denominator: str = "signed"
+    guard_mode: str = "absolute"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -66,6 +67,7 @@ class InhibMLP(nn.Module):
                 momentum=0.9,
                 groups=self.groups,
                 denominator=self.denominator,
+                guard_mode=self.guard_mode,
                 alpha_init=nn.initializers.zeros,
                 name=f"inhib{i}",
             )(x)
@@ -105,6 +107,14 @@ VARIANTS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
         'MLP 64-64, our BatchNorm + BatchInhib, alpha init 0, denominator="abs"',
         lambda: InhibMLP(HIDDEN, denominator="abs"),
     ),
+    "batchnorm+inhib_a0_rel": (
+        'MLP 64-64, our BatchNorm + BatchInhib, alpha init 0, guard_mode="relative"',
+        lambda: InhibMLP(HIDDEN, guard_mode="relative"),
+    ),
+    "inhib_groups4_a0_rel": (
+        'MLP 64-64, our BatchInhib, 4 groups of 16, alpha init 0, guard_mode="relative"',
+        lambda: InhibMLP(HIDDEN, batchnorm=False, groups=4, guard_mode="relative"),
+    ),
     "two_branch": (
         "seed 001 two-branch: sin, dropout; BatchCenter, ReLU",
         lambda: TwoBranch(features_a=32, features_b=32, dropout_rate=0.2),
@@ -115,6 +125,7 @@ VARIANTS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
 #: What ``train`` runs by default. Left out: full-strength BatchInhib with the seed's
 #: signed denominator (``batchnorm+inhib_a0``, ``inhib_groups4_a0``), which diverges on
 #: digits (loss in the tens to hundreds, chance accuracy): run them by name to see it.
+#: With ``guard_mode="relative"`` (``*_a0_rel``) the signed layer trains (docs/derivations.md).
 DEFAULT_VARIANTS = (
     "none",
     "flax_batchnorm",
@@ -345,6 +356,21 @@ def comparisons(results: list[dict], n_test: int = 450) -> list[str]:
             "inhib_groups4_a0_abs",
             "none",
             'BatchInhib (4 groups, alpha 0, "abs") vs no normalization',
+        ),
+        (
+            "batchnorm+inhib_a0_rel",
+            "batchnorm",
+            'BatchNorm + BatchInhib (alpha 0, "relative" guard) vs our BatchNorm',
+        ),
+        (
+            "batchnorm+inhib_a0_rel",
+            "batchnorm+inhib_a0_abs",
+            'BatchNorm + BatchInhib (alpha 0): "relative" guard vs "abs"',
+        ),
+        (
+            "inhib_groups4_a0_rel",
+            "inhib_groups4_a0_abs",
+            'BatchInhib (4 groups, alpha 0): "relative" guard vs "abs"',
         ),
         ("batchnorm", "flax_batchnorm", "our BatchNorm vs flax.linen.BatchNorm"),
     ]

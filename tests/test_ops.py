@@ -8,6 +8,8 @@ reductions and matmuls here) and 1e-4 in float32 (eps 1.2e-7 times the same), se
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -177,6 +179,9 @@ def test_vjp_matches_reference_hypothesis(shape_axis_groups, dtype, seed, op):
         dict(denominator="abs"),
         dict(rho=4.0, epsilon=1e-3),
         dict(groups=2, denominator="abs", correlation="variance"),
+        dict(guard_mode="relative"),
+        dict(guard_mode="relative", guard=0.05, rho=4.0),
+        dict(guard_mode="relative", groups=2, denominator="abs", correlation="variance"),
     ],
     ids=str,
 )
@@ -229,6 +234,75 @@ def test_gradient_flows_through_statistics():
         assert not np.any(gi), "batch_inhib statistics are documented as stop-gradient"
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_batch_inhib_relative_guard_float32(groups):
+    """guard_mode="relative" in float32: the rule against autodiff of the reference at the
+    float32 tolerance (1e-4), training and inference forms."""
+    x = _data((24, 6), jnp.float32, 2)
+    alpha = _alpha(6, groups, jnp.float32, 4)
+    kw = dict(guard_mode="relative", groups=groups)
+    check_vjp(jb.batch_inhib, ref.batch_inhib, x, alpha, **kw)
+    cov = ref.batch_inhib(x, alpha, **kw)[1].cov
+    cov = cov if groups > 1 else cov[0]
+    check_vjp(jb.batch_inhib_inference, ref.batch_inhib_inference, x, alpha, cov, **kw)
+
+
+_ALPHA_LEVELS = (-12.0, 0.0, 12.0)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _guard_rows(covs, delta, mode):
+    """R (levels, B, 3, 3) for each alpha level (alpha constant) and each covariance of the
+    stack covs (B, 3, 3)."""
+    levels = jnp.asarray(_ALPHA_LEVELS, covs.dtype)
+    return jax.vmap(
+        lambda a: jax.vmap(
+            lambda c: jb.inhibition_matrix(
+                c, jnp.full((3, 3), a, c.dtype), guard=delta, guard_mode=mode, epsilon=0.0
+            )[0]
+        )(covs)
+    )(levels)
+
+
+def test_relative_guard_bounds_every_row():
+    """guard_mode="relative": sum_k |R_ik| <= 1/(2 delta) whatever the scale of g, also where
+    the signed denominator crosses zero; the absolute guard allows A/(2 delta) there. R does
+    not depend on a constant level of alpha (g cancels), and a group of one feature (no
+    off-diagonal weight, A = D = 0) gives R = 0 with finite gradients."""
+    with jax.enable_x64(True):
+        # r12 = 0.5, r13 sweeps through -0.5, where D_1 = g (r12 + r13) crosses zero
+        r13 = jnp.linspace(-0.52, -0.48, 4001)
+        covs = jax.vmap(lambda c: jnp.array([[1.0, 0.5, c], [0.5, 1.0, 0.0], [c, 0.0, 1.0]]))(r13)
+        for delta in (0.1, 0.5):
+            rel = np.asarray(_guard_rows(covs, delta, "relative"))
+            ab = np.asarray(_guard_rows(covs, delta, "absolute"))
+            # float64: the bound holds up to round-off (1e-12 relative), at every alpha level
+            assert np.abs(rel).sum(-1).max() <= (1 + 1e-12) / (2 * delta), delta
+            # alpha = 12: g ~ 12, A_1 ~ 12, and the absolute guard lets sum_k |R_1k| reach
+            # ~A/(2 delta) near D = 0
+            assert np.abs(ab[2]).sum(-1).max() > 5.0 / (2 * delta), delta
+            # g cancels between the numerator and A, D; tau^2 = 1e-24 against A^2 ~ 1e-10
+            # at alpha = -12: agreement to float64 round-off (1e-10)
+            np.testing.assert_allclose(rel[0], rel[1], rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(rel[2], rel[1], rtol=1e-10, atol=1e-12)
+        x = _data((16, 4), jnp.float64, 6)
+        f = jax.value_and_grad(
+            lambda x, a: jnp.sum(jnp.sin(jb.batch_inhib(x, a, groups=4, guard_mode="relative")[0])),
+            argnums=(0, 1),
+        )
+        v, (gx, ga) = f(x, jnp.zeros((4, 1, 1)))
+        np.testing.assert_array_equal(v, jnp.sum(jnp.sin(x)))  # R = 0: y = x exactly
+        assert np.all(np.isfinite(gx)) and np.all(np.isfinite(ga))
+        _raises(
+            ValueError,
+            r"batch_inhib: guard_mode must be one of \('absolute', 'relative'\); got 'rel'",
+            jb.batch_inhib,
+            x,
+            jnp.zeros((4, 4)),
+            guard_mode="rel",
+        )
+
+
 # ------------------------------------------------------------ higher order, transforms
 
 
@@ -244,6 +318,10 @@ def _second_order_cases():
         "batch_inhib": (lambda x, a: jb.batch_inhib(x, a)[0], (x, alpha)),
         "batch_inhib_abs_var": (
             lambda x, a: jb.batch_inhib(x, a, denominator="abs", correlation="variance")[0],
+            (x, alpha),
+        ),
+        "batch_inhib_relative": (
+            lambda x, a: jb.batch_inhib(x, a, guard_mode="relative")[0],
             (x, alpha),
         ),
         "batch_inhib_inference": (
@@ -267,6 +345,7 @@ def _second_order_cases():
         "batch_center",
         "batch_inhib",
         "batch_inhib_abs_var",
+        "batch_inhib_relative",
         "batch_inhib_inference",
         "batch_norm_inference",
         "softmax",

@@ -12,6 +12,9 @@ with :math:`s_i = \sqrt{C_{ii}+\epsilon}` (Pearson, default) or :math:`s_i = C_{
 denominator, the seed's) or :math:`q = |r|` (``denominator="abs"``). The reciprocal of
 the denominator :math:`D_i` is guarded as :math:`h(D) = D/(D^2+\delta^2)` (``guard`` =
 δ): smooth, bounded by :math:`1/(2\delta)`, and :math:`1/D` to relative :math:`\delta^2/D^2`.
+With ``guard_mode="relative"`` it is :math:`h(D) = D/(D^2+\delta^2 A_i^2)`,
+:math:`A_i = \sum_{l\ne i} g(\alpha_{il})|r_{il}|`: scale-free, so that
+:math:`\sum_k |R_{ik}| \le 1/(2\delta)` whatever the size of g (δ = 0.5 by default: ≤ 1).
 
 The hand-derived backward (``docs/derivations.md``) is, in matrix form,
 
@@ -37,6 +40,12 @@ Array = jax.Array
 
 CORRELATIONS = ("pearson", "variance")
 DENOMINATORS = ("signed", "abs")
+GUARD_MODES = ("absolute", "relative")
+#: The guard δ used when ``guard=None``, per ``guard_mode``.
+GUARD_DEFAULTS = {"absolute": 1e-3, "relative": 0.5}
+#: τ: the floor of A in the relative guard, A² + τ², so that a row with no off-diagonal
+#: weight (A = D = 0, e.g. a group of one feature) gets R = 0 instead of 0/0.
+RELATIVE_GUARD_FLOOR = 1e-12
 
 
 class InhibStats(NamedTuple):
@@ -56,6 +65,7 @@ class InhibConfig:
     correlation: str
     denominator: str
     guard: float
+    guard_mode: str = "absolute"
 
 
 # ------------------------------------------------------------------- R from covariance
@@ -79,28 +89,36 @@ def _inhib_parts(cfg: InhibConfig, cov, alpha):
     q = r if cfg.denominator == "signed" else jnp.abs(r)
     d = jnp.sum(gm * q, axis=-1)
     d2 = cfg.guard * cfg.guard
-    h = d / (d * d + d2)
-    return sd, r, gm, d, h
+    if cfg.guard_mode == "absolute":  # h = D/(D² + δ²)
+        a, s = None, d2
+    else:  # h = D/(D² + δ²(A² + τ²)), A = Σ g|r|: scale-free, Σ_k |R_ik| <= 1/(2δ)
+        a = jnp.sum(gm * jnp.abs(r), axis=-1)
+        s = d2 * (a * a + RELATIVE_GUARD_FLOOR**2)
+    h = d / (d * d + s)
+    return sd, r, gm, d, h, a, s
 
 
 def _inhib_matrix(cfg: InhibConfig, cov, alpha):
-    sd, r, gm, d, h = _inhib_parts(cfg, cov, alpha)
+    sd, r, gm, d, h, _, _ = _inhib_parts(cfg, cov, alpha)
     return gm * r * h[..., None]
 
 
 def _inhib_matrix_bwd(cfg: InhibConfig, cov, alpha, dR):
     """VJP of R(cov, alpha): returns (dcov, dalpha). Linear in dR."""
-    sd, r, gm, d, h = _inhib_parts(cfg, cov, alpha)
+    sd, r, gm, d, h, a, s = _inhib_parts(cfg, cov, alpha)
     p = gm * r
     q = r if cfg.denominator == "signed" else jnp.abs(r)
     dp = dR * h[..., None]
     dh = jnp.sum(dR * p, axis=-1)
-    d2 = cfg.guard * cfg.guard
-    den = d * d + d2
-    dd = dh * (d2 - d * d) / (den * den)
+    den = d * d + s  # s = δ² (absolute) or δ²(A² + τ²) (relative)
+    dd = dh * (s - d * d) / (den * den)
     dgm = dp * r + dd[..., None] * q
     dq_g = dd[..., None] * gm
     dr = dp * gm + (dq_g if cfg.denominator == "signed" else dq_g * jnp.sign(r))
+    if a is not None:  # relative guard: h also depends on A = Σ g|r|, ∂h/∂A = -2δ²AD/E²
+        da = -2.0 * cfg.guard * cfg.guard * a * d * dh / (den * den)
+        dgm = dgm + da[..., None] * jnp.abs(r)
+        dr = dr + da[..., None] * gm * jnp.sign(r)
     af = alpha.astype(cov.dtype)
     off = 1.0 - jnp.eye(cov.shape[-1], dtype=cov.dtype)
     dalpha = dgm * off * jax.nn.sigmoid(cfg.rho * af)
@@ -115,9 +133,13 @@ def _inhib_matrix_bwd(cfg: InhibConfig, cov, alpha, dR):
 # ------------------------------------------------------------------------- validation
 
 
-def _check_config(fn, rho, epsilon, groups, correlation, denominator, guard):
+def _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode):
     if isinstance(rho, jax.core.Tracer) or not isinstance(rho, int | float) or not rho > 0:
         raise ValueError(f"{fn}: rho must be a Python float > 0; got {rho!r}")
+    if guard_mode not in GUARD_MODES:
+        raise ValueError(f"{fn}: guard_mode must be one of {GUARD_MODES}; got {guard_mode!r}")
+    if guard is None:
+        guard = GUARD_DEFAULTS[guard_mode]
     S.check_epsilon(fn, epsilon)
     S.check_epsilon(fn, guard, "guard")
     if guard <= 0:
@@ -128,7 +150,9 @@ def _check_config(fn, rho, epsilon, groups, correlation, denominator, guard):
         raise ValueError(f"{fn}: correlation must be one of {CORRELATIONS}; got {correlation!r}")
     if denominator not in DENOMINATORS:
         raise ValueError(f"{fn}: denominator must be one of {DENOMINATORS}; got {denominator!r}")
-    return InhibConfig(float(rho), float(epsilon), groups, correlation, denominator, float(guard))
+    return InhibConfig(
+        float(rho), float(epsilon), groups, correlation, denominator, float(guard), guard_mode
+    )
 
 
 def alpha_shape(num_features: int, groups: int = 1) -> tuple[int, ...]:
@@ -184,7 +208,8 @@ def batch_inhib(
     groups: int = 1,
     correlation: str = "pearson",
     denominator: str = "signed",
-    guard: float = 1e-3,
+    guard: float | None = None,
+    guard_mode: str = "absolute",
     virtual_batch_size: int | None = None,
 ):
     r"""BatchInhib with a hand-derived VJP for ``x`` and ``alpha``.
@@ -204,8 +229,14 @@ def batch_inhib(
       correlation: ``"pearson"`` (s = std) or ``"variance"`` (the seed's literal s = var,
         which makes r depend on the scale of x).
       denominator: ``"signed"`` (Σ g r, the seed's; can cross zero) or ``"abs"`` (Σ g |r|).
-      guard: δ in the guarded reciprocal D/(D²+δ²) of the denominator D, which keeps y
-        and its gradients finite when D crosses zero (uncorrelated or constant features).
+      guard: δ in the guarded reciprocal of the denominator D, which keeps y and its
+        gradients finite when D crosses zero (uncorrelated or constant features);
+        ``None``: 1e-3 (absolute) or 0.5 (relative: Σ_k |R_ik| <= 1).
+      guard_mode: ``"absolute"``: h(D) = D/(D²+δ²), so Σ_k |R_ik| <= A_i/(2δ) with
+        A_i = Σ_l g(α_il)|r_il| (large when g is); ``"relative"``: h(D) = D/(D²+δ²A_i²)
+        (A_i² floored at τ² = 1e-24), so Σ_k |R_ik| <= 1/(2δ) whatever the scale of g and
+        r. R is then invariant to scaling g, so alpha's level no longer fades R out (the
+        near-identity alpha init is not near identity in this mode).
       mask: row mask (x's shape without the feature axis, or with a feature dim of 1).
       axis_name, axis_index_groups: sum the statistics across the devices of this mapped
         axis; see ``docs/scaling.md``.
@@ -228,7 +259,7 @@ def batch_inhib(
     fn = "batch_inhib"
     S.check_float(fn, "x", x)
     red = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
-    cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard)
+    cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     nfeat = x.shape[red.axis]
     _check_groups_alpha(fn, nfeat, groups, alpha)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
@@ -236,6 +267,7 @@ def batch_inhib(
             batch_inhib, alpha=alpha, rho=rho, epsilon=epsilon, axis=red.axis,
             axis_name=axis_name, axis_index_groups=axis_index_groups, groups=groups,
             correlation=correlation, denominator=denominator, guard=guard,
+            guard_mode=guard_mode,
         )  # fmt: skip
         return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, red.axis)
     mask = S.mask_weights(fn, mask, x.shape, red, rows_only=True)
@@ -334,7 +366,8 @@ def batch_inhib_inference(
     groups: int = 1,
     correlation: str = "pearson",
     denominator: str = "signed",
-    guard: float = 1e-3,
+    guard: float | None = None,
+    guard_mode: str = "absolute",
 ):
     r"""BatchInhib with a given (running) covariance: the fixed linear map
     :math:`y = x (I - R^\top)`, R computed from ``cov`` as in :func:`batch_inhib`.
@@ -348,7 +381,7 @@ def batch_inhib_inference(
     fn = "batch_inhib_inference"
     S.check_float(fn, "x", x)
     red = S.make_reduce(fn, x, axis)
-    cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard)
+    cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     nfeat = x.shape[red.axis]
     _check_groups_alpha(fn, nfeat, groups, alpha)
     _check_groups_alpha(fn, nfeat, groups, cov, name="cov")
@@ -404,13 +437,14 @@ def inhibition_matrix(
     groups: int = 1,
     correlation: str = "pearson",
     denominator: str = "signed",
-    guard: float = 1e-3,
+    guard: float | None = None,
+    guard_mode: str = "absolute",
 ):
     """The matrix R (groups, n, n) that batch_inhib applies as y = x - x Rᵀ, computed
     from a covariance (plain jnp, differentiable by autodiff). For plots, folding and
     eval-mode layers."""
     fn = "inhibition_matrix"
-    cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard)
+    cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     cov3 = _alpha3(cov, groups)
     nfeat = cov3.shape[0] * cov3.shape[-1]
     _check_groups_alpha(fn, nfeat, groups, alpha)
