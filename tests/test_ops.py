@@ -682,3 +682,23 @@ def test_errors_name_function_argument_and_shapes():
         x,
         jnp.ones(3),
     )
+
+
+def test_inference_takes_the_training_covariance():
+    """stats.cov of batch_inhib (shape (1, N, N) without groups) feeds the inference form
+    and inhibition_matrix directly; a cov of the wrong size is refused by name."""
+    x = _data((64, 5), jnp.float32)
+    alpha = _alpha(5, 1, jnp.float32)
+    y, st = jb.batch_inhib(x, alpha)
+    y_inf = jb.batch_inhib_inference(x, alpha, st.cov)
+    np.testing.assert_allclose(y_inf, y, rtol=1e-5, atol=1e-5)  # float32, same R
+    np.testing.assert_allclose(
+        jb.inhibition_matrix(st.cov, alpha), jb.inhibition_matrix(st.cov[0], alpha), rtol=1e-6
+    )
+    _raises(
+        ValueError,
+        r"inhibition_matrix: cov must have shape \(N, N\).*got \(5, 4\)",
+        jb.inhibition_matrix,
+        jnp.ones((5, 4)),
+        alpha,
+    )

@@ -170,6 +170,8 @@ def _check_groups_alpha(fn, nfeat, groups, alpha, name="alpha"):
     S.check_float(fn, name, alpha)
     want = alpha_shape(nfeat, groups)
     got = tuple(jnp.shape(alpha))
+    if name == "cov" and groups == 1 and got == (1, *want):
+        return  # batch_inhib's own stats.cov: (1, N, N)
     if got != want:
         extra = f" (groups={groups})" if groups > 1 else ""
         raise ValueError(
@@ -189,7 +191,8 @@ def _from_matrix(y2, tshape, axis):
 
 
 def _alpha3(alpha, groups):
-    return alpha[None] if groups == 1 else alpha
+    """(N, N) -> (1, N, N); grouped (G, n, n) as it is."""
+    return alpha[None] if jnp.ndim(alpha) == 2 else alpha
 
 
 # ========================================================================== batch_inhib
@@ -445,8 +448,18 @@ def inhibition_matrix(
     eval-mode layers."""
     fn = "inhibition_matrix"
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
-    cov3 = _alpha3(cov, groups)
-    nfeat = cov3.shape[0] * cov3.shape[-1]
+    S.check_float(fn, "cov", cov)
+    cshape = tuple(jnp.shape(cov))
+    if len(cshape) not in (2, 3) or cshape[-1] != cshape[-2]:
+        raise ValueError(
+            f"{fn}: cov must have shape (N, N) or (groups, N/groups, N/groups); got "
+            f"{S.shape_str(cshape)}"
+        )
+    nfeat = cshape[-1] * (cshape[0] if len(cshape) == 3 else 1)
+    if len(cshape) == 3 and cshape[0] == 1:
+        nfeat = cshape[-1]
+    _check_groups_alpha(fn, nfeat, groups, cov, name="cov")
     _check_groups_alpha(fn, nfeat, groups, alpha)
+    cov3 = _alpha3(cov, groups)
     cd = S.compute_dtype(cov3.dtype)
     return _inhib_matrix(cfg, cov3.astype(cd), _alpha3(alpha, groups))
