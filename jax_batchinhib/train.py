@@ -132,6 +132,7 @@ DEFAULT_VARIANTS = (
     "batchnorm",
     "batchnorm+inhib",
     "batchnorm+inhib_a0_abs",
+    "batchnorm+inhib_a0_rel",
     "inhib_groups4",
     "inhib_groups4_a0_abs",
     "two_branch",

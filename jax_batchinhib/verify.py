@@ -192,6 +192,7 @@ def cases(quick: bool = False) -> list[Case]:
         ("batch_inhib[groups=2]", {"groups": 2}, 2),
         ('batch_inhib[correlation="variance"]', {"correlation": "variance"}, 1),
         ('batch_inhib[denominator="abs"]', {"denominator": "abs"}, 1),
+        ('batch_inhib[guard_mode="relative"]', {"guard_mode": "relative"}, 1),
         ("batch_inhib[rho=3]", {"rho": 3.0}, 1),
     ]
     for s in bi_shapes:
@@ -201,7 +202,7 @@ def cases(quick: bool = False) -> list[Case]:
         s = (4, 5, 6)
         out.append(Case("batch_inhib", ops.batch_inhib, ref.batch_inhib, s, _bi_args(s)))
     for s in bi_shapes:
-        for name, kw, g in bi_options[:4]:
+        for name, kw, g in bi_options[:5]:
             iname = name.replace("batch_inhib", "batch_inhib_inference")
             out.append(
                 Case(
