@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCHEMA = 1
+SCHEMA = 2
 
 # ---------------------------------------------------------------------------- targets
 
@@ -94,6 +94,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
+        "xla_flags": os.environ.get("XLA_FLAGS") or None,
     }
     for mod in ("flax", "optax"):
         try:
@@ -120,6 +121,7 @@ class Contender:
     fwd: Callable | None = None
     primals: tuple = ()
     role: str = "contender"  # or "limit" (copy / matmul: timed, not a ratio)
+    vary: tuple | None = None  # arguments the loop varies (default: the large ones)
 
 
 @dataclasses.dataclass
@@ -271,7 +273,7 @@ def _bi_case(shape, groups=1, dtype=jnp.float32) -> Case:
         mm = jax.jit(
             lambda a, b: jnp.einsum("mgi,gik->mgk", a, b, precision=jax.lax.Precision.HIGHEST)
         )
-        cs.append(Contender("matmul", mm, (a, b), role="limit"))
+        cs.append(Contender("matmul", mm, (a, b), role="limit", vary=(1,)))
         return cs
 
     g = f"/g{groups}" if groups > 1 else ""
@@ -436,19 +438,33 @@ def _make_cnn(models, norm, classes, autodiff=False):
     return models.CNN(**kw)
 
 
-def all_cases() -> list[Case]:
-    """Every case of issue 4, in run order."""
+def all_cases(large: bool | None = None) -> list[Case]:
+    """Every case of issue 4, in run order; with ``large`` (default: on an accelerator) also
+    the larger shapes where an accelerator's bandwidth and flops limits mean something."""
+    if large is None:
+        large = jax.devices()[0].platform != "cpu"
     cases = []
+    bn_shapes = [(256, 1024), (4096, 512), (64, 16, 16, 128)]
+    if large:
+        bn_shapes += LARGE_BN
     for dt in (jnp.float32, jnp.bfloat16):
-        for shape in ((256, 1024), (4096, 512), (64, 16, 16, 128)):
+        for shape in bn_shapes:
             cases.append(_bn_case(shape, dt))
     for shape in ((256, 256), (1024, 512), (4096, 128)):
         cases.append(_bi_case(shape))
     cases.append(_bi_case((1024, 2048), groups=16))
+    if large:
+        cases += [_bi_case(shape, groups=g) for shape, g in LARGE_BI]
     cases.append(_dropout_case((4096, 1000)))
     cases.append(_sce_case((4096, 1000)))
     cases.append(_cnn_case())
     return cases
+
+
+#: Shapes added on accelerators (``all_cases(large=True)``): big enough that one step takes
+#: tens of microseconds to milliseconds of kernel time on an H100.
+LARGE_BN = ((65536, 1024), (256, 32, 32, 256))
+LARGE_BI = (((16384, 1024), 1), ((16384, 1024), 16), ((16384, 4096), 16))
 
 
 #: The --quick subset (a 2-core CPU in about a minute).
@@ -460,14 +476,19 @@ QUICK = (
 )
 
 
-def select_cases(patterns: Sequence[str] | None, quick: bool) -> list[Case]:
-    cases = all_cases()
+def select_cases(
+    patterns: Sequence[str] | None, quick: bool, large: bool | None = None
+) -> list[Case]:
+    """``patterns`` (names or globs) from every case, large ones included; else the quick
+    subset, or every case of this platform (``all_cases(large)``)."""
     if patterns:
+        cases = all_cases(large=True)
         sel = [c for c in cases if any(fnmatch.fnmatch(c.name, p) or c.name == p for p in patterns)]
         if not sel:
             names = ", ".join(c.name for c in cases)
             raise SystemExit(f"bench: --cases {list(patterns)} matched no case; cases: {names}")
         return sel
+    cases = all_cases(large)
     if quick:
         return [c for c in cases if c.name in QUICK]
     return cases
@@ -518,6 +539,92 @@ def _memory(compiled) -> dict:
     }
 
 
+def looped(step: Callable, k: int, unroll: int = 1, vary: Sequence[int] | None = None) -> Callable:
+    """``k * unroll`` chained executions of ``step(*args)`` in one program.
+
+    ``lax.fori_loop`` with a static trip count ``k`` (XLA knows it, so a GPU runs the body
+    without reading a loop predicate back every iteration), whose body calls ``step``
+    ``unroll`` times. Each call sees its large floating arguments (at least a quarter of
+    the largest one's size: ``x`` and the cotangent; or the arguments ``vary`` lists) as
+    ``arg + eps``, with ``eps = 1e-30 * (first output element of the previous call)``, and
+    its PRNG keys folded with the call's index. That is a true data dependence on the
+    previous call, so XLA can neither hoist work out of the loop (e.g. the forward
+    statistics, which depend on ``x`` alone) nor merge two calls; the values do not
+    change (``eps`` is far below the arguments' round-off), and the add is elementwise,
+    fused into the step's first kernels (an operand of a library call, a matmul's or a
+    convolution's, is written once more: the matmul baseline therefore varies its small
+    ``(n, n)`` operand). Each call writes its whole output into its own slot of the loop
+    state and the program returns every slot, so no output is dropped as dead: every call
+    computes and writes all that the step does alone. ``unroll > 1`` spreads the loop's own
+    overhead (on a GPU about 10 µs an iteration, as much as a small step) over that many
+    calls.
+    """
+
+    def loop(*args):
+        shapes = jax.eval_shape(step, *args)
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        if vary is None:
+            big = max((v.size for v in jax.tree.leaves(args) if _is_float(v)), default=0)
+            which = tuple(
+                jax.tree.map(lambda v: _is_float(v) and v.ndim > 0 and 4 * v.size >= big, t)
+                for t in args
+            )
+        else:
+            which = tuple(
+                jax.tree.map(lambda v, i=i: i in vary and _is_float(v), t)
+                for i, t in enumerate(args)
+            )
+
+        def perturb(v, w, eps, n):
+            if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
+                return jax.random.fold_in(v, n)
+            return (v + eps.astype(v.dtype)) if w else v
+
+        def body(i, carry):
+            eps, outs = carry
+            new = []
+            for j in range(unroll):
+                n = i * unroll + j
+                a = jax.tree.map(lambda v, w, e=eps, n=n: perturb(v, w, e, n), args, which)
+                out = step(*a)
+                eps = 1e-30 * jax.tree.leaves(out)[0].ravel()[0].astype(jnp.float32)
+                new.append(out)
+            return eps, tuple(new)
+
+        return jax.lax.fori_loop(0, k, body, (jnp.float32(0), (zero,) * unroll))[1]
+
+    return loop
+
+
+def _is_float(v) -> bool:
+    return jnp.issubdtype(v.dtype, jnp.floating)
+
+
+def _parallel(fn, items, workers):
+    if workers <= 1 or len(items) <= 1:
+        return [fn(i) for i in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(workers, len(items))) as ex:
+        return list(ex.map(fn, items))
+
+
+def _time_calls(f, a, n, sync):
+    """Seconds for ``n`` calls of ``f(*a)``: each blocked on, or all dispatched then one
+    block (``batch``: the calls queue on the device back to back)."""
+    if sync == "each":
+        t0 = time.perf_counter()
+        for _ in range(n):
+            _block(f(*a))
+        return time.perf_counter() - t0
+    out = None
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out = f(*a)
+    _block(out)
+    return time.perf_counter() - t0
+
+
 def time_case(
     case: Case,
     *,
@@ -525,9 +632,29 @@ def time_case(
     min_time: float,
     budget: float,
     sync: str,
+    max_steps: int = 1000,
+    workers: int = 1,
+    method: str = "loop",
+    unroll: int = 8,
     log=print,
 ) -> dict:
-    """Compile, measure memory, then time every contender of ``case`` interleaved."""
+    """Compile, measure memory, then time every contender of ``case`` interleaved.
+
+    ``method="calls"`` skips step 2 (``K = 1``, the compiled step itself is called): on
+    a CPU, where one dispatch costs microseconds against steps of milliseconds, and where
+    XLA:CPU compiles convolutions and some dots inside a while loop into much slower code.
+
+    1. ``step`` is compiled alone: XLA's temp size, the residual bytes, and the time of one
+       dispatch of one step (``single_call_s``, median of 3), which bounds a step's time
+       from above.
+    2. ``looped(step, K)`` is compiled with ``K = ceil(min_time / single_call_s)`` (at most
+       ``max_steps``), so that one call runs about ``min_time`` or more of kernels even
+       where a single step is mostly dispatch overhead. If one call still takes less than
+       ``min_time``, a timing is ``calls`` back-to-back calls (``calls * K`` steps).
+    3. ``rounds`` rounds (at most ``repeats``, about ``budget`` seconds), each timing every
+       contender once in a rotated order; a contender's time per step is
+       ``timing / (calls * K)``, its figure the median over rounds.
+    """
     t_case = time.perf_counter()
     contenders = case.build()
     res: dict[str, Any] = {
@@ -538,28 +665,66 @@ def time_case(
         "note": case.note,
         "contenders": {},
     }
-    compiled = {}
-    for c in contenders:
+
+    def compile_step(c):
         t0 = time.perf_counter()
         comp = jax.jit(c.step).lower(*c.args).compile()
-        info = {"role": c.role, "compile_s": None}
+        return comp, round(time.perf_counter() - t0, 3)
+
+    steps = _parallel(compile_step, contenders, workers)
+    single, plain = {}, {}
+    for c, (comp, cs) in zip(contenders, steps, strict=True):
+        info = {"role": c.role, "compile_s": cs}
         info.update(_memory(comp))
         _block(comp(*c.args))  # first run
-        info["compile_s"] = round(time.perf_counter() - t0, 3)
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            _block(comp(*c.args))
+            ts.append(time.perf_counter() - t0)
+        single[c.name] = max(statistics.median(ts), 1e-7)
+        plain[c.name] = comp
+        info["single_call_s"] = single[c.name]
         if c.fwd is not None:
             info.update(residual_bytes(c.fwd, c.primals))
-        compiled[c.name] = (comp, c.args)
         res["contenders"][c.name] = info
+    del steps
 
-    # Warm-up and calibration: one call each, then `inner` so one timing >= min_time.
-    single = {}
-    for name, (f, a) in compiled.items():
-        _block(f(*a))
+    if method == "calls":
+        ks = {c.name: 1 for c in contenders}
+    else:
+        ks = {
+            c.name: max(1, min(max_steps, math.ceil(min_time / single[c.name]))) for c in contenders
+        }
+    # steps per loop iteration (at least 4 iterations); K rounded up to a multiple
+    unrolls = {n: max(1, min(unroll, k // 4)) for n, k in ks.items()}
+    ks = {n: math.ceil(k / unrolls[n]) * unrolls[n] for n, k in ks.items()}
+
+    def compile_loop(c):
         t0 = time.perf_counter()
-        _block(f(*a))
-        single[name] = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, min(1000, math.ceil(min_time / min(single.values()))))
-    per_round = inner * sum(single.values())
+        u = unrolls[c.name]
+        comp = jax.jit(looped(c.step, ks[c.name] // u, u, c.vary)).lower(*c.args).compile()
+        return comp, round(time.perf_counter() - t0, 3)
+
+    if method == "calls":
+        loops = [(plain[c.name], None) for c in contenders]
+    else:
+        loops = _parallel(compile_loop, contenders, workers)
+    del plain
+    compiled, calls, per_call = {}, {}, {}
+    for c, (comp, cs) in zip(contenders, loops, strict=True):
+        info = res["contenders"][c.name]
+        info["loop_compile_s"] = cs
+        _block(comp(*c.args))  # first run
+        t = max(_time_calls(comp, c.args, 1, "each"), 1e-7)
+        calls[c.name] = max(1, min(1000, math.ceil(min_time / t)))
+        per_call[c.name] = t
+        info["steps_per_call"] = ks[c.name]
+        info["steps_per_iteration"] = unrolls[c.name]
+        info["calls_per_timing"] = calls[c.name]
+        compiled[c.name] = (comp, c.args)
+
+    per_round = sum(per_call[n] * calls[n] for n in compiled)
     rounds = max(3, min(repeats, int(budget / max(per_round, 1e-9))))
     times = {name: [] for name in compiled}
     names = list(compiled)
@@ -567,26 +732,18 @@ def time_case(
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             f, a = compiled[name]
-            if sync == "each":
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    _block(f(*a))
-                dt = time.perf_counter() - t0
-            else:
-                _block(f(*a))
-                t0 = time.perf_counter()
-                out = None
-                for _ in range(inner):
-                    out = f(*a)
-                _block(out)
-                dt = time.perf_counter() - t0
-            times[name].append(dt / inner)
+            dt = _time_calls(f, a, calls[name], sync)
+            times[name].append(dt / (calls[name] * ks[name]))
     for name, ts in times.items():
         info = res["contenders"][name]
         info["median_s"] = statistics.median(ts)
         info["min_s"] = min(ts)
         info["times_s"] = ts
-    res["inner"] = inner
+        if info["median_s"] > 1.25 * info["single_call_s"]:
+            log(
+                f"  warning: {name}: a step inside the loop ({_fmt_t(info['median_s'])}) is "
+                f"slower than one dispatch of it alone ({_fmt_t(info['single_call_s'])})"
+            )
     res["rounds"] = rounds
     res["sync"] = sync
     res["ratios"] = _ratios(res, times)
@@ -674,12 +831,41 @@ def run(
     min_time: float = 0.02,
     budget: float = 20.0,
     sync: str = "auto",
+    max_steps: int = 1000,
+    workers: int | None = None,
+    method: str = "auto",
+    unroll: int = 8,
     log=print,
+    on_case: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Time ``cases``; returns the results dict (JSON-serialisable)."""
+    """Time ``cases``; returns the results dict (JSON-serialisable).
+
+    ``on_case(partial_results)`` is called after each case (``main`` writes the JSON
+    there, so an interrupted run keeps what it measured). ``workers``: threads compiling a
+    case's contenders at once (default 1 on CPU, 4 on an accelerator, where compiling
+    dominates the wall time).
+    """
     info = machine_info()
     if sync == "auto":
         sync = "each" if info["platform"] == "cpu" else "batch"
+    if method == "auto":
+        method = "calls" if info["platform"] == "cpu" else "loop"
+    if method not in ("loop", "calls"):
+        raise ValueError(f"bench.run: method must be 'auto', 'loop' or 'calls', got {method!r}")
+    if workers is None:
+        workers = 1 if info["platform"] == "cpu" else min(4, max(1, (os.cpu_count() or 1) // 4))
+    settings = {
+        "method": method,
+        "repeats": repeats,
+        "min_time_s": min_time,
+        "max_steps": max_steps,
+        "unroll": unroll,
+        "case_budget_s": budget,
+        "sync": sync,
+        "compile_workers": workers,
+        "statistic": "median over rounds of timing / (calls * K); "
+        "ratio = median(ours) / median(theirs)",
+    }
     t0 = time.perf_counter()
     log(
         f"bench: {len(cases)} case(s) on {info['device_kind']} ({info['platform']}), "
@@ -691,7 +877,16 @@ def run(
         try:
             results.append(
                 time_case(
-                    case, repeats=repeats, min_time=min_time, budget=budget, sync=sync, log=log
+                    case,
+                    repeats=repeats,
+                    min_time=min_time,
+                    budget=budget,
+                    sync=sync,
+                    max_steps=max_steps,
+                    workers=workers,
+                    method=method,
+                    unroll=unroll,
+                    log=log,
                 )
             )
         except Exception as e:  # one broken case must not lose the others
@@ -699,18 +894,20 @@ def run(
             results.append(
                 {"name": case.name, "family": case.family, "error": f"{type(e).__name__}: {e}"}
             )
+        if on_case is not None:
+            part = _results(info, settings, results, t0)
+            part["partial"] = i < len(cases)
+            on_case(part)
+    return _results(info, settings, results, t0)
+
+
+def _results(info, settings, results, t0) -> dict:
     out = {
         "schema": SCHEMA,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": info,
-        "settings": {
-            "repeats": repeats,
-            "min_time_s": min_time,
-            "case_budget_s": budget,
-            "sync": sync,
-            "statistic": "median over rounds; ratio = median(ours) / median(theirs)",
-        },
-        "cases": results,
+        "settings": settings,
+        "cases": list(results),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     out["targets"] = check_targets(out)
@@ -787,9 +984,17 @@ def render_markdown(results_list: Sequence[dict], notes: str | None = None) -> s
         "",
         "Each step is a jitted forward+backward (`value_and_grad` of `sum(y * ct)` with a "
         "fixed random cotangent, `y` returned), contenders timed interleaved in one run; "
-        "times are medians over rounds, **ratios are ours / theirs** (below 1: ours is "
+        "times are per step, medians over rounds, **ratios are ours / theirs** (below 1: ours is "
         "faster or keeps less). *kept* = bytes of the residuals the backward keeps (leaves "
         "of the function `jax.vjp` returns); *temp* = XLA temp buffer of the compiled step.",
+        "",
+        "Method *loop* (accelerators): K steps run inside one compiled `lax.fori_loop` "
+        "(unrolled up to 8 steps an iteration), each step's large inputs offset by "
+        "`1e-30 x` the previous step's first output so that XLA cannot hoist or merge steps, "
+        "every step's outputs kept; K is chosen so one call runs >= 20 ms (or several calls "
+        "back to back make a timing that long); per-step time = timing / steps. Method "
+        "*calls* (CPU): one dispatch per step, several per timing; on a CPU a dispatch "
+        "costs microseconds against steps of milliseconds.",
         "",
     ]
     for res in results_list:
@@ -809,7 +1014,10 @@ def _render_one(res: dict) -> list[str]:
         f"({m['platform']}, {m['device_count']} device(s)); jax {m['jax']}, jaxlib "
         f"{m['jaxlib']}, flax {m.get('flax')}, optax {m.get('optax')}, Python {m['python']}. "
         f"Run {res['date']}, {res['wall_s']:.0f} s; up to {s['repeats']} rounds per case, "
-        f"one timing >= {s['min_time_s'] * 1e3:.0f} ms, sync={s['sync']}.",
+        f"one timing >= {s['min_time_s'] * 1e3:.0f} ms, sync={s['sync']}, "
+        f"method={s.get('method', 'calls')}"
+        + (f", XLA_FLAGS=`{m['xla_flags']}`" if m.get("xla_flags") else "")
+        + ".",
         "",
         "| case | ours | autodiff | flax / optax | ours/autodiff | ours/flax, ours/optax | "
         "kept: ours / autodiff / others | temp: ours / autodiff / others | hardware limit |",
@@ -933,6 +1141,37 @@ def build_parser(prog="jax-batchinhib bench") -> argparse.ArgumentParser:
         default="auto",
         help="block on each call (CPU) or on the last of a timing (accelerators)",
     )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=1000,
+        help="most steps K run inside one compiled call (default 1000)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="threads compiling a case's contenders at once (default 1 on CPU, 4 otherwise)",
+    )
+    p.add_argument(
+        "--method",
+        choices=("auto", "loop", "calls"),
+        default="auto",
+        help="loop: K steps inside one compiled lax.fori_loop per call (default on "
+        "accelerators); calls: one dispatch per step (default on CPU)",
+    )
+    p.add_argument(
+        "--unroll",
+        type=int,
+        default=8,
+        help="with the loop: most steps chained in one loop iteration (default 8)",
+    )
+    p.add_argument(
+        "--large",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --full: add the large shapes (default: on an accelerator only)",
+    )
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the results as markdown")
     return p
@@ -942,17 +1181,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``jax-batchinhib bench [--quick | --full] [--cases ...] [--json P] [--markdown P]``."""
     args = build_parser().parse_args(argv)
     if args.list:
-        for c in all_cases():
-            print(c.name + ("  (quick)" if c.name in QUICK else ""))
+        small = {c.name for c in all_cases(large=False)}
+        for c in all_cases(large=True):
+            tag = "  (quick)" if c.name in QUICK else "" if c.name in small else "  (large)"
+            print(c.name + tag)
         return 0
     full = bool(args.full)
-    cases = select_cases(args.cases, quick=not full)
+    cases = select_cases(args.cases, quick=not full, large=args.large)
+
+    def save(part):
+        if args.json:
+            write_json(part, args.json)
+
     res = run(
         cases,
         repeats=args.repeats or (21 if full else 7),
         min_time=args.min_time or (0.02 if full else 0.005),
         budget=args.case_budget or (12.0 if full else 4.0),
         sync=args.sync,
+        max_steps=args.max_steps,
+        workers=args.workers,
+        method=args.method,
+        unroll=args.unroll,
+        on_case=save,
     )
     print()
     print(headline_table(res))

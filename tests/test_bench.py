@@ -101,3 +101,42 @@ def test_main_list_and_unknown_case(capsys):
     assert "batch_norm/4096x512/bfloat16" in out and "cnn_train_step/" in out
     with pytest.raises(SystemExit, match="matched no case"):
         bench.main(["--cases", "nope/*"])
+
+
+def test_looped_runs_every_step_and_keeps_every_output():
+    # K = k * unroll chained steps; each slot holds one step's output, equal to the single
+    # step's (the 1e-30 offset is below float32 round-off of values near 1: exact here).
+    def step(a, b):
+        return a * 2 + 1, jnp.sum(b * b)
+
+    a = jnp.linspace(0.5, 1.5, 64 * 32, dtype=jnp.float32).reshape(64, 32)
+    b = jnp.ones((64, 32), jnp.float32)
+    want = jax.jit(step)(a, b)
+    for unroll in (1, 4):
+        f = jax.jit(bench.looped(step, 3, unroll))
+        outs = f(a, b)
+        assert len(outs) == unroll
+        for o in outs:
+            assert all(bool(jnp.array_equal(x, y)) for x, y in zip(o, want, strict=True))
+    # XLA kept the 4 unrolled steps apart (no hoisting or merging): 4x the step's kernels.
+    n1 = jax.jit(bench.looped(step, 3, 1)).lower(a, b).compile().as_text().count(" fusion(")
+    n4 = jax.jit(bench.looped(step, 3, 4)).lower(a, b).compile().as_text().count(" fusion(")
+    assert n4 >= n1 + 3
+
+
+def test_time_case_loop_method():
+    res = bench.time_case(
+        bench._bn_case((16, 8), jnp.float32),
+        repeats=3,
+        min_time=1e-3,
+        budget=0.05,
+        sync="batch",
+        method="loop",
+        unroll=2,
+        log=lambda s: None,
+    )
+    for info in res["contenders"].values():
+        k, u = info["steps_per_call"], info["steps_per_iteration"]
+        assert 1 <= u <= 2 and k % u == 0 and info["calls_per_timing"] >= 1
+        assert info["median_s"] > 0 and info["single_call_s"] > 0
+    assert res["ratios"]["ours/autodiff"]["time"] > 0 and res["limit"]["fraction"] > 0
