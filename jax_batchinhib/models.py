@@ -1,6 +1,8 @@
 """Example models built from the library's layers (linen, and NNX twins).
 
 - :class:`MLP`: Dense -> norm -> ReLU (-> Dropout) blocks, then a Dense head.
+  The Dense (Conv in :class:`CNN`) before a BatchNorm has no bias (``use_bias=False``,
+  see :func:`layer_bias`): BatchNorm's own bias takes its place.
 - :class:`CNN`: a small NHWC CNN (Conv 3x3 -> norm -> ReLU, average pooling), e.g. for
   8x8 digits ``(B, 8, 8, 1)``.
 - :class:`TwoBranch`: seed 001's two-branch block. Branch A: Dense -> sin -> Dropout ->
@@ -40,6 +42,20 @@ from jax_batchinhib import linen as bl
 from jax_batchinhib import nnx as bx
 
 NORMS = ("none", "flax_batchnorm", "batchnorm", "batchnorm+inhib", "inhib")
+
+
+# Normalizations that end with a learned bias (BatchNorm: ``y = scale * xhat + bias``).
+# The Dense/Conv before one of them gets no bias (as in flax's examples): the
+# normalization subtracts the batch mean, so a bias there has an exactly zero gradient
+# and adds nothing, except that Adam scales round-off in that zero gradient up to
+# full-size steps (which made otherwise equal multi-device runs drift apart).
+NORMS_WITH_BIAS = ("flax_batchnorm", "batchnorm", "batchnorm+inhib")
+
+
+def layer_bias(norm: str) -> bool:
+    """``use_bias`` of the Dense/Conv that feeds ``norm``: False when a normalization
+    with a bias follows (the layer's bias would be redundant), True otherwise."""
+    return norm not in NORMS_WITH_BIAS
 
 
 def check_norm(where: str, norm: str) -> None:
@@ -117,7 +133,7 @@ class MLP(nn.Module):
         check_norm("MLP", self.norm)
         x = x.reshape(x.shape[0], -1)
         for i, f in enumerate(self.features):
-            x = nn.Dense(f, name=f"dense{i}")(x)
+            x = nn.Dense(f, use_bias=layer_bias(self.norm), name=f"dense{i}")(x)
             for layer in norm_layers(
                 self.norm,
                 index=i,
@@ -162,7 +178,9 @@ class CNN(nn.Module):
                 f"CNN: x must be NHWC (B, H, W, C), e.g. (B, 8, 8, 1); got shape {x.shape}"
             )
         for i, f in enumerate(self.features):
-            x = nn.Conv(f, (3, 3), padding="SAME", name=f"conv{i}")(x)
+            x = nn.Conv(f, (3, 3), padding="SAME", use_bias=layer_bias(self.norm), name=f"conv{i}")(
+                x
+            )
             for layer in norm_layers(
                 self.norm,
                 index=i,
@@ -291,7 +309,7 @@ class NnxMLP(nnx.Module):
         dense, norms, drops = [], [], []
         d = in_features
         for f in features:
-            dense.append(nnx.Linear(d, f, rngs=rngs))
+            dense.append(nnx.Linear(d, f, use_bias=layer_bias(norm), rngs=rngs))
             norms.append(
                 nnx_norm_layers(
                     norm,
@@ -347,7 +365,9 @@ class NnxCNN(nnx.Module):
         convs, norms = [], []
         c = in_channels
         for f in features:
-            convs.append(nnx.Conv(c, f, (3, 3), padding="SAME", rngs=rngs))
+            convs.append(
+                nnx.Conv(c, f, (3, 3), padding="SAME", use_bias=layer_bias(norm), rngs=rngs)
+            )
             norms.append(
                 nnx_norm_layers(
                     norm,
