@@ -19,6 +19,10 @@ from jax import lax
 from jax_batchinhib.ops.batch_inhib import GUARD_DEFAULTS, RELATIVE_GUARD_FLOOR, InhibStats
 from jax_batchinhib.ops.batch_norm import BatchStats
 
+#: Full-precision matmuls: on GPUs the default float32 matmul may run in TF32 (10-bit
+#: mantissa), which would make the ground truth itself wrong at 1e-3.
+_HIGHEST = lax.Precision.HIGHEST
+
 
 def _f32(dtype):
     return jnp.promote_types(dtype, jnp.float32)
@@ -165,11 +169,16 @@ def batch_inhib(
     Xg = X.reshape(X.shape[0], groups, N // groups)
     Xc = Xg - mu.reshape(groups, N // groups)
     cov = (
-        _psum(jnp.einsum("mgi,mgk->gik", w[:, :, None] * Xc, Xc), axis_name, axis_index_groups) / n
+        _psum(
+            jnp.einsum("mgi,mgk->gik", w[:, :, None] * Xc, Xc, precision=_HIGHEST),
+            axis_name,
+            axis_index_groups,
+        )
+        / n
     )
     a3 = alpha[None] if groups == 1 else alpha
     R = _inhibition(cov, a3.astype(cd), rho, epsilon, correlation, denominator, guard, guard_mode)
-    Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R)  # (1.5)
+    Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R, precision=_HIGHEST)  # (1.5)
     y = jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
     var = jnp.diagonal(cov, axis1=-2, axis2=-1).reshape(-1)
     stats = InhibStats(mu, var, cov)
@@ -201,7 +210,7 @@ def batch_inhib_inference(
     R = _inhibition(
         c3.astype(cd), a3.astype(cd), rho, epsilon, correlation, denominator, guard, guard_mode
     )
-    Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R)
+    Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R, precision=_HIGHEST)
     return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
 
 
