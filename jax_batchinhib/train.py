@@ -59,7 +59,9 @@ class InhibMLP(nn.Module):
 
         x = x.reshape(x.shape[0], -1)
         for i, f in enumerate(self.features):
-            x = nn.Dense(f, name=f"dense{i}")(x)
+            # no bias before BatchNorm: it has an exactly zero gradient that Adam would
+            # turn into round-off moves (docs/scaling.md)
+            x = nn.Dense(f, use_bias=not self.batchnorm, name=f"dense{i}")(x)
             if self.batchnorm:
                 x = bl.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i}")(x)
             x = bl.BatchInhib(
