@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import NamedTuple
 
@@ -79,7 +80,15 @@ def format_table(errors: dict, title: str = "") -> str:
 
 
 def check_vjp(
-    op, reference, *args, key=None, argnums=None, rtol=None, raise_on_error=True, **kwargs
+    op,
+    reference,
+    *args,
+    key=None,
+    argnums=None,
+    rtol=None,
+    raise_on_error=True,
+    compiler_options=None,
+    **kwargs,
 ):
     """Compare ``op``'s VJP with ``jax.vjp`` of ``reference`` for every differentiable input.
 
@@ -95,6 +104,8 @@ def check_vjp(
       key: an int seed (default 0) or a PRNG key for the random cotangents.
       rtol: relative tolerance; default by the input's dtype (:data:`TOLERANCES`).
       raise_on_error: raise :class:`VJPMismatch` with a table when over tolerance.
+      compiler_options: XLA options for the compiled comparison, e.g.
+        ``{"xla_backend_optimization_level": 0}`` to compile faster on CPU.
       **kwargs: static keyword arguments for both.
 
     Returns:
@@ -133,17 +144,15 @@ def check_vjp(
             cts.append(np.zeros(leaf.shape, jax.dtypes.float0))
     ct = jax.tree.unflatten(tree, cts)
 
-    def pullback(fn):
-        # one compiled program per side: forward and VJP together
-        @jax.jit
-        def run(dargs, ct):
-            out, vjp_fn = jax.vjp(bind(fn), *dargs)
-            return out, vjp_fn(jax.tree.unflatten(jax.tree.structure(out), jax.tree.leaves(ct)))
+    # one compiled program: both forwards and both VJPs
+    @functools.partial(jax.jit, compiler_options=compiler_options)
+    def both(dargs, ct):
+        out_op, vjp_op = jax.vjp(bind(op), *dargs)
+        out_ref, vjp_ref = jax.vjp(bind(reference), *dargs)
+        ct_op = jax.tree.unflatten(jax.tree.structure(out_op), jax.tree.leaves(ct))
+        return out_op, out_ref, vjp_op(ct_op), vjp_ref(ct)
 
-        return run(dargs, ct)
-
-    out_op, g_op = pullback(op)
-    out_ref, g_ref = pullback(reference)
+    out_op, out_ref, g_op, g_ref = both(dargs, ct)
 
     errors = {}
     out_dtype = jnp.result_type(jax.tree.leaves(out_ref)[0])
