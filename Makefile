@@ -1,4 +1,4 @@
-# The two commands a newcomer types (see README.md): `make demo` and `make test`.
+# Shorthands for the two commands in README.md; .ci/run spells out the test command.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,6 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(BIN)/python
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test,examples,notebooks]"
 
 # The main job: prove every hand-derived VJP against autodiff, then train on digits.
