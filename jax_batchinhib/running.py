@@ -203,6 +203,18 @@ def _per_batch(where, one, x, mask, virtual_batch_size, axis):
     return _ghost.ghost_batches(where, one, x, mask, virtual_batch_size, axis % x.ndim)
 
 
+def _update_running(state: dict, batch: dict, *, momentum, valid) -> dict:
+    """New running state: each ``batch`` statistic folded into ``state`` (EMA or
+    cumulative), and the batch count advanced when ``momentum`` is None."""
+    count = state.get("count")
+    new = dict(state)
+    for name, b in batch.items():
+        new[name] = update(state[name], b, momentum=momentum, count=count, valid=valid)
+    if momentum is None:
+        new["count"] = update_count(count, valid)
+    return new
+
+
 def batch_norm_step(
     where: str,
     x,
@@ -254,13 +266,7 @@ def batch_norm_step(
     if not update_stats:
         return y, state
     valid = _valid(where, x, axis, mask, axis_name, axis_index_groups)
-    count = state.get("count")
-    new = dict(state)
-    new["mean"] = update(state["mean"], mean_b, momentum=momentum, count=count, valid=valid)
-    new["var"] = update(state["var"], var_b, momentum=momentum, count=count, valid=valid)
-    if momentum is None:
-        new["count"] = update_count(count, valid)
-    return y, new
+    return y, _update_running(state, {"mean": mean_b, "var": var_b}, momentum=momentum, valid=valid)
 
 
 def batch_center_step(
@@ -301,12 +307,7 @@ def batch_center_step(
     if not update_stats:
         return y, state
     valid = _valid(where, x, axis, mask, axis_name, axis_index_groups)
-    count = state.get("count")
-    new = dict(state)
-    new["mean"] = update(state["mean"], mean_b, momentum=momentum, count=count, valid=valid)
-    if momentum is None:
-        new["count"] = update_count(count, valid)
-    return y, new
+    return y, _update_running(state, {"mean": mean_b}, momentum=momentum, valid=valid)
 
 
 def batch_inhib_step(
@@ -367,11 +368,5 @@ def batch_inhib_step(
     cov_b = jnp.reshape(cov_b, state["cov"].shape)
     valid_s = _valid(where, x, axis, mask, axis_name, axis_index_groups)
     valid_s = None if valid_s is None else valid_s[0]
-    count = state.get("count")
-    new = dict(state)
-    new["mean"] = update(state["mean"], mean_b, momentum=momentum, count=count, valid=valid_s)
-    new["var"] = update(state["var"], var_b, momentum=momentum, count=count, valid=valid_s)
-    new["cov"] = update(state["cov"], cov_b, momentum=momentum, count=count, valid=valid_s)
-    if momentum is None:
-        new["count"] = update_count(count, valid_s)
-    return y, new
+    batch = {"mean": mean_b, "var": var_b, "cov": cov_b}
+    return y, _update_running(state, batch, momentum=momentum, valid=valid_s)
