@@ -98,14 +98,19 @@ def _inhib_parts(cfg: InhibConfig, cov, alpha):
     return sd, r, gm, d, h, a, s
 
 
-def _inhib_matrix(cfg: InhibConfig, cov, alpha):
-    sd, r, gm, d, h, _, _ = _inhib_parts(cfg, cov, alpha)
+def _matrix_of(parts):
+    sd, r, gm, d, h, _, _ = parts
     return gm * r * h[..., None]
 
 
-def _inhib_matrix_bwd(cfg: InhibConfig, cov, alpha, dR):
-    """VJP of R(cov, alpha): returns (dcov, dalpha). Linear in dR."""
-    sd, r, gm, d, h, a, s = _inhib_parts(cfg, cov, alpha)
+def _inhib_matrix(cfg: InhibConfig, cov, alpha):
+    return _matrix_of(_inhib_parts(cfg, cov, alpha))
+
+
+def _inhib_matrix_bwd(cfg: InhibConfig, alpha, parts, dR):
+    """VJP of R(cov, alpha), given ``_inhib_parts(cfg, cov, alpha)``: returns
+    (dcov, dalpha). Linear in dR."""
+    sd, r, gm, d, h, a, s = parts
     p = gm * r
     q = r if cfg.denominator == "signed" else jnp.abs(r)
     dp = dR * h[..., None]
@@ -119,14 +124,14 @@ def _inhib_matrix_bwd(cfg: InhibConfig, cov, alpha, dR):
         da = -2.0 * cfg.guard * cfg.guard * a * d * dh / (den * den)
         dgm = dgm + da[..., None] * jnp.abs(r)
         dr = dr + da[..., None] * gm * jnp.sign(r)
-    af = alpha.astype(cov.dtype)
-    off = 1.0 - jnp.eye(cov.shape[-1], dtype=cov.dtype)
+    af = alpha.astype(r.dtype)
+    off = 1.0 - jnp.eye(r.shape[-1], dtype=r.dtype)
     dalpha = dgm * off * jax.nn.sigmoid(cfg.rho * af)
     drr = dr * r
     dsd = -(jnp.sum(drr, axis=-1) + jnp.sum(drr, axis=-2)) / sd
     dv = dsd / (2.0 * sd) if cfg.correlation == "pearson" else dsd
     dcov = dr / (sd[..., :, None] * sd[..., None, :])
-    dcov = dcov + dv[..., :, None] * jnp.eye(cov.shape[-1], dtype=cov.dtype)
+    dcov = dcov + dv[..., :, None] * jnp.eye(r.shape[-1], dtype=r.dtype)
     return dcov, dalpha
 
 
@@ -334,13 +339,9 @@ def _batch_inhib_bwd(cfg, red, res, cts):
     xf = x2.astype(cd)
     xg = xf.reshape(m, g, n)
     dyg = dy2.astype(cd).reshape(m, g, n)
-    R = _inhib_matrix(cfg, cov, alpha3)
-    # y = x - x R^T  ->  dx = dy - dy R,  dR = -dy^T x  (summed over this device's rows)
-    dx = dyg - jnp.einsum("mgi,gil->mgl", dyg, R, precision=S.PRECISION)
-    dR = -jnp.einsum("mgi,mgl->gil", dyg, xg, precision=S.PRECISION)
     # Linear in dR: the local dalpha sums to the global one across devices; the x path
     # needs the global dcov.
-    dcov, dalpha = _inhib_matrix_bwd(cfg, cov, alpha3, dR)
+    dx, dcov, dalpha = _linear_map_bwd(cfg, cov, alpha3, xg, dyg)
     dcov = red.psum(dcov)
     dcs = dcov + jnp.swapaxes(dcov, -1, -2)
     xc = ((xf - s) - mean_d).reshape(m, g, n)
@@ -393,14 +394,22 @@ def batch_inhib_inference(
     return _from_matrix(y2, tshape, red.axis)
 
 
-def _bi_inf_R(cfg, x2, alpha3, cov3):
-    cd = S.compute_dtype(jnp.result_type(x2.dtype, cov3.dtype))
-    return cd, _inhib_matrix(cfg, cov3.astype(cd), alpha3)
+def _linear_map_bwd(cfg, cov, alpha3, xg, dyg):
+    """Backward of y = x - x R(cov, alpha)^T for grouped (m, G, n) x and dy:
+    dx = dy - dy R and dR = -dy^T x (this device's rows), then (dcov, dalpha) from dR.
+    Returns (dx, dcov, dalpha); R's parts are computed once."""
+    parts = _inhib_parts(cfg, cov, alpha3)
+    R = _matrix_of(parts)
+    dx = dyg - jnp.einsum("mgi,gil->mgl", dyg, R, precision=S.PRECISION)
+    dR = -jnp.einsum("mgi,mgl->gil", dyg, xg, precision=S.PRECISION)
+    dcov, dalpha = _inhib_matrix_bwd(cfg, alpha3, parts, dR)
+    return dx, dcov, dalpha
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _bi_inf(cfg, x2, alpha3, cov3):
-    cd, R = _bi_inf_R(cfg, x2, alpha3, cov3)
+    cd = S.compute_dtype(jnp.result_type(x2.dtype, cov3.dtype))
+    R = _inhib_matrix(cfg, cov3.astype(cd), alpha3)
     m, nf = x2.shape
     xg = x2.astype(cd).reshape(m, cfg.groups, nf // cfg.groups)
     yg = xg - jnp.einsum("mgl,gil->mgi", xg, R, precision=S.PRECISION)
@@ -413,14 +422,12 @@ def _bi_inf_fwd(cfg, x2, alpha3, cov3):
 
 def _bi_inf_bwd(cfg, res, dy2):
     x2, alpha3, cov3 = res
-    cd, R = _bi_inf_R(cfg, x2, alpha3, cov3)
+    cd = S.compute_dtype(jnp.result_type(x2.dtype, cov3.dtype))
     m, nf = x2.shape
     g = cfg.groups
     xg = x2.astype(cd).reshape(m, g, nf // g)
     dyg = dy2.astype(cd).reshape(m, g, nf // g)
-    dx = dyg - jnp.einsum("mgi,gil->mgl", dyg, R, precision=S.PRECISION)
-    dR = -jnp.einsum("mgi,mgl->gil", dyg, xg, precision=S.PRECISION)
-    dcov, dalpha = _inhib_matrix_bwd(cfg, cov3.astype(cd), alpha3, dR)
+    dx, dcov, dalpha = _linear_map_bwd(cfg, cov3.astype(cd), alpha3, xg, dyg)
     return (
         dx.reshape(m, nf).astype(x2.dtype),
         dalpha.astype(alpha3.dtype),
