@@ -442,8 +442,9 @@ def test_variance_survives_large_mean():
         want = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
     y, s = jax.jit(lambda x: jb.batch_norm(x))(x)
     err = np.max(np.abs(np.asarray(y, np.float64) - want))
-    assert err < 1e-3, err
-    np.testing.assert_allclose(s.var, x64.var(0), rtol=1e-3)
+    assert err < 1e-3, err  # the bound; measured here: 3e-7
+    # float32 sums of 4096 shifted terms: a few ulps (measured 8e-8 relative)
+    np.testing.assert_allclose(s.var, x64.var(0), rtol=1e-5)
 
     # plain two-pass float32 (the reference) loses to the rounded mean: about 3e-2
     y_naive = ref.batch_norm(x)[0]
