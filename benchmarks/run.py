@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from jax_batchinhib import bench  # noqa: E402
+from jax_batchinhib.apps import bench  # noqa: E402
 
 OUT = os.path.join(ROOT, "BENCHMARKS.md")
 ORDER = {"cpu": 0, "gpu": 1, "cuda": 1, "rocm": 2, "tpu": 3}

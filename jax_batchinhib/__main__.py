@@ -2,7 +2,7 @@
 
 import sys
 
-from jax_batchinhib.cli import main
+from jax_batchinhib.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

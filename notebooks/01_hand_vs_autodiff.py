@@ -34,7 +34,7 @@ from IPython.display import Markdown, display
 
 import jax_batchinhib as jb
 from jax_batchinhib import reference as ref
-from jax_batchinhib import verify
+from jax_batchinhib.apps import verify
 
 print("jax", jax.__version__, "on", jax.default_backend())
 

@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jax_batchinhib as jb
-from jax_batchinhib import train
+from jax_batchinhib.apps import train
 
 rng = np.random.default_rng(0)
 

@@ -23,9 +23,9 @@
 # ```
 #
 # (row-major: `x` is `(m, d)`, a Dense layer is `x W + b` with `W` of shape `(in, out)`,
-# as Flax stores it). `jax_batchinhib.two_branch.grads_by_hand` writes the backward out
+# as Flax stores it). `jax_batchinhib.apps.two_branch.grads_by_hand` writes the backward out
 # one rule per line; here it runs next to `jax.grad` of the Flax model
-# (`jax_batchinhib.models.TwoBranch`), and then the seed's own lines are tried where
+# (`jax_batchinhib.apps.models.TwoBranch`), and then the seed's own lines are tried where
 # they differ.
 
 # %%
@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-from jax_batchinhib import two_branch as tb
-from jax_batchinhib.models import TwoBranch
+from jax_batchinhib.apps import two_branch as tb
+from jax_batchinhib.apps.models import TwoBranch
 
 jax.config.update("jax_enable_x64", True)  # float64 for the whole notebook: errors at round-off
 

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from jax_batchinhib import parallel, train  # noqa: E402
-from jax_batchinhib.models import MLP  # noqa: E402
+from jax_batchinhib.apps.models import MLP  # noqa: E402
 
 print("jax", jax.__version__, "devices:", jax.devices())
 
@@ -52,7 +52,7 @@ print("jax", jax.__version__, "devices:", jax.devices())
 # ## The data, the model, one train step
 #
 # Global batch 64 (16 rows per device), two epochs of shuffled digits, Adam. The step is
-# `jax_batchinhib.train.train_step`, the same function the single-device training uses.
+# `jax_batchinhib.apps.train.train_step`, the same function the single-device training uses.
 
 # %%
 x_train, y_train, x_test, y_test = train.load_digits_split()

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jax_batchinhib import bench
+from jax_batchinhib.apps import bench
 
 QUIET = dict(repeats=3, min_time=1e-4, budget=0.05, sync="each", log=lambda s: None)
 

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jax_batchinhib import cli, verify
 from jax_batchinhib import reference as ref
+from jax_batchinhib.apps import cli, verify
 
 
 def run_cli(capsys, *argv):
@@ -150,7 +150,7 @@ def test_train_rejects_bad_flags(capsys):
 
 
 def test_verdict_words():
-    from jax_batchinhib.train import verdict
+    from jax_batchinhib.apps.train import verdict
 
     def r(accs):
         import numpy as np
@@ -167,7 +167,7 @@ def test_verdict_words():
 
 
 def test_bench_forwards_its_flags(monkeypatch):
-    import jax_batchinhib.bench as bench
+    import jax_batchinhib.apps.bench as bench
 
     seen = []
     monkeypatch.setattr(bench, "main", lambda argv: seen.append(list(argv)) or 0)

@@ -40,7 +40,7 @@ import jax_batchinhib as jb
 from jax_batchinhib import linen as bl
 from jax_batchinhib import parallel, train
 from jax_batchinhib import reference as ref
-from jax_batchinhib.models import MLP
+from jax_batchinhib.apps.models import MLP
 
 ND = 8
 B, N = 32, 4  # 4 rows per device

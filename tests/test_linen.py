@@ -17,7 +17,7 @@ import pytest
 
 import jax_batchinhib
 from jax_batchinhib import linen as bnn
-from jax_batchinhib import models
+from jax_batchinhib.apps import models
 
 ATOL = 1e-5  # float32 outputs/gradients of O(1), see the module docstring
 RTOL_STATS = 1e-6  # float32 running statistics

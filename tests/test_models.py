@@ -13,7 +13,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jax_batchinhib import models, softmax_cross_entropy
+from jax_batchinhib import softmax_cross_entropy
+from jax_batchinhib.apps import models
 
 STEPS = 15
 

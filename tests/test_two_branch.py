@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_batchinhib import two_branch as tb
-from jax_batchinhib.models import TwoBranch
+from jax_batchinhib.apps import two_branch as tb
+from jax_batchinhib.apps.models import TwoBranch
 
 RTOL = 1e-10  # float64 round-off, normwise relative
 RATE = 0.3

@@ -41,13 +41,13 @@ def _verify_parser(sub):
 
 
 def _run_verify(args, rest):
-    from jax_batchinhib import verify
+    from jax_batchinhib.apps import verify
 
     return verify.main(args)
 
 
 def _train_parser(sub):
-    from jax_batchinhib.train import DEFAULT_VARIANTS, DEFAULTS, VARIANTS
+    from jax_batchinhib.apps.train import DEFAULT_VARIANTS, DEFAULTS, VARIANTS
 
     p = sub.add_parser(
         "train",
@@ -103,7 +103,7 @@ def _run_train(args, rest):
         from jax_batchinhib import parallel
 
         parallel.set_cpu_device_count(args.devices)
-    from jax_batchinhib import train
+    from jax_batchinhib.apps import train
 
     return train.main(args)
 
@@ -112,7 +112,7 @@ def _bench_parser(sub):
     p = sub.add_parser(
         "bench",
         help="speed and memory benchmarks (--quick by default)",
-        description="Forwarded to jax_batchinhib.bench.main: --quick (default), --full, "
+        description="Forwarded to jax_batchinhib.apps.bench.main: --quick (default), --full, "
         "--json, --markdown.",
         add_help=False,
     )
@@ -120,7 +120,7 @@ def _bench_parser(sub):
 
 
 def _run_bench(args, rest):
-    from jax_batchinhib import bench
+    from jax_batchinhib.apps import bench
 
     code = bench.main(rest)
     return 0 if code is None else int(code)

@@ -1,6 +1,6 @@
 r"""Seed 001's two-branch network with its backward chained by hand, rule by rule.
 
-The network (:class:`jax_batchinhib.models.TwoBranch`), batch of ``m`` rows, row-major
+The network (:class:`jax_batchinhib.apps.models.TwoBranch`), batch of ``m`` rows, row-major
 (``x`` is ``(m, d)``, a Dense layer is ``z = x W + b`` with ``W`` of shape ``(in, out)``
 as linen stores it):
 
@@ -71,7 +71,7 @@ def grads_by_hand(params: Params, x, labels, keep, rate: float):
     Args:
       params: ``{'fc1a': {'kernel', 'bias'}, 'fc2a': {...}, 'fc1b': {'kernel'},
         'center': {'bias'}, 'fc2b': {...}}`` (the ``params`` collection of
-        :class:`~jax_batchinhib.models.TwoBranch`).
+        :class:`~jax_batchinhib.apps.models.TwoBranch`).
       x: ``(m, d)`` inputs.
       labels: ``(m, K)`` one-hot (or probability) targets.
       keep: ``(m, features_a)`` boolean dropout keep-mask (see :func:`dropout_keep_mask`).

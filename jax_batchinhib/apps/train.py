@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_batchinhib.models import MLP, TwoBranch
+from jax_batchinhib.apps.data import load_digits_split
+from jax_batchinhib.apps.models import MLP, TwoBranch
 from jax_batchinhib.ops import softmax_cross_entropy
 
 DEFAULTS = {"epochs": 15, "seeds": 3, "batch_size": 64, "lr": 3e-3, "out": "out/train"}
@@ -40,7 +41,7 @@ HIDDEN = (64, 64)
 
 
 class InhibMLP(nn.Module):
-    """:class:`~jax_batchinhib.models.MLP` with BatchInhib whose ``alpha`` starts at 0:
+    """:class:`~jax_batchinhib.apps.models.MLP` with BatchInhib whose ``alpha`` starts at 0:
     full-strength inhibition from the first step (g = log 2 everywhere, R the
     row-normalized correlation), instead of the library's near-identity default
     (alpha = -12, which Adam at lr 3e-3 moves by about 1 in this run's 300 steps, so
@@ -139,29 +140,6 @@ DEFAULT_VARIANTS = (
     "inhib_groups4_a0_abs",
     "two_branch",
 )
-
-# --------------------------------------------------------------------------- data
-
-
-def load_digits_split(test_fraction: float = 0.25, seed: int = 0):
-    """scikit-learn's digits, pixels / 16 in [0, 1], flattened to 64 features; a fixed
-    stratified split. Returns ``(x_train, y_train, x_test, y_test)`` as numpy arrays."""
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as e:  # pragma: no cover - extra not installed
-        raise SystemExit(
-            "train: scikit-learn is needed for the digits data: pip install "
-            "'jax-batchinhib[examples]'"
-        ) from e
-    d = load_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    y = d.target.astype(np.int32)
-    xtr, xte, ytr, yte = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
-    return xtr, ytr, xte, yte
-
 
 # -------------------------------------------------------------------------- model
 
