@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_batchinhib.ops.batch_inhib import GUARD_DEFAULTS, RELATIVE_GUARD_FLOOR, InhibStats
+from jax_batchinhib.ops.batch_inhib import RELATIVE_GUARD_FLOOR, InhibOptions, InhibStats
 from jax_batchinhib.ops.batch_norm import BatchStats
 
 #: Full-precision matmuls: on GPUs the default float32 matmul may run in TF32 (10-bit
@@ -118,9 +118,10 @@ def batch_center_inference(x, bias, mean, *, axis=-1):
     return y.astype(x.dtype)
 
 
-def _inhibition(cov, alpha, rho, epsilon, correlation, denominator, guard, guard_mode="absolute"):
+def _inhibition(cov, alpha, opts: InhibOptions):
     """Seed 000 eqs 1.2-1.4 from a covariance (G, n, n): R (G, n, n)."""
-    guard = GUARD_DEFAULTS[guard_mode] if guard is None else guard
+    rho, epsilon, guard = opts.rho, opts.epsilon, opts.guard
+    correlation, denominator, guard_mode = opts.correlation, opts.denominator, opts.guard_mode
     n = cov.shape[-1]
     var = jnp.diagonal(cov, axis1=-2, axis2=-1)
     sigma = jnp.sqrt(var + epsilon) if correlation == "pearson" else var + epsilon  # (1.2)
@@ -152,6 +153,7 @@ def batch_inhib(
     guard_mode="absolute",
 ):
     """Reference BatchInhib (seed 000 eqs 1.1-1.5), statistics stop-gradient."""
+    opts = InhibOptions(rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     cd = _f32(x.dtype)
     axis = axis % x.ndim
     xt = jnp.moveaxis(x, axis, -1)
@@ -177,7 +179,7 @@ def batch_inhib(
         / n
     )
     a3 = alpha[None] if groups == 1 else alpha
-    R = _inhibition(cov, a3.astype(cd), rho, epsilon, correlation, denominator, guard, guard_mode)
+    R = _inhibition(cov, a3.astype(cd), opts)
     Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R, precision=_HIGHEST)  # (1.5)
     y = jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
     var = jnp.diagonal(cov, axis1=-2, axis2=-1).reshape(-1)
@@ -200,6 +202,7 @@ def batch_inhib_inference(
     guard_mode="absolute",
 ):
     """Reference BatchInhib with a given covariance: y = x (I - R^T)."""
+    opts = InhibOptions(rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     cd = _f32(jnp.result_type(x.dtype, cov.dtype))
     axis = axis % x.ndim
     xt = jnp.moveaxis(x, axis, -1)
@@ -207,9 +210,7 @@ def batch_inhib_inference(
     Xg = xt.reshape(-1, groups, N // groups).astype(cd)
     a3 = alpha[None] if groups == 1 else alpha
     c3 = cov[None] if groups == 1 else cov
-    R = _inhibition(
-        c3.astype(cd), a3.astype(cd), rho, epsilon, correlation, denominator, guard, guard_mode
-    )
+    R = _inhibition(c3.astype(cd), a3.astype(cd), opts)
     Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R, precision=_HIGHEST)
     return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
 
