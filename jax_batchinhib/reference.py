@@ -7,7 +7,9 @@ derivation states them, one line per equation, in at least float32. They are als
 what a module uses with ``use_autodiff=True`` (forward-mode autodiff, ``jax.jvp``,
 ``jax.hessian``, works through these and not through a ``custom_vjp``).
 
-Same signatures and return values as the ops.
+Same signatures and return values as the ops (``virtual_batch_size`` included: the
+reference is ``jax.vmap``-ed over the ghost batches); the references do not validate
+their arguments.
 """
 
 from __future__ import annotations
@@ -50,6 +52,20 @@ def _weights(x, mask, axis, dtype):
     return mask.astype(dtype)
 
 
+def _ghost_batches(op, x, mask, v):
+    """Ghost batches in plain JAX: ``op(xs, mask)`` on each run of ``v`` rows of the
+    leading axis (``jax.vmap`` over the sub-batches), the statistics averaged."""
+    b = x.shape[0]
+    xg = x.reshape((b // v, v) + tuple(x.shape[1:]))
+    if mask is None:
+        y, stats = jax.vmap(lambda xs: op(xs, None))(xg)
+    else:
+        mask = jnp.asarray(mask)
+        mask = jnp.broadcast_to(mask, (b,) + tuple(mask.shape[1:]))
+        y, stats = jax.vmap(op)(xg, mask.reshape((b // v, v) + tuple(mask.shape[1:])))
+    return y.reshape(x.shape), jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+
+
 def batch_norm(
     x,
     scale=None,
@@ -60,8 +76,19 @@ def batch_norm(
     axis_name=None,
     axis_index_groups=None,
     mask=None,
+    virtual_batch_size=None,
+    use_fast_variance=True,
 ):
     """Reference batch norm: mean, biased variance, normalize, scale and shift."""
+    if virtual_batch_size is not None:
+
+        def op(xs, ms):
+            return batch_norm(
+                xs, scale, bias, axis=axis % x.ndim, epsilon=epsilon, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, mask=ms, use_fast_variance=use_fast_variance,
+            )  # fmt: skip
+
+        return _ghost_batches(op, x, mask, virtual_batch_size)
     cd = _f32(x.dtype)
     axis, red = _axes(x, axis)
     xf = x.astype(cd)
@@ -80,8 +107,27 @@ def batch_norm(
     return y.astype(x.dtype), BatchStats(mean.reshape(-1), var.reshape(-1))
 
 
-def batch_center(x, bias=None, *, axis=-1, axis_name=None, axis_index_groups=None, mask=None):
+def batch_center(
+    x,
+    bias=None,
+    *,
+    axis=-1,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+    virtual_batch_size=None,
+    use_fast_variance=True,
+):
     """Reference batch centering: y = x - mean + bias."""
+    if virtual_batch_size is not None:
+
+        def op(xs, ms):
+            return batch_center(
+                xs, bias, axis=axis % x.ndim, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, mask=ms, use_fast_variance=use_fast_variance,
+            )  # fmt: skip
+
+        return _ghost_batches(op, x, mask, virtual_batch_size)
     cd = _f32(x.dtype)
     axis, red = _axes(x, axis)
     xf = x.astype(cd)
@@ -151,9 +197,21 @@ def batch_inhib(
     denominator="signed",
     guard=None,
     guard_mode="absolute",
+    virtual_batch_size=None,
+    use_fast_variance=True,
 ):
     """Reference BatchInhib (seed 000 eqs 1.1-1.5), statistics stop-gradient."""
     opts = InhibOptions(rho, epsilon, groups, correlation, denominator, guard, guard_mode)
+    if virtual_batch_size is not None:
+
+        def op(xs, ms):
+            return batch_inhib(
+                xs, alpha, axis=axis % x.ndim, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, mask=ms,
+                use_fast_variance=use_fast_variance, **opts.kwargs(),
+            )  # fmt: skip
+
+        return _ghost_batches(op, x, mask, virtual_batch_size)
     cd = _f32(x.dtype)
     axis = axis % x.ndim
     xt = jnp.moveaxis(x, axis, -1)
@@ -238,4 +296,4 @@ def softmax_cross_entropy(logits, labels, axis=-1):
     z = logits.astype(cd)
     m = lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
     logp = z - m - jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True))
-    return (-jnp.sum(labels.astype(cd) * logp, axis=axis)).astype(jnp.result_type(logits, labels))
+    return (-jnp.sum(labels.astype(cd) * logp, axis=axis)).astype(logits.dtype)
