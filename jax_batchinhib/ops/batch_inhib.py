@@ -300,7 +300,7 @@ def batch_inhib(
       >>> import jax, jax.numpy as jnp
       >>> from jax_batchinhib import batch_inhib
       >>> x = jax.random.normal(jax.random.key(0), (32, 4))
-      >>> y, stats = batch_inhib(x, jnp.zeros((4, 4)))
+      >>> y, stats = jax.jit(batch_inhib)(x, jnp.zeros((4, 4)))  # one compile, not one per op
       >>> y.shape, stats.cov.shape
       ((32, 4), (1, 4, 4))
     """

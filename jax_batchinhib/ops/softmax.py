@@ -19,7 +19,8 @@ def softmax(x, axis: int = -1):
     Example:
       >>> import jax.numpy as jnp
       >>> from jax_batchinhib import softmax
-      >>> softmax(jnp.array([0.0, jnp.log(3.0)])).round(3).tolist()
+      >>> a = softmax(jnp.array([0.0, jnp.log(3.0)]))
+      >>> [round(v, 3) for v in a.tolist()]
       [0.25, 0.75]
     """
     fn = "softmax"
