@@ -4,7 +4,8 @@ In eval mode every layer of ours is a fixed affine (BatchNorm, BatchCenter) or l
 (BatchInhib) map of the features, so it merges into an adjacent linear layer, and the
 model runs as plain :class:`flax.linen.Dense` / :class:`flax.linen.Conv` layers.
 
-- BatchNorm after a layer with kernel K (``(..., in, out)``) and bias b (seed 002):
+- BatchNorm after a layer with kernel K (``(..., in, out)``) and bias b
+  (docs/derivations.md, "Inference form"):
   :math:`y = a\,x + c` with :math:`a = \gamma/\sqrt{Var+\epsilon}`,
   :math:`c = \beta - \gamma E[x]/\sqrt{Var+\epsilon}`, so
   :math:`K' = K\,\mathrm{diag}(a)`, :math:`b' = a\,b + c`.
@@ -78,7 +79,9 @@ def _check_n(fn, what, v, n):
 
 
 def batch_norm_affine(bn_params, bn_stats, *, epsilon: float):
-    """Eval-mode BatchNorm as ``y = a * x + c`` per feature (seed 002's closed form).
+    """Eval-mode BatchNorm as ``y = a * x + c`` per feature.
+
+    The closed form of docs/derivations.md, "Inference form".
 
     ``bn_params`` may lack ``scale`` / ``bias`` (use_scale / use_bias False).
     ``epsilon`` is the layer's (``layer.epsilon``); it has no default, so that a fold

@@ -7,7 +7,7 @@ VJPs) and the running-statistics rules in :mod:`jax_batchinhib.running`.
 :class:`BatchNorm` is a drop-in replacement for :class:`flax.linen.BatchNorm`: the same
 arguments with the same names, defaults and meaning, the same variables (``params``:
 ``scale``, ``bias``; ``batch_stats``: ``mean``, ``var``), no statistics update during
-``init``. Two additions, both from seed 002 / PyTorch:
+``init``. Two additions, both from Ioffe & Szegedy (2015) / PyTorch:
 
 - ``unbiased=True`` (default) stores ``m/(m-1)`` times the batch variance, like PyTorch;
   ``unbiased=False`` stores what flax stores, so a checkpoint moves between
@@ -133,8 +133,8 @@ class BatchNorm(nn.Module):
 
     - ``momentum``: a float (EMA, flax's meaning) or None (cumulative average over all
       batches, with ``batch_stats/count``).
-    - ``unbiased``: store m/(m-1) times the batch variance (True, PyTorch's and seed
-      002's) or the biased batch variance (False, flax's).
+    - ``unbiased``: store m/(m-1) times the batch variance (True, PyTorch's and Ioffe &
+      Szegedy's) or the biased batch variance (False, flax's).
     - ``use_autodiff``: differentiate the plain-jnp reference instead of using the
       hand-derived VJP (needed for jax.jvp / jacfwd / hessian).
     - ``virtual_batch_size``: ghost batches (Keras's ``virtual_batch_size``): in
@@ -189,7 +189,7 @@ class BatchNorm(nn.Module):
 
 
 class BatchCenter(nn.Module):
-    """Batch centering (seed 001's mean-only layer): ``y = x - mean + bias``.
+    """Batch centering (a mean-only layer): ``y = x - mean + bias``.
 
     Training mode subtracts the batch mean and updates the running mean
     (``batch_stats/mean``; with ``momentum=None`` also ``batch_stats/count``); eval mode
@@ -224,7 +224,9 @@ class BatchCenter(nn.Module):
 
 
 class BatchInhib(nn.Module):
-    r"""BatchInhib (seed 000): features inhibit each other through their correlation.
+    r"""BatchInhib: features inhibit each other through their correlation.
+
+    Derivation: docs/derivations.md, "3. batch_inhib".
 
     Training mode: ``y = x - x R^T`` with R from the batch covariance (see
     :func:`jax_batchinhib.batch_inhib`), and the running mean, variance and covariance

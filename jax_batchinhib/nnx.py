@@ -154,7 +154,7 @@ class BatchNorm(_Stats):
 
 
 class BatchCenter(_Stats):
-    """Batch centering ``y = x - mean + bias`` with a running mean (seed 001)."""
+    """Batch centering ``y = x - mean + bias`` with a running mean."""
 
     _kind = "batch_center"
 
@@ -193,7 +193,9 @@ class BatchCenter(_Stats):
 
 
 class BatchInhib(_Stats):
-    """BatchInhib (seed 000) with running mean, variance and covariance.
+    """BatchInhib with running mean, variance and covariance.
+
+    Derivation: docs/derivations.md, "3. batch_inhib".
 
     Same options and variables as :class:`jax_batchinhib.linen.BatchInhib`: parameter
     ``alpha`` (N, N) or (groups, N/groups, N/groups), initialized by

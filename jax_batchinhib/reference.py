@@ -165,7 +165,7 @@ def batch_center_inference(x, bias, mean, *, axis=-1):
 
 
 def _inhibition(cov, alpha, opts: InhibOptions):
-    """Seed 000 eqs 1.2-1.4 from a covariance (G, n, n): R (G, n, n)."""
+    """R from a covariance (G, n, n): R (G, n, n) (docs/derivations.md, "3. batch_inhib")."""
     rho, epsilon, guard = opts.rho, opts.epsilon, opts.guard
     correlation, denominator, guard_mode = opts.correlation, opts.denominator, opts.guard_mode
     n = cov.shape[-1]
@@ -200,7 +200,7 @@ def batch_inhib(
     virtual_batch_size=None,
     use_fast_variance=True,
 ):
-    """Reference BatchInhib (seed 000 eqs 1.1-1.5), statistics stop-gradient."""
+    """Reference BatchInhib (docs/derivations.md, "3. batch_inhib"), statistics stop-gradient."""
     opts = InhibOptions(rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     if virtual_batch_size is not None:
 

@@ -1,6 +1,7 @@
 r"""Running statistics: the state the normalization modules keep, and how it is updated.
 
-Seed 002 replaces the mini-batch statistics at inference by population estimates,
+Batch normalization (Ioffe & Szegedy, 2015) replaces the mini-batch statistics at inference
+by population estimates,
 
 .. math::
     E[x] \leftarrow E_B[\mu_B], \qquad Var[x] \leftarrow \tfrac{m}{m-1}\,E_B[\sigma_B^2],
@@ -90,8 +91,8 @@ def batch_count(
     axis_index_groups=None,
 ):
     """Number of counted values per feature, shape ``(N,)`` float32: the ``m`` of
-    seed 002's ``m/(m-1)``. Rows (positions) where ``mask`` is False are not counted;
-    with ``axis_name`` the counts of every device are summed."""
+    ``m/(m-1)`` (docs/derivations.md, "Running statistics"). Rows (positions) where
+    ``mask`` is False are not counted; with ``axis_name`` the counts of every device are summed."""
     cfg = S.make_reduce(where, x, axis)
     n = x.shape[cfg.axis]
     if mask is None:

@@ -13,7 +13,7 @@ import numpy as np
 from jax_batchinhib.ops import _checks as C
 
 #: Default relative tolerance per dtype: ``max|ours - autodiff| / max|autodiff|``.
-#: float64 and float32 are the project's targets (issue 2); float16 and bfloat16 are two
+#: float64 and float32 are the project's targets; float16 and bfloat16 are two
 #: units of their round-off (2**-10, 2**-7 relative), since both sides compute in float32
 #: and round once to the input dtype at the end.
 TOLERANCES = {

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark harness (issue 4) on tiny shapes.
+"""Smoke test of the benchmark harness on tiny shapes.
 
 It checks that the harness computes what BENCHMARKS.md reports (ratios, residual and
 temp bytes, hardware-limit fractions, targets) and writes valid JSON and markdown. It

@@ -1,4 +1,4 @@
-"""The functional core (issue 2): every hand-derived VJP against autodiff of its reference.
+"""The functional core: every hand-derived VJP against autodiff of its reference.
 
 Tolerances (relative, normwise: max|ours - autodiff| / max|autodiff|) follow from the
 dtype: 1e-10 in float64 (round-off ~1e-16 times the conditioning of the small

@@ -439,7 +439,7 @@ def _make_cnn(models, norm, classes, autodiff=False):
 
 
 def all_cases(large: bool | None = None) -> list[Case]:
-    """Every case of issue 4, in run order; with ``large`` (default: on an accelerator) also
+    """Every case, in run order; with ``large`` (default: on an accelerator) also
     the larger shapes where an accelerator's bandwidth and flops limits mean something."""
     if large is None:
         large = jax.devices()[0].platform != "cpu"
@@ -1071,7 +1071,7 @@ def _render_one(res: dict) -> list[str]:
         "rounds. batch_inhib does 10 M N n flops in matmuls (n = N / groups), against one "
         "`(M, n) @ (n, n)` per group at HIGHEST precision (2 M N n flops), same rounds.",
         "",
-        "Targets (issue 4):",
+        "Targets:",
         "",
         "| family | metric | target | where | status | values |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -1115,7 +1115,7 @@ def build_parser(prog="jax-batchinhib bench") -> argparse.ArgumentParser:
     g.add_argument(
         "--quick", action="store_true", help="a small subset, ~1 minute on 2 CPU cores (default)"
     )
-    g.add_argument("--full", action="store_true", help="every case of issue 4")
+    g.add_argument("--full", action="store_true", help="every case")
     p.add_argument(
         "--cases", nargs="+", metavar="NAME", help="case names or glob patterns ('batch_norm/*')"
     )

@@ -119,7 +119,7 @@ VARIANTS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
         lambda: InhibMLP(HIDDEN, batchnorm=False, groups=4, guard_mode="relative"),
     ),
     "two_branch": (
-        "seed 001 two-branch: sin, dropout; BatchCenter, ReLU",
+        "two-branch block: sin, dropout; BatchCenter, ReLU",
         lambda: TwoBranch(features_a=32, features_b=32, dropout_rate=0.2),
     ),
 }

@@ -1,4 +1,6 @@
-r"""BatchInhib: features inhibit each other through their batch correlation (seed 000).
+r"""BatchInhib: features inhibit each other through their batch correlation.
+
+Derivation: docs/derivations.md, "3. batch_inhib".
 
 Per group of ``n = N / groups`` contiguous features, with batch covariance ``C``:
 
@@ -8,8 +10,8 @@ Per group of ``n = N / groups`` contiguous features, with batch covariance ``C``
     y_i = x_i - \sum_{l\ne i} R_{il}\, x_l,\quad g(a) = \mathrm{softplus}(\rho a)/\rho
 
 with :math:`s_i = \sqrt{C_{ii}+\epsilon}` (Pearson, default) or :math:`s_i = C_{ii}+\epsilon`
-(the seed's literal eq. 1.2, ``correlation="variance"``), and :math:`q = r` (signed
-denominator, the seed's) or :math:`q = |r|` (``denominator="abs"``). The reciprocal of
+(the original derivation's literal reading, ``correlation="variance"``), and :math:`q = r`
+(signed denominator, the original one) or :math:`q = |r|` (``denominator="abs"``). The reciprocal of
 the denominator :math:`D_i` is guarded as :math:`h(D) = D/(D^2+\delta^2)` (``guard`` =
 δ): smooth, bounded by :math:`1/(2\delta)`, and :math:`1/D` to relative :math:`\delta^2/D^2`.
 With ``guard_mode="relative"`` it is :math:`h(D) = D/(D^2+\delta^2 A_i^2)`,
@@ -272,9 +274,9 @@ def batch_inhib(
       epsilon: added to the variance in the correlation's denominator.
       groups: split the N features into this many contiguous blocks, each inhibited
         only within itself.
-      correlation: ``"pearson"`` (s = std) or ``"variance"`` (the seed's literal s = var,
-        which makes r depend on the scale of x).
-      denominator: ``"signed"`` (Σ g r, the seed's; can cross zero) or ``"abs"`` (Σ g |r|).
+      correlation: ``"pearson"`` (s = std) or ``"variance"`` (the original
+        derivation's literal s = var, which makes r depend on the scale of x).
+      denominator: ``"signed"`` (Σ g r, the original; can cross zero) or ``"abs"`` (Σ g |r|).
       guard: δ in the guarded reciprocal of the denominator D, which keeps y and its
         gradients finite when D crosses zero (uncorrelated or constant features);
         ``None``: 1e-3 (absolute) or 0.5 (relative: Σ_k |R_ik| <= 1).

@@ -68,7 +68,7 @@ def batch_norm(
         \mu = \tfrac1n\sum_j x_j,\quad \sigma^2 = \tfrac1n\sum_j (x_j-\mu)^2,\quad
         \hat x = (x-\mu)/\sqrt{\sigma^2+\epsilon},\quad y = \gamma\hat x + \beta
 
-    Backward (seed 003's simplified form), with :math:`d\hat x = \gamma\,dy`:
+    Backward (docs/derivations.md, "1. batch_norm"), with :math:`d\hat x = \gamma\,dy`:
 
     .. math::
         dx = \frac{1}{n\sqrt{\sigma^2+\epsilon}}\Big(n\,d\hat x - \sum d\hat x
@@ -167,7 +167,7 @@ def _batch_norm_bwd(cfg, epsilon, res, cts):
     red = cfg.reduce_axes
     # Two reductions of the input-sized arrays, shared by dx and the parameter grads:
     # S1 = sum(dxhat) = scale * sum(dy), S2 = sum(dxhat * xhat) = scale * sum(dy * xhat)
-    # (scale is per-feature), so dxhat is never formed (issue 4: 4 reductions -> 2).
+    # (scale is per-feature), so dxhat is never formed (4 reductions -> 2).
     sdy = jnp.sum(dy, axis=red, keepdims=True)
     sdyx = jnp.sum(dy * xhat, axis=red, keepdims=True)
     s1, s2 = cfg.psum((sdy, sdyx))
@@ -201,7 +201,7 @@ def batch_center(
     virtual_batch_size: int | None = None,
     use_fast_variance: bool = True,
 ):
-    r"""Batch centering (seed 001's mean-only "BN"): :math:`y = x - \mu + b`.
+    r"""Batch centering (a mean-only "BN"): :math:`y = x - \mu + b`.
 
     Backward: :math:`dx = dy - \tfrac1n\sum dy` (only counted rows receive the mean
     term), :math:`db = \sum dy`; the mean output is differentiable
@@ -280,7 +280,8 @@ def batch_norm_inference(x, scale, bias, mean, var, *, axis: int = -1, epsilon: 
     r"""Batch normalization with given (running) statistics: one affine map per feature.
 
     :math:`y = \gamma (x-\mu_r)/\sqrt{\sigma^2_r+\epsilon} + \beta`
-    (seed 002: :math:`y = \frac{\gamma}{\sqrt{Var+\epsilon}}x + (\beta -
+    (docs/derivations.md, "Inference form":
+    :math:`y = \frac{\gamma}{\sqrt{Var+\epsilon}}x + (\beta -
     \frac{\gamma E[x]}{\sqrt{Var+\epsilon}})`).
 
     Backward: :math:`dx = \gamma\,dy/\sqrt{\sigma^2_r+\epsilon}`,

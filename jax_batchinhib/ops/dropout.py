@@ -32,7 +32,9 @@ def keep_mask(key, rate: float, shape):
 
 
 def dropout(x, rate: float, key):
-    r"""Inverted dropout (seed 001): :math:`y = x \odot M`, :math:`M_j = [r_j > p]/(1-p)`.
+    r"""Inverted dropout: :math:`y = x \odot M`, :math:`M_j = [r_j > p]/(1-p)`.
+
+    Derivation: docs/derivations.md, "4. dropout".
 
     Backward: :math:`dx = dy \odot M`. The mask is not stored: the backward regenerates it
     from ``key``, so nothing input-sized is kept (autodiff keeps the mask).

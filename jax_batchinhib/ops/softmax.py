@@ -1,4 +1,7 @@
-"""Softmax and softmax cross-entropy with hand-derived VJPs (seed 001)."""
+"""Softmax and softmax cross-entropy with hand-derived VJPs.
+
+Derivation: docs/derivations.md, "5. softmax and softmax_cross_entropy".
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from jax_batchinhib.ops import _stats as S
 def softmax(x, axis: int = -1):
     r"""Softmax along ``axis``: :math:`a = e^{x}/\sum e^{x}` (shifted by the max).
 
-    Backward (seed 001): :math:`dx = (da - \langle da, a\rangle) \odot a`. Computed in
+    Backward: :math:`dx = (da - \langle da, a\rangle) \odot a`. Computed in
     float32 for float16/bfloat16 inputs; the output keeps the input dtype.
 
     Example:
@@ -64,8 +67,8 @@ def softmax_cross_entropy(logits, labels, axis: int = -1):
 
     Computed as :math:`(\sum_k t_k)\,\mathrm{lse}(z) - \langle t, z\rangle` with a
     max-shifted log-sum-exp, so logits of ±1000 stay finite. Backward:
-    :math:`dz = g\,((\sum_k t_k)\,\mathrm{softmax}(z) - t)` (seed 001's
-    :math:`y_B - \hat y_B` for normalized labels), :math:`dt = -g \log\mathrm{softmax}(z)`.
+    :math:`dz = g\,((\sum_k t_k)\,\mathrm{softmax}(z) - t)` (:math:`y_B - \hat y_B` for normalized
+    labels), :math:`dt = -g \log\mathrm{softmax}(z)`.
 
     Returns the loss with ``axis`` removed, in the dtype of ``logits`` (computed in at
     least float32).
