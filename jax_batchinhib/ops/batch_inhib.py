@@ -71,6 +71,11 @@ class InhibOptions:
     default (:data:`GUARD_DEFAULTS`). Construct it directly (errors name
     ``InhibOptions``) or with :meth:`checked` (errors name the caller).
 
+    Attributes:
+      rho, epsilon, groups, correlation, denominator, guard, guard_mode: as the
+        arguments of :func:`batch_inhib` of the same names; ``guard`` is never None
+        after construction.
+
     Example:
       >>> from jax_batchinhib.ops.batch_inhib import InhibOptions
       >>> InhibOptions(guard_mode="relative").guard
@@ -204,7 +209,20 @@ def _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, gua
 
 
 def alpha_shape(num_features: int, groups: int = 1) -> tuple[int, ...]:
-    """The shape alpha must have: (N, N), or (G, N/G, N/G) with groups=G > 1."""
+    """The shape alpha must have: (N, N), or (G, N/G, N/G) with groups=G > 1.
+
+    Args:
+      num_features: N, the number of features.
+      groups: G, the number of contiguous feature groups (it should divide N).
+
+    Returns:
+      ``(N, N)`` for ``groups=1``, else ``(G, N/G, N/G)``.
+
+    Example:
+      >>> from jax_batchinhib import alpha_shape
+      >>> alpha_shape(6), alpha_shape(6, groups=3)
+      ((6, 6), (3, 2, 2))
+    """
     n = num_features // groups
     return (n, n) if groups == 1 else (groups, n, n)
 
@@ -422,7 +440,15 @@ def batch_inhib_inference(
     from dR through the same chain as the training form.
 
     Args:
+      x: floating array ``(..., N)``.
+      alpha: the inhibition weights, shape ``alpha_shape(N, groups)``.
       cov: ``(N, N)`` or ``(groups, N/groups, N/groups)`` (e.g. a running covariance).
+      axis: the feature axis.
+      rho, epsilon, groups, correlation, denominator, guard, guard_mode: as in
+        :func:`batch_inhib` (see :class:`InhibOptions`).
+
+    Returns:
+      ``y``, ``x``'s shape and dtype.
     """
     fn = "batch_inhib_inference"
     S.check_float(fn, "x", x)
@@ -494,7 +520,18 @@ def inhibition_matrix(
 ):
     """The matrix R (groups, n, n) that batch_inhib applies as y = x - x Rᵀ, computed
     from a covariance (plain jnp, differentiable by autodiff). For plots, folding and
-    eval-mode layers."""
+    eval-mode layers.
+
+    Args:
+      cov: ``(N, N)`` or ``(groups, N/groups, N/groups)``, a (running) covariance.
+      alpha: the inhibition weights, shape ``alpha_shape(N, groups)``.
+      rho, epsilon, groups, correlation, denominator, guard, guard_mode: as in
+        :func:`batch_inhib` (see :class:`InhibOptions`).
+
+    Returns:
+      R of shape ``(groups, N/groups, N/groups)`` (``groups=1`` included), zero on the
+      diagonal, in at least float32.
+    """
     fn = "inhibition_matrix"
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     S.check_float(fn, "cov", cov)

@@ -207,8 +207,15 @@ def batch_center(
     term), :math:`db = \sum dy`; the mean output is differentiable
     (:math:`dx \mathrel{+}= d\mu/n`). Keeps nothing input-sized for the backward.
 
-    Returns ``(y, BatchStats(mean, None))``. Arguments as :func:`batch_norm`, including
-    ``virtual_batch_size`` (ghost batches).
+    Args:
+      x: floating array ``(..., N)``; float16/bfloat16 accumulate in float32 and ``y``
+        keeps ``x``'s dtype.
+      bias: ``(N,)`` or None (then 0).
+      axis, axis_name, axis_index_groups, mask, virtual_batch_size, use_fast_variance:
+        as in :func:`batch_norm`.
+
+    Returns:
+      ``(y, BatchStats(mean, None))`` with ``mean`` of shape ``(N,)``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -288,7 +295,15 @@ def batch_norm_inference(x, scale, bias, mean, var, *, axis: int = -1, epsilon: 
     :math:`d\gamma = \sum dy\,\hat x`, :math:`d\beta = \sum dy`,
     :math:`d\mu_r = -\sum \gamma\,dy/\sqrt{\sigma_r^2+\epsilon}`,
     :math:`d\sigma^2_r = -\tfrac12\sum \gamma\,dy\,\hat x/(\sigma_r^2+\epsilon)`.
-    Every ``(N,)`` argument may be None except ``mean`` and ``var``.
+    Args:
+      x: floating array ``(..., N)``.
+      scale, bias: ``(N,)`` or None (then 1 and 0).
+      mean, var: ``(N,)``, required: the running statistics.
+      axis: the feature axis.
+      epsilon: added to ``var``.
+
+    Returns:
+      ``y``, ``x``'s shape and dtype.
     """
     fn = "batch_norm_inference"
     S.check_float(fn, "x", x)
@@ -352,6 +367,15 @@ def batch_center_inference(x, bias, mean, *, axis: int = -1):
     r"""Batch centering with a given (running) mean: :math:`y = x - \mu_r + b`.
 
     Backward: :math:`dx = dy`, :math:`db = \sum dy`, :math:`d\mu_r = -\sum dy`.
+
+    Args:
+      x: floating array ``(..., N)``.
+      bias: ``(N,)`` or None (then 0).
+      mean: ``(N,)``, required: the running mean.
+      axis: the feature axis.
+
+    Returns:
+      ``y``, ``x``'s shape and dtype.
     """
     fn = "batch_center_inference"
     S.check_float(fn, "x", x)

@@ -27,7 +27,16 @@ def _check_key(fn, key):
 
 
 def keep_mask(key, rate: float, shape):
-    """The boolean keep-mask that :func:`dropout` draws for ``key``, ``rate`` and ``shape``."""
+    """The boolean keep-mask that :func:`dropout` draws for ``key``, ``rate`` and ``shape``.
+
+    Args:
+      key: a PRNG key.
+      rate: the probability of dropping an entry.
+      shape: the mask's shape.
+
+    Returns:
+      A boolean array of ``shape``, True where the entry is kept.
+    """
     return jax.random.bernoulli(key, 1.0 - rate, shape)
 
 
@@ -39,6 +48,15 @@ def dropout(x, rate: float, key):
     Backward: :math:`dx = dy \odot M`. The mask is not stored: the backward regenerates it
     from ``key``, so nothing input-sized is kept (autodiff keeps the mask).
     ``rate=0`` returns ``x``; ``rate=1`` returns zeros with a zero (not NaN) gradient.
+
+    Args:
+      x: floating array.
+      rate: a Python float in [0, 1], the probability of dropping an entry.
+      key: a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``); required when
+        ``0 < rate < 1``.
+
+    Returns:
+      ``y``, ``x``'s shape and dtype.
 
     Example:
       >>> import jax, jax.numpy as jnp

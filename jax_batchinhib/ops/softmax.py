@@ -19,6 +19,13 @@ def softmax(x, axis: int = -1):
     Backward: :math:`dx = (da - \langle da, a\rangle) \odot a`. Computed in
     float32 for float16/bfloat16 inputs; the output keeps the input dtype.
 
+    Args:
+      x: floating array with at least one dimension.
+      axis: the axis to normalize over.
+
+    Returns:
+      ``a``, ``x``'s shape and dtype, summing to 1 along ``axis``.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from jax_batchinhib import softmax
@@ -70,8 +77,14 @@ def softmax_cross_entropy(logits, labels, axis: int = -1):
     :math:`dz = g\,((\sum_k t_k)\,\mathrm{softmax}(z) - t)` (:math:`y_B - \hat y_B` for normalized
     labels), :math:`dt = -g \log\mathrm{softmax}(z)`.
 
-    Returns the loss with ``axis`` removed, in the dtype of ``logits`` (computed in at
-    least float32).
+    Args:
+      logits: floating array ``z``.
+      labels: floating array ``t`` of ``logits``' shape: probabilities over ``axis``.
+      axis: the class axis.
+
+    Returns:
+      The loss with ``axis`` removed, in the dtype of ``logits`` (computed in at least
+      float32).
 
     Example:
       >>> import jax, jax.numpy as jnp
