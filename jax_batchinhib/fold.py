@@ -86,6 +86,14 @@ def batch_norm_affine(bn_params, bn_stats, *, epsilon: float):
     ``bn_params`` may lack ``scale`` / ``bias`` (use_scale / use_bias False).
     ``epsilon`` is the layer's (``layer.epsilon``); it has no default, so that a fold
     cannot silently use another value than the layer it replaces.
+
+    Args:
+      bn_params: the layer's ``params``: ``{"scale": (N,), "bias": (N,)}``, either optional.
+      bn_stats: the layer's ``batch_stats``: ``{"mean": (N,), "var": (N,)}``.
+      epsilon: the layer's epsilon.
+
+    Returns:
+      ``(a, c)``, each ``(N,)``, in at least float32.
     """
     epsilon = C.epsilon("batch_norm_affine", epsilon)
     mean, var = jnp.asarray(bn_stats["mean"]), jnp.asarray(bn_stats["var"])
@@ -103,7 +111,15 @@ def batch_norm_affine(bn_params, bn_stats, *, epsilon: float):
 def fold_batch_norm(layer_params, bn_params, bn_stats, *, epsilon: float):
     """Merge an eval-mode BatchNorm into the Dense/Conv before it: ``{kernel, bias}``.
 
-    ``epsilon``: the BatchNorm layer's own (``bn.epsilon``), required.
+    Args:
+      layer_params: the Dense/Conv parameters, ``{"kernel": (..., in, out), "bias": (out,)}``
+        (``bias`` may be missing).
+      bn_params, bn_stats: the BatchNorm's ``params`` and ``batch_stats`` (as in
+        :func:`batch_norm_affine`); ``N`` must equal the layer's ``out``.
+      epsilon: the BatchNorm layer's own (``bn.epsilon``), required.
+
+    Returns:
+      ``{"kernel": K diag(a), "bias": a b + c}``, in at least float32.
     """
     fn = "fold_batch_norm"
     epsilon = C.epsilon(fn, epsilon)
@@ -117,7 +133,17 @@ def fold_batch_norm(layer_params, bn_params, bn_stats, *, epsilon: float):
 
 
 def fold_batch_center(layer_params, bc_params, bc_stats):
-    """Merge an eval-mode BatchCenter (``y = x - mean + bias``) into the layer before."""
+    """Merge an eval-mode BatchCenter (``y = x - mean + bias``) into the layer before.
+
+    Args:
+      layer_params: the Dense/Conv parameters, ``{"kernel": (..., in, out), "bias": (out,)}``
+        (``bias`` may be missing).
+      bc_params: the BatchCenter's ``params`` (``{"bias": (out,)}`` or empty).
+      bc_stats: its ``batch_stats``: ``{"mean": (out,)}``.
+
+    Returns:
+      ``{"kernel": K, "bias": b - mean + bias}``, in at least float32.
+    """
     fn = "fold_batch_center"
     k, b = _layer(fn, layer_params)
     n = k.shape[-1]
@@ -133,7 +159,16 @@ def fold_batch_center(layer_params, bc_params, bc_stats):
 def inhib_options(module) -> dict:
     """The op options of a linen or NNX BatchInhib module (its
     :class:`~jax_batchinhib.ops.batch_inhib.InhibOptions`, validated, guard resolved) as
-    keyword arguments for :func:`inhib_map` and the fold functions."""
+    keyword arguments for :func:`inhib_map` and the fold functions.
+
+    Args:
+      module: a :class:`jax_batchinhib.linen.BatchInhib` or
+        :class:`jax_batchinhib.nnx.BatchInhib`.
+
+    Returns:
+      A dict with keys rho, epsilon, groups, correlation, denominator, guard,
+      guard_mode.
+    """
     return M.inhib_options(type(module).__name__, module).kwargs()
 
 
@@ -141,7 +176,16 @@ def inhib_map(inhib_params, inhib_stats, **options):
     """The matrix M (N, N) of an eval-mode BatchInhib, ``y = x @ M``, ``M = I - R^T``
     block diagonal over the groups; R from the running covariance ``inhib_stats['cov']``
     and ``inhib_params['alpha']``. ``options``: the layer's rho, epsilon, groups,
-    correlation, denominator, guard (see :func:`inhib_options`)."""
+    correlation, denominator, guard (see :func:`inhib_options`).
+
+    Args:
+      inhib_params: the BatchInhib's ``params``: ``{"alpha": alpha_shape(N, groups)}``.
+      inhib_stats: its ``batch_stats`` with ``"cov"``: ``(groups, N/groups, N/groups)``.
+      **options: the layer's options, :func:`inhib_options` of the module.
+
+    Returns:
+      M, ``(N, N)``, in at least float32.
+    """
     R = inhibition_matrix(inhib_stats["cov"], inhib_params["alpha"], **options)
     rt = [R[g].T for g in range(R.shape[0])]
     m = rt[0] if len(rt) == 1 else block_diag(*rt)
@@ -150,7 +194,17 @@ def inhib_map(inhib_params, inhib_stats, **options):
 
 def fold_batch_inhib_after(layer_params, inhib_params, inhib_stats, **options):
     """Merge an eval-mode BatchInhib into the Dense/Conv *before* it (layer -> inhib):
-    ``K' = K M``, ``b' = b M``."""
+    ``K' = K M``, ``b' = b M``.
+
+    Args:
+      layer_params: the Dense/Conv parameters, ``{"kernel": (..., in, out), "bias": (out,)}``
+        (``bias`` may be missing).
+      inhib_params, inhib_stats, **options: as in :func:`inhib_map`; ``N`` must equal
+        the layer's ``out``.
+
+    Returns:
+      ``{"kernel": K M, "bias": b M}`` (``b`` = 0 when missing), in at least float32.
+    """
     fn = "fold_batch_inhib_after"
     k, b = _layer(fn, layer_params)
     m = inhib_map(inhib_params, inhib_stats, **options)
@@ -168,7 +222,17 @@ def fold_batch_inhib_after(layer_params, inhib_params, inhib_stats, **options):
 
 def fold_batch_inhib_before(layer_params, inhib_params, inhib_stats, **options):
     """Merge an eval-mode BatchInhib into the Dense/Conv *after* it (inhib -> layer):
-    ``K'[..., i, o] = sum_j M[i, j] K[..., j, o]``, bias unchanged."""
+    ``K'[..., i, o] = sum_j M[i, j] K[..., j, o]``, bias unchanged.
+
+    Args:
+      layer_params: the Dense/Conv parameters, ``{"kernel": (..., in, out), "bias": (out,)}``
+        (``bias`` may be missing).
+      inhib_params, inhib_stats, **options: as in :func:`inhib_map`; ``N`` must equal
+        the layer's ``in``.
+
+    Returns:
+      ``{"kernel": M K, "bias": b}`` (``b`` = 0 when missing), in at least float32.
+    """
     fn = "fold_batch_inhib_before"
     k, b = _layer(fn, layer_params)
     m = inhib_map(inhib_params, inhib_stats, **options)
