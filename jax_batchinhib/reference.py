@@ -10,6 +10,9 @@ what a module uses with ``use_autodiff=True`` (forward-mode autodiff, ``jax.jvp`
 Same signatures and return values as the ops (``virtual_batch_size`` included: the
 reference is ``jax.vmap``-ed over the ghost batches); the references do not validate
 their arguments.
+
+Args and Returns of every function here: those of the op of the same name in
+:mod:`jax_batchinhib.ops` (see its docstring).
 """
 
 from __future__ import annotations

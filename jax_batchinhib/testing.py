@@ -25,7 +25,15 @@ TOLERANCES = {
 
 
 class VJPError(NamedTuple):
-    """Error of one input's cotangent (or of the forward output, name ``"output"``)."""
+    """Error of one input's cotangent (or of the forward output, name ``"output"``).
+
+    Attributes:
+      max_abs: ``max|ours - autodiff|``.
+      max_rel: ``max_abs / max|autodiff|`` (``max_abs`` when autodiff is all zero; inf
+        when ours is not finite).
+      tol: the tolerance ``max_rel`` is held to.
+      dtype: the input's dtype, as a string.
+    """
 
     max_abs: float
     max_rel: float
@@ -38,7 +46,11 @@ class VJPError(NamedTuple):
 
 
 class VJPMismatch(AssertionError):
-    """Raised by :func:`check_vjp` when an error is over its tolerance."""
+    """Raised by :func:`check_vjp` when an error is over its tolerance.
+
+    Attributes:
+      errors: the ``{name: VJPError}`` dict of the failed check.
+    """
 
     def __init__(self, message: str, errors: dict):
         super().__init__(message)
@@ -46,6 +58,14 @@ class VJPMismatch(AssertionError):
 
 
 def tolerance(dtype) -> float:
+    """The default relative tolerance of :func:`check_vjp` for ``dtype``.
+
+    Args:
+      dtype: a floating dtype.
+
+    Returns:
+      ``TOLERANCES[dtype]``, or 1e-4 for a dtype not listed there.
+    """
     return TOLERANCES.get(jnp.dtype(dtype), 1e-4)
 
 
@@ -77,6 +97,15 @@ def _err(a, b):
 
 
 def format_table(errors: dict, title: str = "") -> str:
+    """The errors of :func:`check_vjp` as a fixed-width text table.
+
+    Args:
+      errors: ``{name: VJPError}``, as :func:`check_vjp` returns.
+      title: an optional first line.
+
+    Returns:
+      The table, one row per input.
+    """
     rows = [f"{'input':>10} {'dtype':>9} {'max abs':>11} {'max rel':>11} {'tol':>9}  ok"]
     for name, e in errors.items():
         rows.append(
