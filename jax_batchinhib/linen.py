@@ -194,6 +194,12 @@ class BatchCenter(nn.Module):
     Training mode subtracts the batch mean and updates the running mean
     (``batch_stats/mean``; with ``momentum=None`` also ``batch_stats/count``); eval mode
     subtracts the running mean. Parameter: ``params/bias`` (when ``use_bias``).
+
+    Attributes:
+      use_running_average, axis, momentum, dtype, param_dtype, use_bias, bias_init,
+        axis_name, axis_index_groups, force_float32_reductions, use_fast_variance,
+        use_autodiff, virtual_batch_size: as in :class:`BatchNorm` (no scale, no
+        epsilon, no variance).
     """
 
     use_running_average: bool | None = None
@@ -239,6 +245,15 @@ class BatchInhib(nn.Module):
     ``batch_stats/mean`` (N,), ``var`` (N,), ``cov`` (alpha's shape; initialized to the
     identity, which makes R = 0 before any statistics are seen) and, with
     ``momentum=None``, ``count`` ().
+
+    Attributes:
+      rho, epsilon, groups, correlation, denominator, guard, guard_mode: the op's
+        options (:func:`jax_batchinhib.batch_inhib`), validated once as an
+        :class:`~jax_batchinhib.ops.batch_inhib.InhibOptions`.
+      alpha_init: initializer of ``alpha`` (None: :func:`near_identity_alpha_init`).
+      use_running_average, axis, momentum, dtype, param_dtype, axis_name,
+        axis_index_groups, force_float32_reductions, use_fast_variance, unbiased,
+        use_autodiff, virtual_batch_size: as in :class:`BatchNorm`.
     """
 
     use_running_average: bool | None = None
@@ -282,6 +297,13 @@ class Dropout(nn.Module):
     (``bernoulli(key, 1 - rate, shape)``); the key comes from the ``rng_collection``
     ('dropout') unless ``rng`` is given. ``broadcast_dims`` must be empty (the op draws
     one mask entry per element).
+
+    Attributes:
+      rate: the probability of dropping an entry, a float in [0, 1].
+      broadcast_dims: must be ``()``.
+      deterministic: True: identity; may be given at call time instead.
+      rng_collection: the rng stream the mask's key comes from.
+      use_autodiff: autodiff of the reference instead of the op's custom VJP.
     """
 
     rate: float

@@ -109,6 +109,16 @@ class BatchNorm(_Stats):
     dtype, as linen), ``use_autodiff`` and ``virtual_batch_size`` (ghost batches, as
     :class:`jax_batchinhib.linen.BatchNorm`; also on BatchCenter and BatchInhib).
     ``use_fast_variance`` selects the op's variance algorithm (as flax's).
+
+    Args:
+      num_features: N, the size of the feature axis.
+      use_running_average: eval mode (``model.eval()`` sets it; may be given at call
+        time).
+      axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale, bias_init,
+        scale_init, axis_name, axis_index_groups, use_fast_variance,
+        force_float32_reductions, unbiased, use_autodiff, virtual_batch_size: as in
+        :class:`jax_batchinhib.linen.BatchNorm`.
+      rngs: the parameters' initialization keys.
     """
 
     _kind = "batch_norm"
@@ -154,7 +164,15 @@ class BatchNorm(_Stats):
 
 
 class BatchCenter(_Stats):
-    """Batch centering ``y = x - mean + bias`` with a running mean."""
+    """Batch centering ``y = x - mean + bias`` with a running mean.
+
+    Args:
+      num_features: N, the size of the feature axis.
+      use_running_average, axis, momentum, dtype, param_dtype, use_bias, bias_init,
+        axis_name, axis_index_groups, force_float32_reductions, use_fast_variance,
+        use_autodiff, virtual_batch_size: as in :class:`BatchNorm`.
+      rngs: the parameters' initialization keys.
+    """
 
     _kind = "batch_center"
 
@@ -202,6 +220,15 @@ class BatchInhib(_Stats):
     :func:`near_identity_alpha_init` unless ``alpha_init`` is
     given; statistics ``mean``, ``var``, ``cov`` (and ``count`` with momentum=None).
     Eval mode is the fixed linear map ``y = x (I - R^T)`` from the running covariance.
+
+    Args:
+      num_features: N, the size of the feature axis.
+      rho, epsilon, groups, correlation, denominator, guard, guard_mode, alpha_init: as
+        in :class:`jax_batchinhib.linen.BatchInhib`.
+      use_running_average, axis, momentum, dtype, param_dtype, axis_name,
+        axis_index_groups, force_float32_reductions, use_fast_variance, unbiased,
+        use_autodiff, virtual_batch_size: as in :class:`BatchNorm`.
+      rngs: the parameters' initialization keys.
     """
 
     _kind = "batch_inhib"
@@ -260,6 +287,14 @@ class Dropout(nnx.Module):
     Keys come from ``rngs`` (at construction: the ``rng_collection`` stream is forked,
     as flax does; or at call time: Rngs, RngStream or a key). ``broadcast_dims`` must be
     empty.
+
+    Args:
+      rate: the probability of dropping an entry, a float in [0, 1].
+      broadcast_dims: must be ``()``.
+      deterministic: True: identity (``model.eval()`` sets it).
+      rng_collection: the stream of ``rngs`` the keys come from.
+      use_autodiff: autodiff of the reference instead of the op's custom VJP.
+      rngs: where the keys come from (or None: given at call time).
     """
 
     def __init__(
