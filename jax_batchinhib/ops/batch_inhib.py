@@ -52,8 +52,13 @@ RELATIVE_GUARD_FLOOR = 1e-12
 
 
 class InhibStats(NamedTuple):
-    """Batch statistics of batch_inhib (stop-gradient): ``mean`` and biased ``var`` of
-    shape (N,), and the biased covariance ``cov`` of shape (groups, N/groups, N/groups)."""
+    """Batch statistics of batch_inhib (stop-gradient).
+
+    Attributes:
+      mean: ``(N,)`` batch mean.
+      var: ``(N,)`` biased batch variance.
+      cov: ``(groups, N/groups, N/groups)`` biased batch covariance.
+    """
 
     mean: Array
     var: Array
@@ -280,7 +285,11 @@ def batch_inhib(
 ):
     r"""BatchInhib with a hand-derived VJP for ``x`` and ``alpha``.
 
-    See the module docstring for the formula. Statistics (mean, variance, covariance)
+    Forward, per group: :math:`y = x - x R^\top`, with R from the batch correlation
+    and ``alpha`` (the module docstring gives R in full). Backward:
+    :math:`dX = dY - dY\,R + \mathrm{diag}(w)\,X_c\,(dC + dC^\top)/c`,
+    :math:`dR = -dY^\top X`, and :math:`dC, d\alpha` from dR through the chain of
+    docs/derivations.md, "3. batch_inhib". Statistics (mean, variance, covariance)
     reduce over every axis but ``axis`` (and across ``axis_name``), counting only rows
     where ``mask`` is True; every row is transformed. Cost O(m N²/groups) in matmuls;
     the backward keeps ``x`` and O(N²/groups) per-group matrices.

@@ -21,7 +21,12 @@ Array = jax.Array
 
 
 class BatchStats(NamedTuple):
-    """Per-feature batch statistics: ``mean`` and biased ``var`` (float32 or wider)."""
+    """Per-feature batch statistics (float32 or wider).
+
+    Attributes:
+      mean: ``(N,)`` batch mean.
+      var: ``(N,)`` biased batch variance, or None (:func:`batch_center`).
+    """
 
     mean: Array
     var: Array | None = None
