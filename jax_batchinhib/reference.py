@@ -214,13 +214,19 @@ def batch_inhib_inference(
     return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
 
 
-def dropout(x, rate, key):
-    """Reference inverted dropout: the same mask as the op for the same key."""
+def dropout(x, rate, key, *, residual="bits", broadcast_dims=()):
+    """Reference inverted dropout: the same mask as the op for the same key, drawn as
+    flax.linen.Dropout draws it (shape of x with 1 on ``broadcast_dims``, broadcast).
+    ``residual`` is the op's choice of what its backward keeps; autodiff ignores it."""
+    del residual
     if rate == 0:
         return x
     if rate == 1:
         return jnp.zeros_like(x)
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    shape = [int(s) for s in x.shape]
+    for d in broadcast_dims:
+        shape[d] = 1
+    keep = jax.random.bernoulli(key, 1.0 - rate, tuple(shape))
     return jnp.where(keep, x.astype(_f32(x.dtype)) / (1.0 - rate), 0).astype(x.dtype)
 
 
