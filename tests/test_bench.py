@@ -180,7 +180,7 @@ def test_scaling_slopes_and_missing_layers(tmp_path):
     # batch_norm keeps x (m x N float32) and a few per-feature vectors: slope just below 1
     # in m (the vectors do not grow with m), 1 in N
     assert 0.9 < bn["m"]["kept_slope"] < 1.0
-    assert bn["n"]["kept_slope"] == pytest.approx(1.0, abs=1e-6)
+    assert bn["n"]["kept_slope"] == pytest.approx(1.0, abs=0.02)
     assert all(t > 0 for t in bn["m"]["time_s"])
     png = bench.plot_scaling(sc, str(tmp_path / "s.png"))
     assert (tmp_path / "s.png").stat().st_size > 1000 and png.endswith("s.png")
