@@ -112,7 +112,7 @@ def _sce_parts(axis, logits, labels):
 
 
 def _sce_loss(axis, z, t, lse, logits, labels):
-    return jnp.sum(t * (lse - z), axis=axis).astype(jnp.result_type(logits, labels))
+    return jnp.sum(t * (lse - z), axis=axis).astype(logits.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
