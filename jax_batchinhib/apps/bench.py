@@ -507,7 +507,8 @@ def select_cases(
 
 #: The models of :func:`train_step_memory`: name -> (model class, input shape, kwargs,
 #: {contender: (norm, use_autodiff)}). flax has no BatchInhib: the MLP's flax contender
-#: is the same MLP with flax.linen.BatchNorm alone.
+#: is the same MLP with flax.linen.BatchNorm alone. ``no_norm``: the CNN without any
+#: normalization, the floor that no normalization layer can go below.
 MEMORY_MODELS = {
     "cnn": (
         "CNN",
@@ -517,6 +518,7 @@ MEMORY_MODELS = {
             "ours": ("batchnorm", False),
             "autodiff": ("batchnorm", True),
             "flax": ("flax_batchnorm", False),
+            "no_norm": ("none", False),
         },
     ),
     "mlp_inhib": (
