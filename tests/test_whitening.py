@@ -260,19 +260,23 @@ def _loss(name, groups=2):
 
 @pytest.mark.parametrize("name", list(OPS))
 def test_jit_vmap_agree(name):
-    """Eager, jit and vmap over an ensemble axis of 3 give the same value and gradient."""
+    """vmap over an ensemble axis of 3 gives each member's jitted value and gradient, and
+    jit gives the eager (op-by-op) result."""
     f = _loss(name)
     xs = jnp.stack([_data((16, 4), jnp.float32, s) for s in range(3)])
     vg = jax.value_and_grad(f)
-    eager = [vg(x) for x in xs]
-    jitted = jax.jit(vg)(xs[0])
+    each = [jax.jit(vg)(x) for x in xs]
     vm = jax.jit(jax.vmap(vg))(xs)
-    tol = dict(rtol=2e-5, atol=2e-5)  # float32: same math, different fusion (measured 1e-6)
-    np.testing.assert_allclose(jitted[0], eager[0][0], **tol)
-    np.testing.assert_allclose(jitted[1], eager[0][1], **tol)
+    with jax.disable_jit():
+        eager = vg(xs[0])
+    # float32, same math in a different fusion order: measured max abs difference of the
+    # gradients 1.0e-5 (iter_norm: T=5 matrix products) and 7e-7 (zca_norm)
+    tol = dict(rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(each[0][0], eager[0], **tol)
+    np.testing.assert_allclose(each[0][1], eager[1], **tol)
     for i in range(3):
-        np.testing.assert_allclose(vm[0][i], eager[i][0], **tol)
-        np.testing.assert_allclose(vm[1][i], eager[i][1], **tol)
+        np.testing.assert_allclose(vm[0][i], each[i][0], **tol)
+        np.testing.assert_allclose(vm[1][i], each[i][1], **tol)
 
 
 ND, B, N = 8, 32, 4  # 4 rows per device
@@ -283,7 +287,7 @@ ND, B, N = 8, 32, 4  # 4 rows per device
 @pytest.mark.parametrize("name", list(OPS))
 def test_shard_map_equals_full_batch(name, check_vma):
     """shard_map over 8 CPU devices with axis_name: y, statistics, dx, dscale and dbias
-    equal the single-device full batch to float64 round-off (rtol 1e-10; measured 1e-14),
+    equal the single-device full batch to float64 round-off (rtol 1e-10; measured 1e-15 relative),
     groups=2, with a mask that leaves one device without a valid row."""
     op = OPS[name][0]
     with jax.enable_x64(True):
@@ -364,11 +368,16 @@ def test_singular_covariance_is_finite(name, dtype):
     with jax.enable_x64(dtype == "float64"):
         few = _data((3, 8), dtype, 19)
         const = _data((16, 4), dtype, 20).at[:, 2].set(7.0)
-        for x, g in ((few, 1), (few, 2), (const, 1)):
+
+        @functools.partial(jax.jit, static_argnums=1)
+        def run(x, g):
             y, s = op(x, groups=g)
-            gx = jax.grad(lambda x, g=g: jnp.sum(jnp.sin(op(x, groups=g)[0])))(x)
-            assert np.all(np.isfinite(y)) and np.all(np.isfinite(gx)), (x.shape, g)
-            assert np.all(np.isfinite(s.whitening_matrix))
+            gx = jax.grad(lambda x: jnp.sum(jnp.sin(op(x, groups=g)[0])))(x)
+            return y, s.whitening_matrix, gx
+
+        for x, g in ((few, 1), (few, 2), (const, 1)):
+            for a in run(x, g):
+                assert np.all(np.isfinite(a)), (x.shape, g)
 
 
 # -------------------------------------------------------------------------- hypothesis
@@ -410,8 +419,9 @@ def test_vjp_matches_reference_hypothesis(shape_axis_groups, dtype, seed, name):
 
 
 def _residual_bytes(f, *args):
-    _, vjp_fn = jax.vjp(f, *args)
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(vjp_fn) if hasattr(leaf, "nbytes"))
+    """Bytes of the arrays the function returned by ``jax.vjp`` holds (traced, not run)."""
+    leaves = jax.tree.leaves(jax.eval_shape(lambda *a: jax.vjp(f, *a)[1], *args))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in leaves if hasattr(leaf, "dtype"))
 
 
 @pytest.mark.parametrize("groups", [1, 4])
