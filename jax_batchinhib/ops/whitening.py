@@ -242,7 +242,7 @@ def zca_norm(
 ):
     r"""ZCA batch whitening (decorrelated batch norm) with a hand-derived VJP.
 
-    Per group of ``N/groups`` contiguous features (Huang et al., CVPR 2018, eqs. 4–6):
+    Per group of ``N/groups`` contiguous features (Huang et al., CVPR 2018, its ZCA whitening):
 
     .. math::
         \Sigma = X_c^\top X_c/c + \epsilon I = U\,\mathrm{diag}(\lambda)\,U^\top,\quad
