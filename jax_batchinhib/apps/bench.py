@@ -1604,3 +1604,47 @@ def _json_default(o):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+# ------------------------------------------------------------------ whitening (iter_norm, zca)
+
+
+def whitening_cases(shapes=(((1024, 512), 1), ((1024, 512), 16))) -> list[Case]:
+    """iter_norm (T=5) and zca_norm against autodiff of their references: fwd+bwd time
+    and kept bytes at each ``((M, N), groups)``. Self-contained: not in :func:`all_cases`
+    unless added there."""
+    import jax_batchinhib as jb
+    from jax_batchinhib import reference as ref
+
+    out = []
+    for (m, nf), groups in shapes:
+        for name, op, rf in (
+            ("iter_norm", jb.iter_norm, ref.iter_norm),
+            ("zca_norm", jb.zca_norm, ref.zca_norm),
+        ):
+
+            def build(m=m, nf=nf, groups=groups, op=op, rf=rf):
+                k = _keys(4, 2)
+                mix = jax.random.normal(k[3], (nf, nf), jnp.float32) / math.sqrt(nf)
+                x = jax.random.normal(k[0], (m, nf), jnp.float32)
+                x = x + 0.5 * x @ mix  # correlated features
+                scale = 1 + 0.1 * jax.random.normal(k[1], (nf,), jnp.float32)
+                ct = jax.random.normal(k[2], (m, nf), jnp.float32)
+                fwds = {
+                    "ours": lambda x, s: op(x, s, groups=groups)[0],
+                    "autodiff": _highest(lambda x, s: rf(x, s, groups=groups)[0]),
+                }
+                return _contenders(fwds, (x, scale), (), ct)
+
+            g = f"/g{groups}" if groups > 1 else ""
+            out.append(
+                Case(
+                    f"{name}/{m}x{nf}{g}/float32",
+                    name,
+                    (m, nf),
+                    "float32",
+                    build,
+                    note=f"groups={groups}" if groups > 1 else "",
+                )
+            )
+    return out
