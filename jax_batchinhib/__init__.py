@@ -14,6 +14,7 @@ import importlib as _importlib
 
 from jax_batchinhib.ops import BatchStats as BatchStats
 from jax_batchinhib.ops import InhibStats as InhibStats
+from jax_batchinhib.ops import WhiteningStats as WhiteningStats
 from jax_batchinhib.ops import alpha_shape as alpha_shape
 from jax_batchinhib.ops import batch_center as batch_center
 from jax_batchinhib.ops import batch_center_inference as batch_center_inference
@@ -23,8 +24,12 @@ from jax_batchinhib.ops import batch_norm as batch_norm
 from jax_batchinhib.ops import batch_norm_inference as batch_norm_inference
 from jax_batchinhib.ops import dropout as dropout
 from jax_batchinhib.ops import inhibition_matrix as inhibition_matrix
+from jax_batchinhib.ops import iter_norm as iter_norm
+from jax_batchinhib.ops import iter_norm_inference as iter_norm_inference
 from jax_batchinhib.ops import softmax as softmax
 from jax_batchinhib.ops import softmax_cross_entropy as softmax_cross_entropy
+from jax_batchinhib.ops import zca_norm as zca_norm
+from jax_batchinhib.ops import zca_norm_inference as zca_norm_inference
 from jax_batchinhib.testing import check_vjp as check_vjp
 
 __version__ = "0.1.0"
@@ -46,6 +51,7 @@ def __dir__():
 __all__ = [
     "BatchStats",
     "InhibStats",
+    "WhiteningStats",
     "alpha_shape",
     "batch_center",
     "batch_center_inference",
@@ -56,6 +62,10 @@ __all__ = [
     "check_vjp",
     "dropout",
     "inhibition_matrix",
+    "iter_norm",
+    "iter_norm_inference",
     "softmax",
     "softmax_cross_entropy",
+    "zca_norm",
+    "zca_norm_inference",
 ]

@@ -23,6 +23,7 @@ from jax import lax
 
 from jax_batchinhib.ops.batch_inhib import RELATIVE_GUARD_FLOOR, InhibOptions, InhibStats
 from jax_batchinhib.ops.batch_norm import BatchStats
+from jax_batchinhib.ops.whitening import WhiteningStats
 
 #: Full-precision matmuls: on GPUs the default float32 matmul may run in TF32 (10-bit
 #: mantissa), which would make the ground truth itself wrong at 1e-3.
@@ -276,13 +277,19 @@ def batch_inhib_inference(
     return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
 
 
-def dropout(x, rate, key):
-    """Reference inverted dropout: the same mask as the op for the same key."""
+def dropout(x, rate, key, *, residual="bits", broadcast_dims=()):
+    """Reference inverted dropout: the same mask as the op for the same key, drawn as
+    flax.linen.Dropout draws it (shape of x with 1 on ``broadcast_dims``, broadcast).
+    ``residual`` is the op's choice of what its backward keeps; autodiff ignores it."""
+    del residual
     if rate == 0:
         return x
     if rate == 1:
         return jnp.zeros_like(x)
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    shape = [int(s) for s in x.shape]
+    for d in broadcast_dims:
+        shape[d] = 1
+    keep = jax.random.bernoulli(key, 1.0 - rate, tuple(shape))
     return jnp.where(keep, x.astype(_f32(x.dtype)) / (1.0 - rate), 0).astype(x.dtype)
 
 
@@ -300,3 +307,116 @@ def softmax_cross_entropy(logits, labels, axis=-1):
     m = lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
     logp = z - m - jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True))
     return (-jnp.sum(labels.astype(cd) * logp, axis=axis)).astype(logits.dtype)
+
+
+def _whiten(whitening, x, scale, bias, groups, epsilon, axis, axis_name, axis_index_groups, mask):
+    """Shared forward of the whitening references: centre, covariance, W, x̂ = X_c W."""
+    cd = _f32(x.dtype)
+    axis = axis % x.ndim
+    xt = jnp.moveaxis(x, axis, -1)
+    N = xt.shape[-1]
+    k = N // groups
+    X = xt.reshape(-1, N).astype(cd)
+    if mask is None:
+        w = jnp.ones((X.shape[0], 1), cd)
+    else:
+        mk = jnp.asarray(mask)
+        if mk.ndim == x.ndim:
+            mk = jnp.squeeze(jnp.moveaxis(mk, axis, -1), -1)
+        w = jnp.broadcast_to(mk, xt.shape[:-1]).reshape(-1, 1).astype(cd)
+    n = _psum(jnp.sum(w), axis_name, axis_index_groups)
+    mu = _psum(jnp.sum(w * X, axis=0), axis_name, axis_index_groups) / n
+    Xc = (X - mu).reshape(X.shape[0], groups, k)
+    cov = (
+        _psum(
+            jnp.einsum("mgi,mgk->gik", w[:, :, None] * Xc, Xc, precision=_HIGHEST),
+            axis_name,
+            axis_index_groups,
+        )
+        / n
+    )
+    W = whitening(cov + epsilon * jnp.eye(k, dtype=cd))
+    Y = jnp.einsum("mgi,gik->mgk", Xc, W, precision=_HIGHEST).reshape(X.shape)
+    if scale is not None:
+        Y = Y * scale.astype(cd)
+    if bias is not None:
+        Y = Y + bias.astype(cd)
+    y = jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
+    return y, jax.tree.map(lax.stop_gradient, WhiteningStats(mu, cov, W))
+
+
+def _newton_schulz(sigma, iterations):
+    """IterNorm (Huang et al. 2019, Algorithm 1): W = P_T / sqrt(tr Σ)."""
+    tr = jnp.trace(sigma, axis1=-2, axis2=-1)[:, None, None]
+    sn = sigma / tr
+    P = jnp.broadcast_to(jnp.eye(sigma.shape[-1], dtype=sigma.dtype), sigma.shape)
+    for _ in range(iterations):
+        P = 1.5 * P - 0.5 * jnp.matmul(
+            jnp.matmul(jnp.matmul(P, P, precision=_HIGHEST), P, precision=_HIGHEST),
+            sn,
+            precision=_HIGHEST,
+        )
+    return P / jnp.sqrt(tr)
+
+
+def _zca(sigma):
+    """ZCA (Huang et al. 2018): W = U diag(λ^{-1/2}) Uᵀ from jnp.linalg.eigh."""
+    lam, U = jnp.linalg.eigh(sigma)
+    return jnp.matmul(U * lam[:, None, :] ** -0.5, jnp.swapaxes(U, -1, -2), precision=_HIGHEST)
+
+
+def iter_norm(
+    x,
+    scale=None,
+    bias=None,
+    *,
+    groups=1,
+    iterations=5,
+    epsilon=1e-5,
+    axis=-1,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+):
+    """Reference IterNorm: T Newton-Schulz steps towards Σ^{-1/2}; statistics stop-gradient."""
+    return _whiten(
+        lambda s: _newton_schulz(s, iterations),
+        x, scale, bias, groups, epsilon, axis, axis_name, axis_index_groups, mask,
+    )  # fmt: skip
+
+
+def zca_norm(
+    x,
+    scale=None,
+    bias=None,
+    *,
+    groups=1,
+    epsilon=1e-5,
+    axis=-1,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+):
+    """Reference ZCA whitening by eigendecomposition; statistics stop-gradient."""
+    return _whiten(_zca, x, scale, bias, groups, epsilon, axis, axis_name, axis_index_groups, mask)
+
+
+def iter_norm_inference(x, scale, bias, mean, whitening_matrix, *, groups=1, axis=-1):
+    """Reference whitening with a given mean and W: y = scale (x - mean) W + bias."""
+    cd = _f32(jnp.result_type(x.dtype, mean.dtype, whitening_matrix.dtype))
+    axis = axis % x.ndim
+    xt = jnp.moveaxis(x, axis, -1)
+    N = xt.shape[-1]
+    Xc = (xt.reshape(-1, N).astype(cd) - mean.astype(cd)).reshape(-1, groups, N // groups)
+    W = whitening_matrix.astype(cd).reshape(groups, N // groups, N // groups)
+    Y = jnp.einsum("mgi,gik->mgk", Xc, W, precision=_HIGHEST).reshape(-1, N)
+    if scale is not None:
+        Y = Y * scale.astype(cd)
+    if bias is not None:
+        Y = Y + bias.astype(cd)
+    return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
+
+
+def zca_norm_inference(x, scale, bias, mean, whitening_matrix, *, groups=1, axis=-1):
+    """Reference ZCA with a given mean and W (the same map as iter_norm_inference)."""
+    return iter_norm_inference(x, scale, bias, mean, whitening_matrix, groups=groups, axis=axis)

@@ -361,8 +361,22 @@ def batch_inhib(
     return _from_matrix(y2, tshape, red.axis), stats
 
 
+def _group_major(x2, groups):
+    """(M, N) -> (G, M, n): the group axis leads, so each group's rows are one contiguous
+    matrix and every grouped product is a plain batched matmul (with the group axis in the
+    middle XLA:CPU transposes the operands of each product; see benchmarks/notes.md)."""
+    m, nf = x2.shape
+    return jnp.transpose(x2.reshape(m, groups, nf // groups), (1, 0, 2))
+
+
+def _feature_major(yg):
+    """(G, M, n) -> (M, N), the inverse of :func:`_group_major`."""
+    g, m, n = yg.shape
+    return jnp.transpose(yg, (1, 0, 2)).reshape(m, g * n)
+
+
 def _bi_center(cfg, red, x2, mask):
-    """Grouped (M, G, n) data, shift, centred data, covariance, count."""
+    """Group-major (G, M, n) data, shift, centred data, covariance, count."""
     cd = S.compute_dtype(x2.dtype)
     m, nf = x2.shape
     g = cfg.groups
@@ -371,19 +385,19 @@ def _bi_center(cfg, red, x2, mask):
     cnt = S.count(x2.shape, w, red, cd)
     s, mean_d, var = S.moments(xf, w, red, cnt)
     cnt = jnp.ravel(cnt)[0]  # rows are masked whole: one count for every feature
-    xc = ((xf - s) - mean_d).reshape(m, g, nf // g)
-    wc = xc if w is None else xc * w.reshape(m, 1, 1)
-    cov = red.psum(jnp.einsum("mgi,mgk->gik", wc, xc, precision=S.PRECISION))
+    xc = _group_major((xf - s) - mean_d, g)
+    wc = xc if w is None else xc * w.reshape(1, m, 1)
+    cov = red.psum(jnp.einsum("gmi,gmk->gik", wc, xc, precision=S.PRECISION))
     cov = cov / jnp.maximum(cnt, 1)
-    return xf.reshape(m, g, nf // g), s, mean_d, var, cov, cnt, w
+    return _group_major(xf, g), s, mean_d, var, cov, cnt, w
 
 
 def _bi_forward(cfg, red, x2, alpha3, mask):
     xg, s, mean_d, var, cov, cnt, w = _bi_center(cfg, red, x2, mask)
     R = _inhib_matrix(cfg, cov, alpha3)
-    yg = xg - jnp.einsum("mgl,gil->mgi", xg, R, precision=S.PRECISION)
+    yg = xg - jnp.einsum("gml,gil->gmi", xg, R, precision=S.PRECISION)
     stats = InhibStats((s + mean_d)[0], var[0], cov)
-    return yg.reshape(x2.shape).astype(x2.dtype), stats, (s, mean_d, cov, cnt)
+    return _feature_major(yg).astype(x2.dtype), stats, (s, mean_d, cov, cnt)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -404,22 +418,21 @@ def _batch_inhib_bwd(cfg, red, res, cts):
     cd = cov.dtype
     m, nf = x2.shape
     g = cfg.groups
-    n = nf // g
     xf = x2.astype(cd)
-    xg = xf.reshape(m, g, n)
-    dyg = dy2.astype(cd).reshape(m, g, n)
+    xg = _group_major(xf, g)
+    dyg = _group_major(dy2.astype(cd), g)
     # Linear in dR: the local dalpha sums to the global one across devices; the x path
     # needs the global dcov.
     dx, dcov, dalpha = _linear_map_bwd(cfg, cov, alpha3, xg, dyg)
     dcov = red.psum(dcov)
     dcs = dcov + jnp.swapaxes(dcov, -1, -2)
-    xc = ((xf - s) - mean_d).reshape(m, g, n)
+    xc = _group_major((xf - s) - mean_d, g)
     w = S.weights_array(mask, cd)
     if w is not None:
-        xc = xc * w.reshape(m, 1, 1)
-    dx = dx + jnp.einsum("mgi,gik->mgk", xc, dcs, precision=S.PRECISION) / jnp.maximum(cnt, 1)
+        xc = xc * w.reshape(1, m, 1)
+    dx = dx + jnp.einsum("gmi,gik->gmk", xc, dcs, precision=S.PRECISION) / jnp.maximum(cnt, 1)
     dalpha = S.param_ct(dalpha.astype(alpha3.dtype), alpha3)  # docs/scaling.md
-    return dx.reshape(m, nf).astype(x2.dtype), dalpha, None
+    return _feature_major(dx).astype(x2.dtype), dalpha, None
 
 
 _batch_inhib.defvjp(_batch_inhib_fwd, _batch_inhib_bwd)
@@ -472,13 +485,13 @@ def batch_inhib_inference(
 
 
 def _linear_map_bwd(cfg, cov, alpha3, xg, dyg):
-    """Backward of y = x - x R(cov, alpha)^T for grouped (m, G, n) x and dy:
+    """Backward of y = x - x R(cov, alpha)^T for group-major (G, m, n) x and dy:
     dx = dy - dy R and dR = -dy^T x (this device's rows), then (dcov, dalpha) from dR.
     Returns (dx, dcov, dalpha); R's parts are computed once."""
     parts = _inhib_parts(cfg, cov, alpha3)
     R = _matrix_of(parts)
-    dx = dyg - jnp.einsum("mgi,gil->mgl", dyg, R, precision=S.PRECISION)
-    dR = -jnp.einsum("mgi,mgl->gil", dyg, xg, precision=S.PRECISION)
+    dx = dyg - jnp.einsum("gmi,gil->gml", dyg, R, precision=S.PRECISION)
+    dR = -jnp.einsum("gmi,gml->gil", dyg, xg, precision=S.PRECISION)
     dcov, dalpha = _inhib_matrix_bwd(cfg, alpha3, parts, dR)
     return dx, dcov, dalpha
 
@@ -488,9 +501,9 @@ def _bi_inf(cfg, x2, alpha3, cov3):
     cd = S.compute_dtype(jnp.result_type(x2.dtype, cov3.dtype))
     R = _inhib_matrix(cfg, cov3.astype(cd), alpha3)
     m, nf = x2.shape
-    xg = x2.astype(cd).reshape(m, cfg.groups, nf // cfg.groups)
-    yg = xg - jnp.einsum("mgl,gil->mgi", xg, R, precision=S.PRECISION)
-    return yg.reshape(m, nf).astype(x2.dtype)
+    xg = _group_major(x2.astype(cd), cfg.groups)
+    yg = xg - jnp.einsum("gml,gil->gmi", xg, R, precision=S.PRECISION)
+    return _feature_major(yg).astype(x2.dtype)
 
 
 def _bi_inf_fwd(cfg, x2, alpha3, cov3):
@@ -502,11 +515,11 @@ def _bi_inf_bwd(cfg, res, dy2):
     cd = S.compute_dtype(jnp.result_type(x2.dtype, cov3.dtype))
     m, nf = x2.shape
     g = cfg.groups
-    xg = x2.astype(cd).reshape(m, g, nf // g)
-    dyg = dy2.astype(cd).reshape(m, g, nf // g)
+    xg = _group_major(x2.astype(cd), g)
+    dyg = _group_major(dy2.astype(cd), g)
     dx, dcov, dalpha = _linear_map_bwd(cfg, cov3.astype(cd), alpha3, xg, dyg)
     return (
-        dx.reshape(m, nf).astype(x2.dtype),
+        _feature_major(dx).astype(x2.dtype),
         dalpha.astype(alpha3.dtype),
         dcov.astype(cov3.dtype),
     )
