@@ -52,10 +52,14 @@ _NAMES = {"iter": "iter_norm", "zca": "zca_norm"}
 
 
 class WhiteningStats(NamedTuple):
-    """Batch statistics of iter_norm / zca_norm (stop-gradient, float32 or wider):
-    ``mean`` (N,), the biased covariance ``cov`` (groups, N/groups, N/groups) without ε,
-    and the ``whitening_matrix`` W (groups, N/groups, N/groups) that was applied,
-    :math:`\\hat x = (x - \\mu) W` (what a running whitening matrix averages)."""
+    """Batch statistics of iter_norm / zca_norm (stop-gradient, float32 or wider).
+
+    Attributes:
+      mean: ``(N,)`` batch mean.
+      cov: ``(groups, N/groups, N/groups)`` biased batch covariance, without ε.
+      whitening_matrix: W ``(groups, N/groups, N/groups)``, the matrix that was applied,
+        :math:`\\hat x = (x - \\mu) W` (what a running whitening matrix averages).
+    """
 
     mean: Array
     cov: Array
@@ -482,6 +486,9 @@ def iter_norm_inference(x, scale, bias, mean, whitening_matrix, *, groups: int =
         (e.g. a running average of ``stats.whitening_matrix``).
       groups, axis: as :func:`iter_norm`.
 
+    Returns:
+      ``y``, ``x``'s shape and dtype.
+
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from jax_batchinhib import iter_norm, iter_norm_inference
@@ -500,6 +507,13 @@ def zca_norm_inference(x, scale, bias, mean, whitening_matrix, *, groups: int = 
     r"""ZCA whitening with a given (running) mean and whitening matrix:
     :math:`y = \gamma\odot(x-\mu)W + \beta`. The same map and backward as
     :func:`iter_norm_inference` (only the way W was obtained differs).
+
+    Args:
+      x, scale, bias, mean, whitening_matrix, groups, axis: as in
+        :func:`iter_norm_inference`.
+
+    Returns:
+      ``y``, ``x``'s shape and dtype.
 
     Example:
       >>> import jax, jax.numpy as jnp
