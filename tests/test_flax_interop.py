@@ -177,3 +177,130 @@ def test_momentum_none_state_does_not_fit_flax():
     st = nnx.state(flx)
     with pytest.raises(Exception, match="count"):
         nnx.replace_by_pure_dict(st, nnx.to_pure_dict(nnx.state(b)))
+
+
+# --------------------------------------------------- flax.nnx options: promote_dtype, metadata
+
+BF16_TOL = 2.0**-7  # two bfloat16 ulps relative (measured: one ulp, 0.0156 at |y| ~ 3)
+
+
+def _spy(log, inner):
+    def promote(args, /, *, dtype=None, **kw):
+        log.append(([None if a is None else (a.shape, a.dtype) for a in args], dtype))
+        return inner(args, dtype=dtype, **kw)
+
+    return promote
+
+
+def _identity(args, **kw):  # what flax's own NNX-vs-linen equivalence test passes
+    return args
+
+
+@pytest.mark.parametrize("promote", ["default", "identity"])
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16], ids=["dtype_none", "dtype_bf16"])
+@pytest.mark.parametrize("xdtype", [jnp.float32, jnp.bfloat16], ids=["x_f32", "x_bf16"])
+def test_promote_dtype_like_flax_nnx_batchnorm(promote, dtype, xdtype):
+    """promote_dtype receives the same tuple (x, mean, var, scale, bias) with the same
+    dtype keyword as in flax.nnx.BatchNorm, and the outputs (training and eval mode),
+    their dtypes and the running statistics agree."""
+    inner = {"default": nnx.nn.dtypes.promote_dtype, "identity": _identity}[promote]
+    x = (1.0 + 2.0 * jax.random.normal(jax.random.key(0), (8, 3, 5))).astype(xdtype)
+    log_o, log_f = [], []
+    common = dict(momentum=0.5, dtype=dtype, rngs=nnx.Rngs(0))
+    o = ours(5, promote_dtype=_spy(log_o, inner), **common)
+    f = theirs(5, promote_dtype=_spy(log_f, inner), **common)
+    outs = [(m(x), m(x, use_running_average=True)) for m in (o, f)]
+    assert log_o == log_f and len(log_o) == 2
+    narrow = jnp.bfloat16 in (dtype, xdtype)
+    for a, b in zip(*outs, strict=True):
+        assert a.dtype == b.dtype
+        tol = BF16_TOL if a.dtype == jnp.bfloat16 else EVAL_ATOL
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol, rtol=tol
+        )
+    jax.tree.map(
+        lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-6, atol=1e-6 if narrow else 0),
+        nnx.to_pure_dict(nnx.state(o, nnx.BatchStat)),
+        nnx.to_pure_dict(nnx.state(f, nnx.BatchStat)),
+    )
+
+
+def test_promote_dtype_of_our_other_layers():
+    """BatchCenter and BatchInhib call promote_dtype on (x, mean[, var, cov], params):
+    a promote_dtype that casts to bfloat16 makes a bfloat16 output and a float32 update
+    of the statistics."""
+    x = 1.0 + jax.random.normal(jax.random.key(1), (8, 4))
+    for cls, names in (
+        (bnx.BatchCenter, [(8, 4), (4,), (4,)]),
+        (bnx.BatchInhib, [(8, 4), (4,), (4,), (4, 4), (4, 4)]),
+    ):
+        log = []
+        m = cls(4, dtype=jnp.bfloat16, promote_dtype=_spy(log, nnx.nn.dtypes.promote_dtype),
+                rngs=nnx.Rngs(0))  # fmt: skip
+        y = m(x)
+        assert [s for s, _ in log[0][0]] == names and log[0][1] == jnp.bfloat16
+        assert y.dtype == jnp.bfloat16 and m.mean[...].dtype == jnp.float32
+        assert float(jnp.abs(m.mean[...]).max()) > 0  # the statistics were updated
+        assert m(x, use_running_average=True).dtype == jnp.bfloat16
+
+
+def test_param_metadata_like_flax_nnx_batchnorm():
+    """scale_metadata / bias_metadata reach nnx.Param as in flax (here sharding
+    annotations on a 2-device mesh: the same metadata, partition specs and shardings);
+    BatchCenter's bias_metadata and BatchInhib's alpha_metadata likewise."""
+    mesh = jax.make_mesh((2,), ("model",), devices=jax.devices()[:2])
+    md = dict(scale_metadata={"out_sharding": ("model",)}, bias_metadata={"out_sharding": (None,)})
+    with jax.set_mesh(mesh):
+        o, f = ours(4, rngs=nnx.Rngs(0), **md), theirs(4, rngs=nnx.Rngs(0), **md)
+        c = bnx.BatchCenter(4, bias_metadata={"out_sharding": ("model",)}, rngs=nnx.Rngs(0))
+        i = bnx.BatchInhib(4, alpha_metadata={"out_sharding": ("model", None)}, rngs=nnx.Rngs(0))
+    for name in ("scale", "bias"):
+        po, pf = getattr(o, name), getattr(f, name)
+        assert po.get_metadata() == pf.get_metadata()
+        assert po[...].sharding == pf[...].sharding
+    assert o.scale[...].sharding.spec == jax.sharding.PartitionSpec("model")
+    assert nnx.get_partition_spec(nnx.state(o, nnx.Param)) == nnx.get_partition_spec(
+        nnx.state(f, nnx.Param)
+    )
+    assert c.bias[...].sharding.spec == jax.sharding.PartitionSpec("model")
+    assert i.alpha[...].sharding.spec == jax.sharding.PartitionSpec("model", None)
+    assert i.alpha.get_metadata()["out_sharding"] == ("model", None)
+
+
+def test_promote_dtype_and_metadata_errors():
+    x = jnp.ones((8, 4))
+    with pytest.raises(TypeError, match=r"BatchNorm: promote_dtype must be a callable .* got 3"):
+        ours(4, promote_dtype=3, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"BatchInhib: promote_dtype must be a callable"):
+        bnx.BatchInhib(4, promote_dtype="float32", rngs=nnx.Rngs(0))
+    bad_len = ours(4, promote_dtype=lambda a, **kw: a[:2], rngs=nnx.Rngs(0))
+    msg = r"BatchNorm: promote_dtype must return a tuple of 5 values \(x, mean, var, scale, bias\)"
+    with pytest.raises(TypeError, match=msg + r".* got a tuple of length 2"):
+        bad_len(x)
+    bad_shape = ours(4, promote_dtype=lambda a, **kw: (a[0][:1], *a[1:]), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"BatchNorm: .* x has shape \(8, 4\) but came back "
+                       r"with shape \(1, 4\)"):  # fmt: skip
+        bad_shape(x)
+    to_int = bnx.BatchCenter(
+        4, promote_dtype=lambda a, **kw: tuple(v.astype(jnp.int32) for v in a), rngs=nnx.Rngs(0)
+    )
+    with pytest.raises(TypeError, match=r"BatchCenter: .* x came back with dtype int32"):
+        to_int(x)
+    with pytest.raises(TypeError, match=r"BatchNorm: scale_metadata must be a mapping .* got"):
+        ours(4, scale_metadata=[("out_sharding", None)], rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"BatchCenter: bias_metadata must be a mapping"):
+        bnx.BatchCenter(4, bias_metadata={1: 2}, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"BatchInhib: alpha_metadata must be a mapping"):
+        bnx.BatchInhib(4, alpha_metadata=None, rngs=nnx.Rngs(0))
+
+
+def test_complex_input_is_refused_clearly():
+    """flax accepts complex inputs; ours refuse them with a TypeError naming the layer."""
+    z = jnp.ones((8, 4), jnp.complex64)
+    for m in (
+        ours(4, rngs=nnx.Rngs(0)),
+        bnx.BatchCenter(4, rngs=nnx.Rngs(0)),
+        bnx.BatchInhib(4, rngs=nnx.Rngs(0)),
+    ):
+        with pytest.raises(TypeError, match=rf"{type(m).__name__}: x must be a floating-point"):
+            m(z)
