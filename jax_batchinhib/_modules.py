@@ -12,6 +12,7 @@ Nothing here imports flax: :mod:`jax_batchinhib.nnx` does not load
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax.numpy as jnp
@@ -223,16 +224,64 @@ def apply(
     return jnp.asarray(y, out), new
 
 
-def dropout(where: str, rate, use_autodiff: bool, inputs, key):
-    """Dropout of either family once the key is known."""
-    return running._impl(use_autodiff).dropout(inputs, C.rate(where, rate), key)
+def dropout_takes_broadcast_dims(use_autodiff: bool = False) -> bool:
+    """Whether the dropout op (or, with ``use_autodiff``, its reference) shares mask
+    entries along ``broadcast_dims``."""
+    fn = running._impl(use_autodiff).dropout
+    return "broadcast_dims" in inspect.signature(fn).parameters
+
+
+def dropout(where: str, rate, use_autodiff: bool, inputs, key, broadcast_dims=()):
+    """Dropout of either family once the key is known. ``broadcast_dims`` (flax's): the
+    axes along which one mask entry is shared, negative allowed (checked against
+    ``inputs`` here, so the error names the module)."""
+    rate = C.rate(where, rate)
+    dims = broadcast_axes(where, broadcast_dims, jnp.ndim(inputs))
+    impl = running._impl(use_autodiff)
+    if not dims:
+        return impl.dropout(inputs, rate, key)
+    return impl.dropout(inputs, rate, key, broadcast_dims=dims)
+
+
+def check_broadcast_dims(where: str, broadcast_dims) -> tuple:
+    """``broadcast_dims`` as given at construction: a sequence of ints."""
+    try:
+        dims = tuple(broadcast_dims)
+    except TypeError:
+        dims = None
+    if dims is None or any(isinstance(d, bool) or not isinstance(d, int) for d in dims):
+        raise TypeError(
+            f"{where}: broadcast_dims must be a sequence of ints (axes that share one mask "
+            f"entry, e.g. (1, 2) for spatial dropout on NHWC); got {broadcast_dims!r}"
+        )
+    return dims
+
+
+def broadcast_axes(where: str, broadcast_dims, ndim: int) -> tuple:
+    """``broadcast_dims`` for an ``ndim``-dimensional input: non-negative, sorted, each
+    once (flax accepts negative and repeated axes)."""
+    dims = check_broadcast_dims(where, broadcast_dims)
+    for d in dims:
+        if not -ndim <= d < ndim:
+            raise ValueError(
+                f"{where}: broadcast_dims {dims!r} has axis {d}, out of range for inputs with "
+                f"{ndim} dimensions; expected ints in [{-ndim}, {ndim - 1}]"
+            )
+    dims = tuple(sorted({d % ndim for d in dims}))
+    if dims and not dropout_takes_broadcast_dims():
+        raise ValueError(
+            f"{where}: broadcast_dims must be () with this version of the dropout op (it "
+            f"draws one mask entry per element); got {dims!r}. Use flax's Dropout for shared "
+            f"masks."
+        )
+    return dims
 
 
 def check_dropout(where: str, rate, broadcast_dims=()) -> None:
     C.rate(where, rate)
-    if tuple(broadcast_dims):
+    if check_broadcast_dims(where, broadcast_dims) and not dropout_takes_broadcast_dims():
         raise ValueError(
-            f"{where}: broadcast_dims must be () (the hand-derived dropout draws one mask "
-            f"entry per element); got {tuple(broadcast_dims)!r}. Use flax.linen.Dropout "
-            f"for shared masks."
+            f"{where}: broadcast_dims must be () with this version of the dropout op (it "
+            f"draws one mask entry per element); got {tuple(broadcast_dims)!r}. Use flax's "
+            f"Dropout for shared masks."
         )

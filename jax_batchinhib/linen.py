@@ -146,7 +146,9 @@ class BatchNorm(nn.Module):
 
     ``use_fast_variance`` selects the op's variance algorithm, as flax's does (passed to
     :func:`jax_batchinhib.batch_norm`). Statistics are always accumulated in at least
-    float32.
+    float32. Complex inputs are refused with a TypeError (flax's BatchNorm accepts
+    them; the ops and their hand-derived VJPs are written for real floating point); so
+    do BatchCenter and BatchInhib.
     """
 
     use_running_average: bool | None = None
@@ -278,8 +280,9 @@ class Dropout(nn.Module):
 
     The same key draws the same mask as :class:`flax.linen.Dropout`
     (``bernoulli(key, 1 - rate, shape)``); the key comes from the ``rng_collection``
-    ('dropout') unless ``rng`` is given. ``broadcast_dims`` must be empty (the op draws
-    one mask entry per element).
+    ('dropout') unless ``rng`` is given. ``broadcast_dims`` (flax's meaning): the axes
+    along which one mask entry is shared (spatial dropout), given to the op; the same key
+    gives flax's output.
     """
 
     rate: float
@@ -299,4 +302,4 @@ class Dropout(nn.Module):
             return jnp.zeros_like(inputs)
         if rng is None:
             rng = self.make_rng(self.rng_collection)
-        return M.dropout(where, self.rate, self.use_autodiff, inputs, rng)
+        return M.dropout(where, self.rate, self.use_autodiff, inputs, rng, self.broadcast_dims)

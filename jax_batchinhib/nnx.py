@@ -364,8 +364,9 @@ class Dropout(nnx.Module):
     """Inverted dropout (flax.nnx.Dropout's interface) with the op's hand-derived VJP.
 
     Keys come from ``rngs`` (at construction: the ``rng_collection`` stream is forked,
-    as flax does; or at call time: Rngs, RngStream or a key). ``broadcast_dims`` must be
-    empty.
+    as flax does; or at call time: Rngs, RngStream or a key). ``broadcast_dims`` (flax's
+    meaning): the axes along which one mask entry is shared, given to the op; the same
+    key gives flax's output.
     """
 
     def __init__(
@@ -416,7 +417,7 @@ class Dropout(nnx.Module):
             raise TypeError(
                 f"{where}: rngs must be nnx.Rngs, nnx.RngStream or a key; got {type(rngs)}"
             )
-        return M.dropout(where, self.rate, self.use_autodiff, inputs, key)
+        return M.dropout(where, self.rate, self.use_autodiff, inputs, key, self.broadcast_dims)
 
     def set_view(self, deterministic: bool | None = None):
         """Used by ``nnx.view``."""

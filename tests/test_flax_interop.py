@@ -16,6 +16,7 @@ at most (a running variance of O(1)); 1e-5 used, as in tests/test_linen.py.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,8 @@ import optax
 import pytest
 from flax import nnx
 
+from jax_batchinhib import _modules
+from jax_batchinhib import linen as bnn
 from jax_batchinhib import nnx as bnx
 
 EVAL_ATOL = 1e-6  # float32 eval outputs of O(1) (measured 1.8e-7)
@@ -304,3 +307,68 @@ def test_complex_input_is_refused_clearly():
     ):
         with pytest.raises(TypeError, match=rf"{type(m).__name__}: x must be a floating-point"):
             m(z)
+    for m in (bnn.BatchNorm(), bnn.BatchCenter(), bnn.BatchInhib()):
+        with pytest.raises(TypeError, match=rf"{type(m).__name__}: x must be a floating-point"):
+            m.init(jax.random.key(0), z, use_running_average=False)
+
+
+# ------------------------------------------------------------- Dropout: broadcast_dims
+
+BCAST = _modules.dropout_takes_broadcast_dims()
+
+
+def _dropouts(dims, use_autodiff=False):
+    """(ours, flax's) linen and NNX dropouts as functions of (x, key)."""
+    ol = bnn.Dropout(0.5, broadcast_dims=dims, use_autodiff=use_autodiff)
+    fl = nn.Dropout(0.5, broadcast_dims=dims)
+
+    def linen(mdl):
+        return lambda x, k: mdl.apply({}, x, deterministic=False, rngs={"dropout": k})
+
+    def nnx_(cls, **kw):
+        return lambda x, k: cls(0.5, broadcast_dims=dims, rngs=nnx.Rngs(dropout=k), **kw)(x)
+
+    return (
+        (linen(ol), linen(fl)),
+        (nnx_(bnx.Dropout, use_autodiff=use_autodiff), nnx_(nnx.Dropout)),
+    )
+
+
+@pytest.mark.skipif(not BCAST, reason="the dropout op does not take broadcast_dims yet")
+@pytest.mark.parametrize("use_autodiff", [False, True], ids=["custom_vjp", "autodiff"])
+@pytest.mark.parametrize("dims", [(1, 2), (0,), (-1,), (2, 1, -2)])
+def test_dropout_broadcast_dims_like_flax(dims, use_autodiff):
+    """The same key gives flax's output (bitwise) and the gradient x -> sum(w * y) is
+    w times the shared mask, in linen and NNX."""
+    x = 1.0 + jax.random.normal(jax.random.key(0), (4, 3, 5, 6))
+    w = jax.random.normal(jax.random.key(1), x.shape)
+    key = jax.random.key(7)
+    for o, f in _dropouts(dims, use_autodiff):
+        yo, yf = jax.jit(o)(x, key), jax.jit(f)(x, key)
+        np.testing.assert_array_equal(yo, yf)
+        go = jax.jit(jax.grad(lambda x, o=o: jnp.sum(w * o(x, key))))(x)
+        np.testing.assert_array_equal(go, w * (yf != 0) / 0.5)
+        # one mask entry shared along every broadcast dim
+        kept = np.asarray(yo != 0)
+        for d in dims:
+            np.testing.assert_array_equal(kept, np.take(kept, [0], axis=d).repeat(x.shape[d], d))
+
+
+@pytest.mark.skipif(BCAST, reason="the dropout op takes broadcast_dims")
+def test_dropout_broadcast_dims_refused_while_the_op_lacks_them():
+    with pytest.raises(ValueError, match=r"Dropout: broadcast_dims must be \(\) with this"):
+        bnx.Dropout(0.5, broadcast_dims=(0,), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"Dropout: broadcast_dims must be \(\) with this"):
+        bnn.Dropout(0.5, broadcast_dims=(0,)).apply({}, jnp.ones((2, 3)), deterministic=False)
+
+
+def test_dropout_broadcast_dims_errors():
+    for bad in (1, ("a",), (True,)):
+        with pytest.raises(TypeError, match=r"Dropout: broadcast_dims must be a sequence of int"):
+            bnx.Dropout(0.5, broadcast_dims=bad, rngs=nnx.Rngs(0))
+        with pytest.raises(TypeError, match=r"Dropout: broadcast_dims must be a sequence of int"):
+            bnn.Dropout(0.5, broadcast_dims=bad).apply({}, jnp.ones((2, 3)), deterministic=True)
+    if BCAST:
+        m = bnx.Dropout(0.5, broadcast_dims=(2,), rngs=nnx.Rngs(0))
+        with pytest.raises(ValueError, match=r"Dropout: broadcast_dims \(2,\) has axis 2, out of"):
+            m(jnp.ones((2, 3)))
