@@ -147,6 +147,8 @@ class _Stats(nnx.Module):
     def _run(self, x, use_running_average, mask, params: dict, options=None):
         where = type(self).__name__
         ax = M.check_input(where, x, self.axis, mask, self.num_features)
+        if self._kind == "batch_inhib":
+            ax = M.single_axis(where, self.axis, ax)
         use_ra = M.first_flag(
             where, "use_running_average", use_running_average, self.use_running_average
         )
@@ -189,6 +191,11 @@ class BatchNorm(_Stats):
     :class:`jax_batchinhib.linen.BatchNorm`; also on BatchCenter and BatchInhib).
     ``use_fast_variance`` selects the op's variance algorithm (as flax's).
 
+    ``axis`` may be a tuple of feature axes, as flax's: ``num_features`` is then the
+    product of their sizes and the parameters and statistics are flat vectors of that
+    length (flax.nnx's layout), normalized per feature position over every other axis
+    (BatchCenter too; BatchInhib takes one axis).
+
     ``promote_dtype`` (flax's meaning): called as
     ``promote_dtype((x, mean, var, scale, bias), dtype=dtype)`` before the computation
     (``scale``/``bias`` None when unused); eval mode normalizes with the promoted
@@ -204,7 +211,7 @@ class BatchNorm(_Stats):
         num_features: int,
         *,
         use_running_average: bool | None = False,
-        axis: int = -1,
+        axis: int | tuple[int, ...] = -1,
         momentum: float | None = 0.99,
         epsilon: float = 1e-5,
         dtype: Dtype | None = None,
@@ -261,7 +268,7 @@ class BatchCenter(_Stats):
         num_features: int,
         *,
         use_running_average: bool | None = False,
-        axis: int = -1,
+        axis: int | tuple[int, ...] = -1,
         momentum: float | None = 0.99,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,

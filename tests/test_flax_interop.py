@@ -372,3 +372,108 @@ def test_dropout_broadcast_dims_errors():
         m = bnx.Dropout(0.5, broadcast_dims=(2,), rngs=nnx.Rngs(0))
         with pytest.raises(ValueError, match=r"Dropout: broadcast_dims \(2,\) has axis 2, out of"):
             m(jnp.ones((2, 3)))
+
+
+# ------------------------------------------------------------------ tuple of feature axes
+
+AXES = [(1, 3), (-1, -2), (0, 2)]
+X4 = 1.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 3, 5, 2))
+# float32, outputs of O(1) and gradients against flax.linen.BatchNorm: 1e-5 as
+# tests/test_linen.py (measured: outputs 9.5e-7, statistics 4.8e-7)
+AX_TOL = 1e-5
+
+
+@pytest.mark.parametrize("axes", AXES, ids=str)
+def test_linen_tuple_axis_like_flax_linen_batchnorm(axes):
+    """Same variables (feature-shaped), outputs, gradients and running statistics as
+    flax.linen.BatchNorm(axis=axes) over two steps (the second with a mask), and the
+    same eval output; BatchCenter's running mean equals flax's."""
+    init = nn.initializers.normal(1.0)
+    o = bnn.BatchNorm(momentum=0.5, unbiased=False, axis=axes, scale_init=init, bias_init=init)
+    f = nn.BatchNorm(momentum=0.5, use_fast_variance=False, axis=axes, scale_init=init,
+                     bias_init=init)  # fmt: skip
+    c = bnn.BatchCenter(momentum=0.5, axis=axes)
+    w = jax.random.normal(jax.random.key(3), X4.shape)
+    mask = jax.random.bernoulli(jax.random.key(4), 0.75, X4.shape)  # elementwise padding
+
+    def run(mdl):
+        v = mdl.init(jax.random.key(1), X4, use_running_average=False)
+        outs = [v]
+        for m in (None, mask):
+
+            def loss(p, x, v=v, m=m):
+                y, upd = mdl.apply({**v, "params": p}, x, use_running_average=False,
+                                   mutable=["batch_stats"], mask=m)  # fmt: skip
+                return jnp.sum(w * y**2), (y, upd)
+
+            (_, (y, upd)), g = jax.value_and_grad(loss, (0, 1), has_aux=True)(v["params"], X4)
+            v = {**v, **upd}
+            outs.append((y, g, upd))
+        return outs, mdl.apply(v, X4, use_running_average=True)
+
+    (to, eo), (tf, ef) = jax.jit(lambda: (run(o), run(f)))()
+    assert jax.tree.map(jnp.shape, to[0]) == jax.tree.map(jnp.shape, tf[0])
+    assert to[0]["params"]["scale"].shape == tuple(X4.shape[a] for a in sorted(a % 4 for a in axes))
+    jax.tree.map(np.testing.assert_array_equal, to[0], tf[0])
+    for (yo, go, uo), (yf, gf, uf) in zip(to[1:], tf[1:], strict=True):
+        np.testing.assert_allclose(yo, yf, atol=AX_TOL, rtol=AX_TOL)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=AX_TOL * float(jnp.abs(b).max())),
+            go, gf,
+        )  # fmt: skip
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=AX_TOL), uo, uf)
+    np.testing.assert_allclose(eo, ef, atol=AX_TOL, rtol=AX_TOL)
+    vc = c.init(jax.random.key(1), X4, use_running_average=False)
+    _, uc = jax.jit(lambda v: c.apply(v, X4, use_running_average=False, mutable=["batch_stats"]))(
+        vc
+    )
+    np.testing.assert_allclose(uc["batch_stats"]["mean"], tf[1][2]["batch_stats"]["mean"],
+                               rtol=AX_TOL)  # fmt: skip
+
+
+def test_nnx_tuple_axis_like_flax():
+    """NNX BatchNorm(num_features=H*C, axis=(1, 3)): flax.nnx's flat layout; training
+    matches flax.linen.BatchNorm(axis=(1, 3)) (flax.nnx's own BatchNorm fails to update
+    its statistics with a tuple axis in flax 0.12), and the eval output from the same
+    state matches flax.nnx.BatchNorm's."""
+    o = bnx.BatchNorm(6, axis=(1, 3), momentum=0.5, unbiased=False, rngs=nnx.Rngs(0))
+    f = theirs(6, axis=(1, 3), momentum=0.5, rngs=nnx.Rngs(0))
+    assert spec(nnx.state(o)) == spec(nnx.state(f))
+    lin = nn.BatchNorm(momentum=0.5, use_fast_variance=False, axis=(1, 3))
+    v = lin.init(jax.random.key(0), X4, use_running_average=False)
+    yl, upd = lin.apply(v, X4, use_running_average=False, mutable=["batch_stats"])
+    y = nnx.jit(lambda m, x: m(x))(o, X4)
+    np.testing.assert_allclose(y, yl, atol=AX_TOL, rtol=AX_TOL)
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(
+            getattr(o, k)[...], upd["batch_stats"][k].reshape(-1), rtol=AX_TOL
+        )
+    st = nnx.state(f)
+    nnx.replace_by_pure_dict(st, nnx.to_pure_dict(nnx.state(o)))
+    nnx.update(f, st)
+    np.testing.assert_allclose(
+        o(X4, use_running_average=True), f(X4, use_running_average=True), atol=EVAL_ATOL
+    )
+    c = bnx.BatchCenter(6, axis=(1, 3), momentum=0.5, rngs=nnx.Rngs(0))
+    c(X4)
+    np.testing.assert_allclose(c.mean[...], o.mean[...], rtol=1e-6)
+
+
+def test_tuple_axis_errors():
+    x = jnp.ones((8, 3, 4))
+    with pytest.raises(ValueError, match=r"BatchNorm: axis \(1, -2\) names the same axis twice"):
+        bnn.BatchNorm(axis=(1, -2)).init(jax.random.key(0), x, use_running_average=False)
+    with pytest.raises(ValueError, match=r"BatchNorm: axis must be an int or a non-empty tuple"):
+        ours(4, axis=(), rngs=nnx.Rngs(0))(x)
+    with pytest.raises(ValueError, match=r"BatchCenter: axis \(0, 1, 2\) makes every axis"):
+        bnx.BatchCenter(96, axis=(0, 1, 2), rngs=nnx.Rngs(0))(x)
+    with pytest.raises(ValueError, match=r"BatchNorm: axis 3 is out of range"):
+        ours(12, axis=(1, 3), rngs=nnx.Rngs(0))(x)
+    with pytest.raises(ValueError, match=r"BatchNorm: x has 12 features on axis \(1, 2\)"):
+        ours(4, axis=(1, 2), rngs=nnx.Rngs(0))(x)
+    with pytest.raises(TypeError, match=r"BatchInhib: axis must be an int \(one feature axis"):
+        bnx.BatchInhib(12, axis=(1, 2), rngs=nnx.Rngs(0))(x)
+    with pytest.raises(TypeError, match=r"BatchInhib: axis must be an int \(one feature axis"):
+        bnn.BatchInhib(axis=(1, 2)).init(jax.random.key(0), x, use_running_average=False)
+    with pytest.raises(ValueError, match=r"BatchNorm: virtual_batch_size splits the leading"):
+        ours(24, axis=(0, 1), virtual_batch_size=4, rngs=nnx.Rngs(0))(x)
