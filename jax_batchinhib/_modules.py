@@ -12,6 +12,7 @@ Nothing here imports flax: :mod:`jax_batchinhib.nnx` does not load
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from typing import Any
@@ -228,27 +229,29 @@ def training_form_ok(x, axis, mask, axis_name) -> bool:
     return mask is not None or axis_name is not None or per_feature > 1
 
 
-def _flat_features(kind, where, x, params, state, axes, mask, kw):
-    """Several feature axes: the op sees them moved last and flattened into one (a
-    transpose when they are not already trailing), which normalizes per feature
-    position over every other axis exactly as flax's tuple ``axis``; parameters and
-    statistics (feature-shaped or flat) are flattened for the op and the new statistics
-    get their stored shapes back."""
+def _flat_features(kind, where, x, params, state, step, kw):
+    """Several feature axes (``step.axis``, a sorted tuple): the op sees them moved last
+    and flattened into one (a transpose when they are not already trailing), which
+    normalizes per feature position over every other axis exactly as flax's tuple
+    ``axis``; parameters and statistics (feature-shaped or flat) are flattened for the
+    op and the new statistics get their stored shapes back."""
+    axes = step.axis
     other = tuple(a for a in range(x.ndim) if a not in axes)
     perm = other + axes
-    if kw.get("virtual_batch_size") is not None and 0 in axes:
+    if step.virtual_batch_size is not None and 0 in axes:
         raise ValueError(
             f"{where}: virtual_batch_size splits the leading axis into ghost batches, but "
             f"axis {axes!r} makes it a feature axis"
         )
     xt = jnp.transpose(x, perm)
     xf = jnp.reshape(xt, (*xt.shape[: len(other)], -1))
+    mask = kw["mask"]
     if mask is not None and tuple(jnp.shape(mask)) == tuple(x.shape):
         mask = jnp.reshape(jnp.transpose(mask, perm), xf.shape)
     flat = tuple(None if p is None else jnp.reshape(p, (-1,)) for p in params)
     state_f = RunningStats(**{k: jnp.reshape(v, (-1,)) for k, v in state.items()})
-    kw = {**kw, "axis": xf.ndim - 1, "mask": mask}
-    y, new = STEPS[kind](where, xf, *flat, state_f, **kw)
+    step_f = dataclasses.replace(step, axis=xf.ndim - 1)
+    y, new = STEPS[kind](where, xf, *flat, state_f, step_f, **{**kw, "mask": mask})
     y = jnp.transpose(jnp.reshape(y, xt.shape), tuple(perm.index(a) for a in range(x.ndim)))
     return y, RunningStats(**{k: jnp.reshape(v, getattr(state, k).shape) for k, v in new.items()})
 
@@ -275,28 +278,27 @@ def apply(
     :func:`_flat_features`). Returns ``(y, new_state)``; the module writes ``new_state``
     back."""
     out = out_dtype(mdl.dtype, x, *params)
-    kw = dict(
+    step = running.Step(
         use_running_average=use_running_average,
         update_stats=update_stats,
         momentum=momentum,
+        unbiased=getattr(mdl, "unbiased", True),
         axis=axis,
         axis_name=axis_name,
         axis_index_groups=mdl.axis_index_groups,
-        mask=mask,
         use_autodiff=mdl.use_autodiff,
         virtual_batch_size=mdl.virtual_batch_size,
         use_fast_variance=mdl.use_fast_variance,
     )
-    if kind != "batch_center":
-        kw["unbiased"] = mdl.unbiased
+    kw = {"mask": mask}
     if kind == "batch_norm":
         kw["epsilon"] = mdl.epsilon
     if kind == "batch_inhib":
         kw["options"] = options
     if isinstance(axis, tuple):
-        y, new = _flat_features(kind, where, compute_input(x, out), params, state, axis, mask, kw)
+        y, new = _flat_features(kind, where, compute_input(x, out), params, state, step, kw)
     else:
-        y, new = STEPS[kind](where, compute_input(x, out), *params, state, **kw)
+        y, new = STEPS[kind](where, compute_input(x, out), *params, state, step, **kw)
     return jnp.asarray(y, out), new
 
 
