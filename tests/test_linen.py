@@ -412,7 +412,7 @@ def test_errors_name_the_module_and_the_argument():
     )
     raises(
         r"BatchNorm: axis must be an int",
-        lambda: bnn.BatchNorm(use_running_average=False, axis=(0, 1)).init(k, x),
+        lambda: bnn.BatchNorm(use_running_average=False, axis=1.5).init(k, x),
     )
     raises(
         r"BatchInhib: correlation must be one of",
