@@ -41,3 +41,16 @@ if _saved_xla_flags is None:
     del os.environ["XLA_FLAGS"]
 else:
     os.environ["XLA_FLAGS"] = _saved_xla_flags
+
+# Hypothesis profiles (tests/test_properties.py explains them): "ci", the default, draws
+# the same examples every run so that a failure reproduces; "thorough" draws many more,
+# at random: pytest --hypothesis-profile=thorough.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_HYPOTHESIS = dict(
+    deadline=None,  # the first example of a configuration compiles
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("ci", max_examples=6, derandomize=True, **_HYPOTHESIS)
+settings.register_profile("thorough", max_examples=200, **_HYPOTHESIS)
+settings.load_profile("ci")
