@@ -267,6 +267,19 @@ MEASURED: dict = collections.defaultdict(float)
 COUNTS: dict = collections.Counter()
 
 
+def _two_per_group_float32(spec):
+    """BatchInhib in float32 with exactly two features per group: only the output and x's
+    cotangent are compared (alpha's and cov's in float64 only). With two features R_12 =
+    g r h(g r) is 1 up to the guard, so the exact alpha/cov cotangent is O(guard^2): a
+    cancellation of O(1/D) terms that float32 autodiff of the reference itself gets
+    wrong (measured against float64 autodiff on the same float32 inputs: MEASURED_N2)."""
+    return (
+        spec["dtype"] == "float32"
+        and spec["op"].startswith("batch_inhib")
+        and spec["shape"][spec["axis"]] // spec["groups"] == 2
+    )
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _summary():
     yield
@@ -282,7 +295,10 @@ def test_rule_matches_autodiff_of_reference(op, data):
     with jax.enable_x64(spec["dtype"] == "float64"):
         fn, rf, args, kw = _build(spec)
         note(f"kwargs: { {k: v for k, v in kw.items() if k != 'mask'} }")
-        errors = check_vjp(fn, rf, *args, key=spec["seed"] % 997, rtol=RTOL[spec["dtype"]], **kw)
+        argnums = (0,) if _two_per_group_float32(spec) else None
+        errors = check_vjp(
+            fn, rf, *args, key=spec["seed"] % 997, argnums=argnums, rtol=RTOL[spec["dtype"]], **kw
+        )
     COUNTS[op, spec["dtype"]] += 1
     worst = max(e.max_rel for e in errors.values())
     MEASURED[op, spec["dtype"]] = max(MEASURED[op, spec["dtype"]], worst)
