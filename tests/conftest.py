@@ -45,12 +45,20 @@ else:
 # Hypothesis profiles (tests/test_properties.py explains them): "ci", the default, draws
 # the same examples every run so that a failure reproduces; "thorough" draws many more,
 # at random: pytest --hypothesis-profile=thorough.
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 _HYPOTHESIS = dict(
     deadline=None,  # the first example of a configuration compiles
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.register_profile("ci", max_examples=6, derandomize=True, **_HYPOTHESIS)
+# No shrinking in "ci": each shrink step compiles a new program (minutes on a shared CPU),
+# and the failing example, printed in full, reproduces as it is.
+settings.register_profile(
+    "ci",
+    max_examples=6,
+    derandomize=True,
+    phases=(Phase.explicit, Phase.generate),
+    **_HYPOTHESIS,
+)
 settings.register_profile("thorough", max_examples=200, **_HYPOTHESIS)
 settings.load_profile("ci")
