@@ -149,6 +149,8 @@ def _cases(draw, op):
         for name, values in INHIB_OPTIONS.items():
             if draw(st.booleans()):
                 kw[name] = draw(st.sampled_from(values))
+    if op in TRAINING and _takes(getattr(jb, op), "use_fast_variance") and draw(st.booleans()):
+        kw["use_fast_variance"] = draw(st.booleans())
     if op.startswith("batch_norm") and draw(st.booleans()):
         kw["epsilon"] = draw(st.sampled_from((1e-5, 1e-3, 0.1)))
     if op.startswith(("batch_norm", "batch_center")) or op in WHITENING:
