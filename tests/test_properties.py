@@ -125,7 +125,7 @@ def _statistics(draw, spec):
     shape, pos = spec["shape"], spec["axis"] % len(spec["shape"])
     per_row = int(np.prod([s for a, s in enumerate(shape) if a not in (0, pos)]))
     vbs = None
-    if pos != 0:
+    if pos != 0 and _takes(getattr(jb, spec["op"]), "virtual_batch_size"):
         # each sub-batch needs two values per feature (two valid rows with a mask)
         sizes = [v for v in _divisors(shape[0]) if v * per_row >= 2]
         vbs = draw(st.sampled_from([None, *sizes]))
@@ -151,8 +151,9 @@ def _cases(draw, op):
                 kw[name] = draw(st.sampled_from(values))
     if op in TRAINING and _takes(getattr(jb, op), "use_fast_variance") and draw(st.booleans()):
         kw["use_fast_variance"] = draw(st.booleans())
-    if op.startswith("batch_norm") and draw(st.booleans()):
-        kw["epsilon"] = draw(st.sampled_from((1e-5, 1e-3, 0.1)))
+    if _takes(getattr(jb, op), "epsilon") and not op.startswith("batch_inhib"):
+        if draw(st.booleans()):
+            kw["epsilon"] = draw(st.sampled_from((1e-5, 1e-3, 0.1)))
     if op.startswith(("batch_norm", "batch_center")) or op in WHITENING:
         spec["params"] = draw(st.sampled_from(((True, True), (False, False), (True, False))))
     if op == "dropout":
@@ -254,6 +255,10 @@ def _build(spec):
         return fn, rf, (x, alpha, _psd(rng, ashape, dtype)), kw
     if op in ("iter_norm", "zca_norm"):
         return fn, rf, (x, scale, bias), kw
+    if op in ("iter_norm_inference", "zca_norm_inference"):
+        n = nfeat // kw["groups"]
+        w = np.eye(n) + 0.3 * rng.standard_normal((kw["groups"], n, n))
+        return fn, rf, (x, scale, bias, mean, jnp.asarray(w, dtype)), kw
     raise NotImplementedError(f"no case builder for {op}")
 
 
