@@ -55,7 +55,7 @@ _HYPOTHESIS = dict(
 # and the failing example, printed in full, reproduces as it is.
 settings.register_profile(
     "ci",
-    max_examples=6,
+    max_examples=8,
     derandomize=True,
     phases=(Phase.explicit, Phase.generate),
     **_HYPOTHESIS,

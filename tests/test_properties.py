@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, note
+from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 import jax_batchinhib as jb
@@ -297,9 +297,26 @@ def _summary():
         print(f"max rel error {k[0]:>24} {k[1]:>8}: {v:.2e}  {spec}")
 
 
-@pytest.mark.parametrize("op", OPS)
+#: BatchInhib has the most options (six, with groups, masks and ghost batches on top):
+#: its two forms get this many times the profile's examples.
+INHIB_FACTOR = 3
+INHIB_OPS = ("batch_inhib", "batch_inhib_inference")
+
+
+@pytest.mark.parametrize("op", [op for op in OPS if op not in INHIB_OPS])
 @given(data=st.data())
 def test_rule_matches_autodiff_of_reference(op, data):
+    _check(op, data)
+
+
+@pytest.mark.parametrize("op", INHIB_OPS)
+@settings(max_examples=INHIB_FACTOR * settings.default.max_examples)
+@given(data=st.data())
+def test_batch_inhib_rule_matches_autodiff_of_reference(op, data):
+    _check(op, data)
+
+
+def _check(op, data):
     spec = data.draw(_cases(op), label="case")
     with jax.enable_x64(spec["dtype"] == "float64"):
         fn, rf, args, kw = _build(spec)
