@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, note, settings
+from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 
 import jax_batchinhib as jb
@@ -289,6 +289,20 @@ def _two_per_group(spec):
     )
 
 
+def _one_per_group_relative_float32(spec):
+    """BatchInhib in float32 with one feature per group and the relative guard: left out
+    (a known bug, see test_one_feature_groups_relative_guard_float32_finite). R = 0 there,
+    so the exact cotangents are dx = dy, dalpha = dcov = 0, but both the rule and autodiff
+    of the float32 reference return NaN/inf: the guarded reciprocal's VJP divides by
+    (D^2 + guard^2 tau^2)^2 ~ (2.5e-25)^2, which underflows to 0 in float32 (0/0)."""
+    return (
+        spec["dtype"] == "float32"
+        and spec["op"] in INHIB_OPS
+        and spec["shape"][spec["axis"]] // spec["groups"] == 1
+        and spec["kw"].get("guard_mode") == "relative"
+    )
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _summary():
     yield
@@ -318,6 +332,7 @@ def test_batch_inhib_rule_matches_autodiff_of_reference(op, data):
 
 def _check(op, data):
     spec = data.draw(_cases(op), label="case")
+    assume(not _one_per_group_relative_float32(spec))
     with jax.enable_x64(spec["dtype"] == "float64"):
         fn, rf, args, kw = _build(spec)
         note(f"kwargs: { {k: v for k, v in kw.items() if k != 'mask'} }")
@@ -329,3 +344,24 @@ def _check(op, data):
     worst = max(e.max_rel for e in errors.values())
     if worst >= MEASURED[op, spec["dtype"]][0]:
         MEASURED[op, spec["dtype"]] = (worst, spec)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: BatchInhib's rule gives NaN/inf cotangents in float32 for a group of "
+    "one feature with guard_mode='relative' (exact: 0); when fixed, this passes (strict "
+    "xfail fails) and _one_per_group_relative_float32 should be removed",
+)
+def test_one_feature_groups_relative_guard_float32_finite():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 2)), jnp.float32)
+    alpha = jnp.zeros(jb.alpha_shape(2, 2), jnp.float32)
+
+    @jax.jit
+    def grads(x, alpha):
+        return jax.grad(
+            lambda x, a: jnp.sum(jb.batch_inhib(x, a, groups=2, guard_mode="relative")[0] ** 2),
+            (0, 1),
+        )(x, alpha)
+
+    gx, ga = grads(x, alpha)
+    assert np.all(np.isfinite(gx)) and np.all(np.isfinite(ga))
