@@ -23,6 +23,12 @@ Hypothesis profiles (registered in ``tests/conftest.py``):
 
       pytest tests/test_properties.py -n 0 --hypothesis-profile=thorough
 
+Left out, each with its measured reason beside its predicate: alpha's and cov's
+cotangents of BatchInhib with two features per group (``_two_per_group``: the exact value
+is O(guard^2) or 0, so a relative error measures cancellation), and BatchInhib in float32
+with one feature per group and the relative guard (``_one_per_group_relative_float32``: a
+known NaN, pinned by a strict xfail test).
+
 Compilation dominates the run time on CPU: ``check_vjp`` keeps one compiled program
 per (op, reference, static options, shapes), so repeated configurations with new data
 cost milliseconds.
