@@ -201,25 +201,24 @@ def apply(
     of ``kind`` with the module's attributes. ``params``: (scale, bias), (bias,) or
     (alpha,). Returns ``(y, new_state)``; the module writes ``new_state`` back."""
     out = out_dtype(mdl.dtype, x, *params)
-    kw = dict(
+    step = running.Step(
         use_running_average=use_running_average,
         update_stats=update_stats,
         momentum=momentum,
+        unbiased=getattr(mdl, "unbiased", True),
         axis=axis,
         axis_name=axis_name,
         axis_index_groups=mdl.axis_index_groups,
-        mask=mask,
         use_autodiff=mdl.use_autodiff,
         virtual_batch_size=mdl.virtual_batch_size,
         use_fast_variance=mdl.use_fast_variance,
     )
-    if kind != "batch_center":
-        kw["unbiased"] = mdl.unbiased
+    kw = {"mask": mask}
     if kind == "batch_norm":
         kw["epsilon"] = mdl.epsilon
     if kind == "batch_inhib":
         kw["options"] = options
-    y, new = STEPS[kind](where, compute_input(x, out), *params, state, **kw)
+    y, new = STEPS[kind](where, compute_input(x, out), *params, state, step, **kw)
     return jnp.asarray(y, out), new
 
 
