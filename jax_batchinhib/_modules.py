@@ -13,7 +13,6 @@ Nothing here imports flax: :mod:`jax_batchinhib.nnx` does not load
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from typing import Any
 
@@ -302,13 +301,6 @@ def apply(
     return jnp.asarray(y, out), new
 
 
-def dropout_takes_broadcast_dims(use_autodiff: bool = False) -> bool:
-    """Whether the dropout op (or, with ``use_autodiff``, its reference) shares mask
-    entries along ``broadcast_dims``."""
-    fn = running._impl(use_autodiff).dropout
-    return "broadcast_dims" in inspect.signature(fn).parameters
-
-
 def dropout(where: str, rate, use_autodiff: bool, inputs, key, broadcast_dims=()):
     """Dropout of either family once the key is known. ``broadcast_dims`` (flax's): the
     axes along which one mask entry is shared, negative allowed (checked against
@@ -345,21 +337,9 @@ def broadcast_axes(where: str, broadcast_dims, ndim: int) -> tuple:
                 f"{where}: broadcast_dims {dims!r} has axis {d}, out of range for inputs with "
                 f"{ndim} dimensions; expected ints in [{-ndim}, {ndim - 1}]"
             )
-    dims = tuple(sorted({d % ndim for d in dims}))
-    if dims and not dropout_takes_broadcast_dims():
-        raise ValueError(
-            f"{where}: broadcast_dims must be () with this version of the dropout op (it "
-            f"draws one mask entry per element); got {dims!r}. Use flax's Dropout for shared "
-            f"masks."
-        )
-    return dims
+    return tuple(sorted({d % ndim for d in dims}))
 
 
 def check_dropout(where: str, rate, broadcast_dims=()) -> None:
     C.rate(where, rate)
-    if check_broadcast_dims(where, broadcast_dims) and not dropout_takes_broadcast_dims():
-        raise ValueError(
-            f"{where}: broadcast_dims must be () with this version of the dropout op (it "
-            f"draws one mask entry per element); got {tuple(broadcast_dims)!r}. Use flax's "
-            f"Dropout for shared masks."
-        )
+    check_broadcast_dims(where, broadcast_dims)

@@ -24,7 +24,6 @@ import optax
 import pytest
 from flax import nnx
 
-from jax_batchinhib import _modules
 from jax_batchinhib import linen as bnn
 from jax_batchinhib import nnx as bnx
 
@@ -314,9 +313,6 @@ def test_complex_input_is_refused_clearly():
 
 # ------------------------------------------------------------- Dropout: broadcast_dims
 
-BCAST = _modules.dropout_takes_broadcast_dims()
-
-
 def _dropouts(dims, use_autodiff=False):
     """(ours, flax's) linen and NNX dropouts as functions of (x, key)."""
     ol = bnn.Dropout(0.5, broadcast_dims=dims, use_autodiff=use_autodiff)
@@ -334,7 +330,6 @@ def _dropouts(dims, use_autodiff=False):
     )
 
 
-@pytest.mark.skipif(not BCAST, reason="the dropout op does not take broadcast_dims yet")
 @pytest.mark.parametrize("use_autodiff", [False, True], ids=["custom_vjp", "autodiff"])
 @pytest.mark.parametrize("dims", [(1, 2), (0,), (-1,), (2, 1, -2)])
 def test_dropout_broadcast_dims_like_flax(dims, use_autodiff):
@@ -354,24 +349,15 @@ def test_dropout_broadcast_dims_like_flax(dims, use_autodiff):
             np.testing.assert_array_equal(kept, np.take(kept, [0], axis=d).repeat(x.shape[d], d))
 
 
-@pytest.mark.skipif(BCAST, reason="the dropout op takes broadcast_dims")
-def test_dropout_broadcast_dims_refused_while_the_op_lacks_them():
-    with pytest.raises(ValueError, match=r"Dropout: broadcast_dims must be \(\) with this"):
-        bnx.Dropout(0.5, broadcast_dims=(0,), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"Dropout: broadcast_dims must be \(\) with this"):
-        bnn.Dropout(0.5, broadcast_dims=(0,)).apply({}, jnp.ones((2, 3)), deterministic=False)
-
-
 def test_dropout_broadcast_dims_errors():
     for bad in (1, ("a",), (True,)):
         with pytest.raises(TypeError, match=r"Dropout: broadcast_dims must be a sequence of int"):
             bnx.Dropout(0.5, broadcast_dims=bad, rngs=nnx.Rngs(0))
         with pytest.raises(TypeError, match=r"Dropout: broadcast_dims must be a sequence of int"):
             bnn.Dropout(0.5, broadcast_dims=bad).apply({}, jnp.ones((2, 3)), deterministic=True)
-    if BCAST:
-        m = bnx.Dropout(0.5, broadcast_dims=(2,), rngs=nnx.Rngs(0))
-        with pytest.raises(ValueError, match=r"Dropout: broadcast_dims \(2,\) has axis 2, out of"):
-            m(jnp.ones((2, 3)))
+    m = bnx.Dropout(0.5, broadcast_dims=(2,), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"Dropout: broadcast_dims \(2,\) has axis 2, out of"):
+        m(jnp.ones((2, 3)))
 
 
 # ------------------------------------------------------------------ tuple of feature axes

@@ -419,8 +419,8 @@ def test_errors_name_the_module_and_the_argument():
         lambda: bnn.BatchInhib(use_running_average=False, correlation="x").init(k, x),
     )
     raises(
-        r"Dropout: broadcast_dims must be \(\)",
-        lambda: bnn.Dropout(0.5, broadcast_dims=(0,), deterministic=False).init(k, x),
+        r"Dropout: broadcast_dims \(5,\) has axis 5, out of range",
+        lambda: bnn.Dropout(0.5, broadcast_dims=(5,), deterministic=False).init(k, x),
     )
     raises(r"Dropout: rate must be a float in \[0, 1\]", lambda: bnn.Dropout(2.0).init(k, x))
     raises(
