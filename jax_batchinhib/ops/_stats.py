@@ -1,5 +1,5 @@
 """Shared pieces of the statistics ops: argument checks, masks and counts, float32
-accumulation, the shifted two-pass moments, and sums across devices (``axis_name``).
+accumulation, the shifted one- and two-pass moments, and sums across devices (``axis_name``).
 
 Everything here runs at trace time on shapes, or inside the ops' forward and backward
 rules on arrays; nothing here carries a custom rule of its own.
@@ -57,6 +57,10 @@ class Reduce:
         if self.axis_name is None or is_typed(self.axis_name):
             return ct
         return self.psum(ct)
+
+    @property
+    def feature_axes(self) -> tuple[int, ...]:
+        return (self.axis,)
 
     def keep_shape(self, n: int) -> tuple[int, ...]:
         """Shape of a per-feature vector broadcast against the input."""
@@ -241,58 +245,111 @@ def static_count(fn: str, x_shape, cfg: Reduce, mask) -> int:
 
 
 # ----------------------------------------------------------------------------- moments
+#
+# Masked values are SELECTED away (``jnp.where``), never multiplied by a zero weight:
+# padding often holds garbage, and NaN * 0 is NaN. Every place where the data meet the
+# mask goes through :func:`select` (see ``docs/derivations.md``, "Masks select").
 
 
-def weights_array(mask, dtype):
-    return None if mask is None else mask.astype(dtype)
+def mask_bool(mask):
+    """A validated mask as booleans (an integer mask counts its nonzero entries)."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    return mask if mask.dtype == jnp.bool_ else mask != 0
 
 
-def wsum(v, w, axes, keepdims=True):
-    """Sum of v (weighted by w if given) over axes."""
-    if w is not None:
-        v = v * w
-    return jnp.sum(v, axis=axes, keepdims=keepdims)
+def select(v, mask, fill=0):
+    """``v`` where ``mask`` is True and ``fill`` elsewhere (``v`` itself without a mask).
+
+    A select, not a product: a NaN or inf at a masked position does not survive it.
+    """
+    if mask is None:
+        return v
+    return jnp.where(mask, v, jnp.asarray(fill, jnp.result_type(v)))
 
 
-def count(x_shape, w, cfg: Reduce, dtype):
-    """Global number of values per feature (keepdims shape), summed across devices."""
-    if w is None:
+def wsum(v, mask, axes, keepdims=True):
+    """Sum of ``v`` over ``axes`` at the positions where ``mask`` is True (all without)."""
+    return jnp.sum(select(v, mask), axis=axes, keepdims=keepdims)
+
+
+def count(x_shape, mask, cfg: Reduce, dtype):
+    """Global number of values per feature (keepdims shape), summed across devices.
+    Computed from the mask alone, never from the data."""
+    if mask is None:
         m = 1
         for a in cfg.reduce_axes:
             m *= int(x_shape[a])
         return cfg.psum(jnp.asarray(m, dtype))
-    n = cfg.psum(jnp.sum(jnp.broadcast_to(w, x_shape), axis=cfg.reduce_axes, keepdims=True))
-    return n
+    w = jnp.broadcast_to(mask, x_shape).astype(dtype)
+    return cfg.psum(jnp.sum(w, axis=cfg.reduce_axes, keepdims=True))
 
 
-def shift_of(xf, w, cfg: Reduce, n):
-    """A per-feature value close to the data: the first sample, or the (naive) masked mean.
+def _first_valid(xf, mask, cfg: Reduce):
+    """Per feature, the value at the first position (row-major over the reduced axes)
+    where ``mask`` is True, and whether there is one: ``(sample, has)``, keepdims shapes.
 
-    Subtracting it before the two passes makes ``x - shift`` exact (Sterbenz) when the
-    data sit far from zero, so the variance survives a mean of 1e4 with std 1e-2 in
-    float32. It is a constant for differentiation.
+    Reads the mask and gathers one value per feature; it does not read the data."""
+    shape = xf.shape
+    feat = tuple(shape[a] for a in cfg.feature_axes)
+    rshape = tuple(shape[a] for a in cfg.reduce_axes)
+    mb = jnp.broadcast_to(mask, shape)
+    mt = jnp.transpose(mb, cfg.reduce_axes + cfg.feature_axes).reshape((-1,) + feat)
+    idx = jnp.argmax(mt, axis=0)  # first True (0 where there is none)
+    has = jnp.any(mt, axis=0)
+    coords = iter(jnp.unravel_index(idx, rshape) if rshape else ())
+    grid = iter(jnp.indices(feat, sparse=True))
+    index = tuple(next(grid) if a in cfg.feature_axes else next(coords) for a in range(xf.ndim))
+    sample = xf[index]  # feature-shaped: one gathered value per feature
+    keep = tuple(shape[a] if a in cfg.feature_axes else 1 for a in range(xf.ndim))
+    return jnp.where(has, sample, 0).reshape(keep), has.reshape(keep)
+
+
+def shift_of(xf, mask, cfg: Reduce):
+    """A per-feature value taken from the data: the first sample, with a mask the first
+    VALID sample (a masked value is never read); with ``axis_name`` the average of the
+    devices' samples (devices with no valid sample left out).
+
+    Subtracting it makes ``x - shift`` small and exact (Sterbenz) when the data sit far
+    from zero, so the variance survives a mean of 1e4 with std 1e-2 in float32 (the
+    bound is in ``docs/derivations.md``). It is a constant for differentiation.
     """
-    if w is None:
+    if mask is None:
         s = xf
         for a in cfg.reduce_axes:
             s = lax.slice_in_dim(s, 0, 1, axis=a)
         if cfg.axis_name is not None:
             s = lax.pmean(s, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
     else:
-        s = cfg.psum(wsum(xf, w, cfg.reduce_axes)) / jnp.maximum(n, 1)
+        s, has = _first_valid(xf, mask, cfg)
+        if cfg.axis_name is not None:
+            k = has.astype(s.dtype)
+            tot, num = cfg.psum((s * k, k))  # s is finite: it is 0 where has is False
+            s = tot / jnp.maximum(num, 1)
     return lax.stop_gradient(s)
 
 
-def moments(xf, w, cfg: Reduce, n):
-    """Shifted two-pass mean and biased variance (keepdims shapes).
+def moments(xf, mask, cfg: Reduce, n, fast: bool = True):
+    """Shifted mean and biased variance (keepdims shapes), over the positions where
+    ``mask`` is True.
 
-    Returns ``(shift, mean_d, var)`` with mean = shift + mean_d, where ``mean_d`` is the
-    mean of ``x - shift``; ``(x - shift) - mean_d`` is the accurate centred data.
+    ``fast=True``: one pass, ``Σd`` and ``Σd²`` of ``d = x - shift`` in the same
+    reduction, ``var = Σd²/n - (Σd/n)²`` (clamped at 0). ``fast=False``: two passes,
+    ``var = Σ(d - mean_d)²/n``. Returns ``(shift, mean_d, var)`` with mean = shift +
+    mean_d, where ``mean_d`` is the mean of ``x - shift``; ``(x - shift) - mean_d`` is the
+    accurate centred data.
     """
     nz = jnp.maximum(n, 1)
-    s = shift_of(xf, w, cfg, n)
-    d = xf - s
-    mean_d = cfg.psum(wsum(d, w, cfg.reduce_axes)) / nz
-    dc = d - mean_d
-    var = cfg.psum(wsum(dc * dc, w, cfg.reduce_axes)) / nz
+    s = shift_of(xf, mask, cfg)
+    d = select(xf - s, mask)
+    red = cfg.reduce_axes
+    if fast:
+        s1, s2 = cfg.psum((jnp.sum(d, red, keepdims=True), jnp.sum(d * d, red, keepdims=True)))
+        mean_d = s1 / nz
+        var = jnp.maximum(s2 / nz - mean_d * mean_d, 0)
+    else:
+        mean_d = cfg.psum(jnp.sum(d, red, keepdims=True)) / nz
+        dc = select(d - mean_d, mask)
+        var = cfg.psum(jnp.sum(dc * dc, red, keepdims=True)) / nz
     return s, mean_d, var

@@ -292,25 +292,40 @@ def batch_inhib(
     return _from_matrix(y2, tshape, red.axis), stats
 
 
-def _bi_center(cfg, red, x2, mask):
-    """Grouped (M, G, n) data, shift, centred data, covariance, count."""
+def _bi_center(cfg, red, x2, mask, fast):
+    """Grouped (M, G, n) data, shift, mean of x - shift, var, covariance, count, over the
+    rows where ``mask`` (M, 1) is True (masked rows are selected away, never weighted)."""
     cd = S.compute_dtype(x2.dtype)
     m, nf = x2.shape
     g = cfg.groups
     xf = x2.astype(cd)
-    w = S.weights_array(mask, cd)
-    cnt = S.count(x2.shape, w, red, cd)
-    s, mean_d, var = S.moments(xf, w, red, cnt)
+    mask = S.mask_bool(mask)
+    cnt = S.count(x2.shape, mask, red, cd)
     cnt = jnp.ravel(cnt)[0]  # rows are masked whole: one count for every feature
-    xc = ((xf - s) - mean_d).reshape(m, g, nf // g)
-    wc = xc if w is None else xc * w.reshape(m, 1, 1)
-    cov = red.psum(jnp.einsum("mgi,mgk->gik", wc, xc, precision=S.PRECISION))
-    cov = cov / jnp.maximum(cnt, 1)
-    return xf.reshape(m, g, nf // g), s, mean_d, var, cov, cnt, w
+    nz = jnp.maximum(cnt, 1)
+    if fast:  # one read: Σd and Σ d dᵀ of d = x - shift in the same pass
+        s = S.shift_of(xf, mask, red)
+        d = S.select(xf - s, mask)
+        dg = d.reshape(m, g, nf // g)
+        s1, s2 = red.psum(
+            (jnp.sum(d, axis=0, keepdims=True),
+             jnp.einsum("mgi,mgk->gik", dg, dg, precision=S.PRECISION))
+        )  # fmt: skip
+        mean_d = s1 / nz
+        md = mean_d.reshape(g, nf // g)
+        cov = s2 / nz - md[:, :, None] * md[:, None, :]
+        dia = jnp.diagonal(cov, axis1=-2, axis2=-1)
+        cov = cov + (jnp.maximum(dia, 0) - dia)[..., None] * jnp.eye(nf // g, dtype=cd)
+        var = jnp.maximum(dia, 0).reshape(1, nf)
+    else:  # shifted two-pass
+        s, mean_d, var = S.moments(xf, mask, red, cnt, fast=False)
+        xc = S.select((xf - s) - mean_d, mask).reshape(m, g, nf // g)
+        cov = red.psum(jnp.einsum("mgi,mgk->gik", xc, xc, precision=S.PRECISION)) / nz
+    return xf.reshape(m, g, nf // g), s, mean_d, var, cov, cnt
 
 
 def _bi_forward(cfg, red, x2, alpha3, mask):
-    xg, s, mean_d, var, cov, cnt, w = _bi_center(cfg, red, x2, mask)
+    xg, s, mean_d, var, cov, cnt = _bi_center(cfg, red, x2, mask, False)
     R = _inhib_matrix(cfg, cov, alpha3)
     yg = xg - jnp.einsum("mgl,gil->mgi", xg, R, precision=S.PRECISION)
     stats = InhibStats((s + mean_d)[0], var[0], cov)
@@ -336,18 +351,18 @@ def _batch_inhib_bwd(cfg, red, res, cts):
     m, nf = x2.shape
     g = cfg.groups
     n = nf // g
-    xf = x2.astype(cd)
+    mask = S.mask_bool(mask)
+    # Masked rows are constants to differentiation: their cotangent is selected away, and
+    # so is x there (garbage such as NaN must not reach dR = -dyᵀx: docs/derivations.md).
+    xf = S.select(x2.astype(cd), mask, 0)
     xg = xf.reshape(m, g, n)
-    dyg = dy2.astype(cd).reshape(m, g, n)
+    dyg = S.select(dy2.astype(cd), mask).reshape(m, g, n)
     # Linear in dR: the local dalpha sums to the global one across devices; the x path
     # needs the global dcov.
     dx, dcov, dalpha = _linear_map_bwd(cfg, cov, alpha3, xg, dyg)
     dcov = red.psum(dcov)
     dcs = dcov + jnp.swapaxes(dcov, -1, -2)
-    xc = ((xf - s) - mean_d).reshape(m, g, n)
-    w = S.weights_array(mask, cd)
-    if w is not None:
-        xc = xc * w.reshape(m, 1, 1)
+    xc = S.select((xf - s) - mean_d, mask).reshape(m, g, n)
     dx = dx + jnp.einsum("mgi,gik->mgk", xc, dcs, precision=S.PRECISION) / jnp.maximum(cnt, 1)
     dalpha = S.param_ct(dalpha.astype(alpha3.dtype), alpha3)  # docs/scaling.md
     return dx.reshape(m, nf).astype(x2.dtype), dalpha, None

@@ -125,10 +125,11 @@ def batch_norm(
 def _bn_forward(cfg, epsilon, x, scale, bias, mask):
     cd = S.compute_dtype(x.dtype)
     xf = x.astype(cd)
-    w = S.weights_array(mask, cd)
-    n = S.count(x.shape, w, cfg, cd)
-    s, mean_d, var = S.moments(xf, w, cfg, n)
+    mask = S.mask_bool(mask)
+    n = S.count(x.shape, mask, cfg, cd)
+    s, mean_d, var = S.moments(xf, mask, cfg, n, fast=False)
     inv = jax.lax.rsqrt(var + epsilon)
+    # every position is normalized (as flax does), masked ones too: NaN stays where it was
     xhat = ((xf - s) - mean_d) * inv
     y = xhat
     if scale is not None:
@@ -155,13 +156,15 @@ def _batch_norm_bwd(cfg, epsilon, res, cts):
     x, scale, bias, mask, s, mean_d, inv, n = res
     dy, (dmean, dvar) = cts
     cd = inv.dtype
-    w = S.weights_array(mask, cd)
-    dy = dy.astype(cd)
-    xhat = ((x.astype(cd) - s) - mean_d) * inv
+    mask = S.mask_bool(mask)
+    # Masked outputs are constants to differentiation: their cotangent is selected away,
+    # and so is x there (garbage such as NaN must not reach a sum: docs/derivations.md).
+    dy = S.select(dy.astype(cd), mask)
+    xhat = S.select(((x.astype(cd) - s) - mean_d) * inv, mask)
     red = cfg.reduce_axes
     # Two reductions of the input-sized arrays, shared by dx and the parameter grads:
     # S1 = sum(dxhat) = scale * sum(dy), S2 = sum(dxhat * xhat) = scale * sum(dy * xhat)
-    # (scale is per-feature), so dxhat is never formed (issue 4: 4 reductions -> 2).
+    # (scale is per-feature), so dxhat is never formed (4 reductions -> 2).
     sdy = jnp.sum(dy, axis=red, keepdims=True)
     sdyx = jnp.sum(dy * xhat, axis=red, keepdims=True)
     s1, s2 = cfg.psum((sdy, sdyx))
@@ -169,9 +172,9 @@ def _batch_norm_bwd(cfg, epsilon, res, cts):
     dmean = jnp.reshape(dmean.astype(cd), s1.shape)
     dvar = jnp.reshape(dvar.astype(cd), s1.shape)
     dmean, dvar = cfg.stats_ct((dmean, dvar))  # global cotangents of the statistics
-    # dx = inv*(dxhat - (w/n)(S1 + xhat*S2)) + (w/n)(dmean + 2*(x-mean)*dvar)
-    wn = (1.0 / jnp.maximum(n, 1)) if w is None else w / jnp.maximum(n, 1)
-    dx = a * dy + wn * (dmean - a * s1 + xhat * (2.0 * dvar / inv - a * s2))
+    # dx = inv*(dxhat - (w/n)(S1 + xhat*S2)) + (w/n)(dmean + 2*(x-mean)*dvar); w = mask
+    wn = 1.0 / jnp.maximum(n, 1)
+    dx = a * dy + S.select(wn * (dmean - a * s1 + xhat * (2.0 * dvar / inv - a * s2)), mask)
     dscale = None if scale is None else jnp.reshape(sdyx, (-1,)).astype(scale.dtype)
     dbias = None if bias is None else jnp.reshape(sdy, (-1,)).astype(bias.dtype)
     dscale, dbias = S.param_ct(dscale, scale), S.param_ct(dbias, bias)  # docs/scaling.md
@@ -228,10 +231,10 @@ def batch_center(
 def _bc_forward(cfg, x, bias, mask):
     cd = S.compute_dtype(x.dtype)
     xf = x.astype(cd)
-    w = S.weights_array(mask, cd)
-    n = S.count(x.shape, w, cfg, cd)
-    s = S.shift_of(xf, w, cfg, n)
-    mean_d = cfg.psum(S.wsum(xf - s, w, cfg.reduce_axes)) / jnp.maximum(n, 1)
+    mask = S.mask_bool(mask)
+    n = S.count(x.shape, mask, cfg, cd)
+    s = S.shift_of(xf, mask, cfg)
+    mean_d = cfg.psum(S.wsum(xf - s, mask, cfg.reduce_axes)) / jnp.maximum(n, 1)
     y = (xf - s) - mean_d
     if bias is not None:
         y = y + _vec(bias, cfg, cd)
@@ -253,12 +256,11 @@ def _batch_center_bwd(cfg, res, cts):
     x0, bias, mask, n = res
     dy, (dmean, _) = cts
     cd = n.dtype
-    w = S.weights_array(mask, cd)
-    dyf = dy.astype(cd)
+    mask = S.mask_bool(mask)
+    dyf = S.select(dy.astype(cd), mask)  # masked outputs pass no gradient
     s1 = cfg.psum(jnp.sum(dyf, axis=cfg.reduce_axes, keepdims=True))
     dmean = cfg.stats_ct(jnp.reshape(dmean.astype(cd), s1.shape))
-    wn = (1.0 / jnp.maximum(n, 1)) if w is None else w / jnp.maximum(n, 1)
-    dx = dyf + wn * (dmean - s1)
+    dx = dyf + S.select((dmean - s1) / jnp.maximum(n, 1), mask)
     return dx.astype(x0.dtype), S.param_ct(_grad_vec(dyf, cfg, bias), bias), None
 
 
