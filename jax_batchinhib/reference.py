@@ -111,7 +111,7 @@ def batch_norm(
     axis_name=None,
     axis_index_groups=None,
     mask=None,
-    use_fast_variance=False,
+    use_fast_variance=True,
 ):
     """Reference batch norm: shifted mean, biased variance, normalize, scale and shift."""
     cd = _f32(x.dtype)
@@ -213,7 +213,7 @@ def batch_inhib(
     denominator="signed",
     guard=None,
     guard_mode="absolute",
-    use_fast_variance=False,
+    use_fast_variance=True,
 ):
     """Reference BatchInhib (seed 000 eqs 1.1-1.5), statistics stop-gradient."""
     cd = _f32(x.dtype)

@@ -233,11 +233,13 @@ def batch_norm_step(
     mask=None,
     use_autodiff: bool = False,
     virtual_batch_size: int | None = None,
+    use_fast_variance: bool = True,
 ):
     """Batch norm in training mode (batch statistics, running update) or eval mode
     (running statistics). ``state`` holds ``mean``, ``var`` and, with momentum=None,
     ``count``. ``virtual_batch_size``: ghost batches in training mode (ignored in eval
-    mode); see :func:`_per_batch`. Returns ``(y, new_state)``."""
+    mode); see :func:`_per_batch`. ``use_fast_variance``: the op's variance algorithm.
+    Returns ``(y, new_state)``."""
     impl = _impl(use_autodiff)
     if use_running_average:
         y = impl.batch_norm_inference(
@@ -255,6 +257,7 @@ def batch_norm_step(
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
             mask=mask,
+            use_fast_variance=use_fast_variance,
         )
         mean_b = lax.stop_gradient(st.mean)
         var_b = lax.stop_gradient(st.var)
@@ -326,6 +329,7 @@ def batch_inhib_step(
     mask=None,
     use_autodiff: bool = False,
     virtual_batch_size: int | None = None,
+    use_fast_variance: bool = True,
     **inhib,
 ):
     """BatchInhib in training mode (batch covariance, running update) or eval mode (the
@@ -351,6 +355,7 @@ def batch_inhib_step(
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
             mask=mask,
+            use_fast_variance=use_fast_variance,
             **inhib,
         )
         mean_b = lax.stop_gradient(st.mean)

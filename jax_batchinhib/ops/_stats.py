@@ -155,6 +155,16 @@ def check_epsilon(fn: str, epsilon, name: str = "epsilon") -> None:
         raise ValueError(f"{fn}: {name} must be a finite float >= 0; got {epsilon!r}")
 
 
+def check_fast_variance(fn: str, use_fast_variance) -> bool:
+    """``use_fast_variance`` selects the variance algorithm: a Python bool."""
+    if not isinstance(use_fast_variance, bool):
+        raise TypeError(
+            f"{fn}: use_fast_variance must be a bool (True: shifted one-pass variance, "
+            f"False: shifted two-pass); got {use_fast_variance!r}"
+        )
+    return use_fast_variance
+
+
 def check_axis_name(fn: str, axis_name) -> None:
     """Raise a readable error when ``axis_name`` names no mapped axis in scope."""
     if axis_name is None:

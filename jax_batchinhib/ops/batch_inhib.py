@@ -219,6 +219,7 @@ def batch_inhib(
     guard: float | None = None,
     guard_mode: str = "absolute",
     virtual_batch_size: int | None = None,
+    use_fast_variance: bool = True,
 ):
     r"""BatchInhib with a hand-derived VJP for ``x`` and ``alpha``.
 
@@ -246,11 +247,17 @@ def batch_inhib(
         r. R is then invariant to scaling g, so alpha's level no longer fades R out (the
         near-identity alpha init is not near identity in this mode).
       mask: row mask (x's shape without the feature axis, or with a feature dim of 1).
+        Masked rows are selected away from the statistics (they may hold NaN or inf);
+        they are still transformed, but pass no gradient (dx is 0 there).
       axis_name, axis_index_groups: sum the statistics across the devices of this mapped
         axis; see ``docs/scaling.md``.
       virtual_batch_size: ghost batches: each run of this many examples along the leading
         axis gets its own statistics (it must divide ``x.shape[0]``); the returned
         statistics are the mean over the sub-batches.
+      use_fast_variance: True (default): the covariance in one read of ``x``,
+        ``Σ d dᵀ/n - mean_d mean_dᵀ`` with ``d = x - s`` (``s`` the first valid row); False:
+        the shifted two-pass ``Σ (d - mean_d)(d - mean_d)ᵀ/n``
+        (``docs/derivations.md``, "Numerics").
 
     Returns:
       ``(y, InhibStats(mean, var, cov))``; the statistics are wrapped in
@@ -270,12 +277,13 @@ def batch_inhib(
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     nfeat = x.shape[red.axis]
     _check_groups_alpha(fn, nfeat, groups, alpha)
+    fast = S.check_fast_variance(fn, use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
         op = functools.partial(
             batch_inhib, alpha=alpha, rho=rho, epsilon=epsilon, axis=red.axis,
             axis_name=axis_name, axis_index_groups=axis_index_groups, groups=groups,
             correlation=correlation, denominator=denominator, guard=guard,
-            guard_mode=guard_mode,
+            guard_mode=guard_mode, use_fast_variance=fast,
         )  # fmt: skip
         return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, red.axis)
     mask = S.mask_weights(fn, mask, x.shape, red, rows_only=True)
@@ -287,7 +295,7 @@ def batch_inhib(
         mask = _as_matrix(mask, red.axis)[0]
     x2, tshape = _as_matrix(x, red.axis)
     mred = S.Reduce(2, 1, (0,), red.axis_name, red.axis_index_groups)
-    y2, stats = _batch_inhib(cfg, mred, x2, _alpha3(alpha, groups), mask)
+    y2, stats = _batch_inhib(cfg, mred, fast, x2, _alpha3(alpha, groups), mask)
     stats = jax.tree.map(jax.lax.stop_gradient, stats)
     return _from_matrix(y2, tshape, red.axis), stats
 
@@ -324,27 +332,27 @@ def _bi_center(cfg, red, x2, mask, fast):
     return xf.reshape(m, g, nf // g), s, mean_d, var, cov, cnt
 
 
-def _bi_forward(cfg, red, x2, alpha3, mask):
-    xg, s, mean_d, var, cov, cnt = _bi_center(cfg, red, x2, mask, False)
+def _bi_forward(cfg, red, fast, x2, alpha3, mask):
+    xg, s, mean_d, var, cov, cnt = _bi_center(cfg, red, x2, mask, fast)
     R = _inhib_matrix(cfg, cov, alpha3)
     yg = xg - jnp.einsum("mgl,gil->mgi", xg, R, precision=S.PRECISION)
     stats = InhibStats((s + mean_d)[0], var[0], cov)
     return yg.reshape(x2.shape).astype(x2.dtype), stats, (s, mean_d, cov, cnt)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _batch_inhib(cfg, red, x2, alpha3, mask):
-    y, stats, _ = _bi_forward(cfg, red, x2, alpha3, mask)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _batch_inhib(cfg, red, fast, x2, alpha3, mask):
+    y, stats, _ = _bi_forward(cfg, red, fast, x2, alpha3, mask)
     return y, stats
 
 
-def _batch_inhib_fwd(cfg, red, x2, alpha3, mask):
-    y, stats, (s, mean_d, cov, cnt) = _bi_forward(cfg, red, x2, alpha3, mask)
+def _batch_inhib_fwd(cfg, red, fast, x2, alpha3, mask):
+    y, stats, (s, mean_d, cov, cnt) = _bi_forward(cfg, red, fast, x2, alpha3, mask)
     # Residuals: x (input-sized, its own dtype), per-feature shift/mean, (G, n, n) cov.
     return (y, stats), (x2, alpha3, mask, s, mean_d, cov, cnt)
 
 
-def _batch_inhib_bwd(cfg, red, res, cts):
+def _batch_inhib_bwd(cfg, red, fast, res, cts):
     x2, alpha3, mask, s, mean_d, cov, cnt = res
     dy2 = cts[0]  # statistics are stop-gradient in the public wrapper
     cd = cov.dtype

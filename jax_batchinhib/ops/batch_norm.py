@@ -56,6 +56,7 @@ def batch_norm(
     axis_index_groups=None,
     mask=None,
     virtual_batch_size: int | None = None,
+    use_fast_variance: bool = True,
 ):
     r"""Batch normalization with a hand-derived VJP.
 
@@ -74,9 +75,12 @@ def batch_norm(
         d\gamma = \sum dy\,\hat x,\quad d\beta = \sum dy
 
     The statistics are outputs too and gradients flow through them correctly
-    (:math:`dx \mathrel{+}= d\mu/n + 2(x-\mu)\,d\sigma^2/n`). The variance is a shifted
-    two-pass sum accumulated in float32 (or float64), so it survives a large mean.
-    The backward keeps ``x`` and per-feature vectors only.
+    (:math:`dx \mathrel{+}= d\mu/n + 2(x-\mu)\,d\sigma^2/n`). The statistics are
+    accumulated in float32 (or float64) on ``d = x - s``, ``s`` a sample of each feature
+    taken from the data (the first valid one), so they survive a large mean: with
+    ``use_fast_variance`` in one read of ``x`` (``Σd`` and ``Σd²`` together), else in two
+    (``docs/derivations.md``, "Numerics"). The backward keeps ``x`` and per-feature
+    vectors only.
 
     Args:
       x: floating array ``(..., N)``; float16/bfloat16 accumulate in float32 and ``y``
@@ -88,10 +92,17 @@ def batch_norm(
         mapped axis (``shard_map``/``pmap``); see ``docs/scaling.md`` for which
         gradients come out summed over devices.
       mask: boolean, x's shape or x's shape without the feature axis; False entries are
-        left out of the statistics and the count (their outputs are still normalized).
+        selected away from the statistics and the count, so they may hold anything
+        (NaN, inf). Their outputs are still normalized (as flax does: NaN stays NaN
+        there), but they are constants to differentiation: a cotangent there reaches
+        no gradient, and dx is 0 there (``docs/derivations.md``, "Masks select").
       virtual_batch_size: ghost batches: normalize each run of this many examples along
         the leading axis with its own statistics (it must divide ``x.shape[0]``); the
         returned statistics are then the mean over the sub-batches of their mean and var.
+      use_fast_variance: True (default, as flax): the shifted one-pass variance
+        ``Σd²/n - (Σd/n)²``, one read of ``x`` for the statistics; False: the shifted
+        two-pass ``Σ(d - mean_d)²/n``. Both are accurate to float32 round-off times
+        ``1 + (mean - s)²/var`` (``docs/derivations.md``, "Numerics").
 
     Returns:
       ``(y, BatchStats(mean, var))`` with ``mean``/``var`` of shape ``(N,)``.
@@ -111,23 +122,25 @@ def batch_norm(
     S.check_vector(fn, "scale", scale, n)
     S.check_vector(fn, "bias", bias, n)
     S.check_epsilon(fn, epsilon)
+    fast = S.check_fast_variance(fn, use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
         op = functools.partial(
             batch_norm, scale=scale, bias=bias, axis=cfg.axis, epsilon=epsilon,
             axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=fast,
         )  # fmt: skip
         return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, cfg.axis)
     mask = S.mask_weights(fn, mask, x.shape, cfg)
     S.static_count(fn, x.shape, cfg, mask)
-    return _batch_norm(cfg, float(epsilon), x, scale, bias, mask)
+    return _batch_norm(cfg, float(epsilon), fast, x, scale, bias, mask)
 
 
-def _bn_forward(cfg, epsilon, x, scale, bias, mask):
+def _bn_forward(cfg, epsilon, fast, x, scale, bias, mask):
     cd = S.compute_dtype(x.dtype)
     xf = x.astype(cd)
     mask = S.mask_bool(mask)
     n = S.count(x.shape, mask, cfg, cd)
-    s, mean_d, var = S.moments(xf, mask, cfg, n, fast=False)
+    s, mean_d, var = S.moments(xf, mask, cfg, n, fast)
     inv = jax.lax.rsqrt(var + epsilon)
     # every position is normalized (as flax does), masked ones too: NaN stays where it was
     xhat = ((xf - s) - mean_d) * inv
@@ -140,19 +153,20 @@ def _bn_forward(cfg, epsilon, x, scale, bias, mask):
     return y.astype(x.dtype), stats, (s, mean_d, inv, n)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _batch_norm(cfg, epsilon, x, scale, bias, mask):
-    y, stats, _ = _bn_forward(cfg, epsilon, x, scale, bias, mask)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _batch_norm(cfg, epsilon, fast, x, scale, bias, mask):
+    y, stats, _ = _bn_forward(cfg, epsilon, fast, x, scale, bias, mask)
     return y, stats
 
 
-def _batch_norm_fwd(cfg, epsilon, x, scale, bias, mask):
-    y, stats, (s, mean_d, inv, n) = _bn_forward(cfg, epsilon, x, scale, bias, mask)
+def _batch_norm_fwd(cfg, epsilon, fast, x, scale, bias, mask):
+    y, stats, (s, mean_d, inv, n) = _bn_forward(cfg, epsilon, fast, x, scale, bias, mask)
     # Residuals: x (one input-sized array, in its own dtype) and per-feature vectors.
     return (y, stats), (x, scale, bias, mask, s, mean_d, inv, n)
 
 
-def _batch_norm_bwd(cfg, epsilon, res, cts):
+def _batch_norm_bwd(cfg, epsilon, fast, res, cts):
+    # The same rule for both variance algorithms: they are the same function of x.
     x, scale, bias, mask, s, mean_d, inv, n = res
     dy, (dmean, dvar) = cts
     cd = inv.dtype
