@@ -12,6 +12,8 @@ Same signatures and return values as the ops.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -29,12 +31,17 @@ def _f32(dtype):
 
 
 def _axes(x, axis):
-    axis = axis % x.ndim
-    return axis, tuple(a for a in range(x.ndim) if a != axis)
+    """The feature axes (a sorted tuple: ``axis`` may be an int or a tuple) and the rest."""
+    axes = tuple(sorted(a % x.ndim for a in (axis if isinstance(axis, tuple | list) else (axis,))))
+    return axes, tuple(a for a in range(x.ndim) if a not in axes)
 
 
-def _bshape(x, axis):
-    return tuple(x.shape[a] if a == axis else 1 for a in range(x.ndim))
+def _bshape(x, axes):
+    return tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
+
+
+def _feat(x, axes):
+    return tuple(x.shape[a] for a in axes)
 
 
 def _psum(v, axis_name, axis_index_groups=None):
@@ -46,7 +53,7 @@ def _mask(x, mask, axis):
     if mask is None:
         return None
     mask = jnp.asarray(mask)
-    if mask.ndim == x.ndim - 1 and x.ndim > 1:
+    if mask.ndim == x.ndim - len(axis) and x.ndim > 1:
         mask = jnp.expand_dims(mask, axis)
     return jnp.broadcast_to(mask != 0, x.shape)
 
@@ -62,11 +69,12 @@ def _shift(xf, mask, axis, red, axis_name, axis_index_groups):
         s = xf[tuple(slice(0, 1) if a in red else slice(None) for a in range(xf.ndim))]
         k = jnp.ones_like(s)
     else:
-        mt = jnp.moveaxis(mask, axis, -1).reshape(-1, xf.shape[axis])
-        xt = jnp.moveaxis(xf, axis, -1).reshape(-1, xf.shape[axis])
+        nf = math.prod(_feat(xf, axis))
+        mt = jnp.transpose(mask, red + axis).reshape(-1, nf)
+        xt = jnp.transpose(xf, red + axis).reshape(-1, nf)
         i = jnp.argmax(mt, axis=0)
         k = jnp.any(mt, axis=0).astype(xf.dtype)
-        s = jnp.where(k > 0, xt[i, jnp.arange(xf.shape[axis])], 0.0)
+        s = jnp.where(k > 0, xt[i, jnp.arange(nf)], 0.0)
         s, k = s.reshape(_bshape(xf, axis)), k.reshape(_bshape(xf, axis))
     s = _psum(s * k, axis_name, axis_index_groups) / jnp.maximum(
         _psum(k, axis_name, axis_index_groups), 1
@@ -131,7 +139,7 @@ def batch_norm(
         return y
 
     y = _masked_output(m, normalize(xv), normalize(xf))
-    return y.astype(x.dtype), BatchStats(mean.reshape(-1), var.reshape(-1))
+    return y.astype(x.dtype), BatchStats(mean.reshape(_feat(x, axis)), var.reshape(_feat(x, axis)))
 
 
 def batch_center(x, bias=None, *, axis=-1, axis_name=None, axis_index_groups=None, mask=None):
@@ -154,7 +162,7 @@ def batch_center(x, bias=None, *, axis=-1, axis_name=None, axis_index_groups=Non
         return y if bias is None else y + bias.astype(cd).reshape(_bshape(x, axis))
 
     y = _masked_output(m, center(xv), center(xf))
-    return y.astype(x.dtype), BatchStats(mean.reshape(-1), None)
+    return y.astype(x.dtype), BatchStats(mean.reshape(_feat(x, axis)), None)
 
 
 def batch_norm_inference(x, scale, bias, mean, var, *, axis=-1, epsilon=1e-5):
@@ -217,21 +225,23 @@ def batch_inhib(
 ):
     """Reference BatchInhib (seed 000 eqs 1.1-1.5), statistics stop-gradient."""
     cd = _f32(x.dtype)
-    axis = axis % x.ndim
-    xt = jnp.moveaxis(x, axis, -1)
-    N = xt.shape[-1]
+    axes, _ = _axes(x, axis)
+    last = tuple(range(x.ndim - len(axes), x.ndim))
+    xt = jnp.moveaxis(x, axes, last)  # feature axes last, flattened into N features
+    N = math.prod(_feat(x, axes))
     X = xt.reshape(-1, N).astype(cd)
     if mask is None:
         w = None
     else:
         mk = jnp.asarray(mask)
         if mk.ndim == x.ndim:
-            mk = jnp.squeeze(jnp.moveaxis(mk, axis, -1), -1)
-        w = jnp.broadcast_to(mk != 0, xt.shape[:-1]).reshape(-1, 1)
+            mm = jnp.moveaxis(mk, axes, last)  # feature dims of 1 (a row mask)
+            mk = mm.reshape(mm.shape[: x.ndim - len(axes)] + (-1,))[..., 0]
+        w = jnp.broadcast_to(mk != 0, xt.shape[: x.ndim - len(axes)]).reshape(-1, 1)
     wN = None if w is None else jnp.broadcast_to(w, X.shape)
     Xv = _where(w, X)  # masked rows selected away
     n = _count(X, wN, (0,), cd, axis_name, axis_index_groups).reshape(-1)[0]  # rows masked whole
-    s = _shift(Xv, wN, 1, (0,), axis_name, axis_index_groups)
+    s = _shift(Xv, wN, (1,), (0,), axis_name, axis_index_groups)
     D = _where(w, Xv - s)
     mu_d = _psum(jnp.sum(D, axis=0), axis_name, axis_index_groups) / n
     mu = s[0] + mu_d  # (1.1)
@@ -261,7 +271,7 @@ def batch_inhib(
         return (Zg - jnp.einsum("mgl,gil->mgi", Zg, R, precision=_HIGHEST)).reshape(Z.shape)
 
     Y = _masked_output(w, inhibit(Xv), inhibit(X))  # (1.5)
-    y = jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
+    y = jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), last, axes)
     var = jnp.diagonal(cov, axis1=-2, axis2=-1).reshape(-1)
     stats = InhibStats(mu, var, cov)
     return y, jax.tree.map(lax.stop_gradient, stats)
@@ -283,9 +293,10 @@ def batch_inhib_inference(
 ):
     """Reference BatchInhib with a given covariance: y = x (I - R^T)."""
     cd = _f32(jnp.result_type(x.dtype, cov.dtype))
-    axis = axis % x.ndim
-    xt = jnp.moveaxis(x, axis, -1)
-    N = xt.shape[-1]
+    axes, _ = _axes(x, axis)
+    last = tuple(range(x.ndim - len(axes), x.ndim))
+    xt = jnp.moveaxis(x, axes, last)
+    N = math.prod(_feat(x, axes))
     Xg = xt.reshape(-1, groups, N // groups).astype(cd)
     a3 = alpha[None] if groups == 1 else alpha
     c3 = cov[None] if groups == 1 else cov
@@ -293,7 +304,7 @@ def batch_inhib_inference(
         c3.astype(cd), a3.astype(cd), rho, epsilon, correlation, denominator, guard, guard_mode
     )
     Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R, precision=_HIGHEST)
-    return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
+    return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), last, axes)
 
 
 def dropout(x, rate, key):

@@ -81,12 +81,12 @@ def batch_count(
     seed 002's ``m/(m-1)``. Rows (positions) where ``mask`` is False are not counted;
     with ``axis_name`` the counts of every device are summed."""
     cfg = S.make_reduce(where, x, axis)
-    n = x.shape[cfg.axis]
+    n = cfg.feature_shape(x.shape)
     if mask is None:
         m = 1
         for a in cfg.reduce_axes:
             m *= int(x.shape[a])
-        cnt = jnp.full((n,), m, jnp.float32)
+        cnt = jnp.full(n, m, jnp.float32)
     else:
         mask = S.mask_weights(where, mask, x.shape, cfg)
         w = jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), x.shape)
@@ -184,7 +184,7 @@ def _unbias(where, xs, axis, mask, axis_name, axis_index_groups, *stats, scalar=
     m = batch_count(
         where, xs, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
     )
-    m = m[0] if scalar else m
+    m = jnp.ravel(m)[0] if scalar else m
     return tuple(s * unbiased_factor(m, jnp.promote_types(s.dtype, jnp.float32)) for s in stats)
 
 
@@ -200,7 +200,8 @@ def _per_batch(where, one, x, mask, virtual_batch_size, axis):
     """
     if virtual_batch_size is None:
         return one(x, mask=mask)
-    return _ghost.ghost_batches(where, one, x, mask, virtual_batch_size, axis % x.ndim)
+    axes = S.make_reduce(where, x, axis).axis
+    return _ghost.ghost_batches(where, one, x, mask, virtual_batch_size, axes)
 
 
 def _update_running(state: dict, batch: dict, *, momentum, valid) -> dict:
@@ -372,6 +373,6 @@ def batch_inhib_step(
         return y, state
     cov_b = jnp.reshape(cov_b, state["cov"].shape)
     valid_s = _valid(where, x, axis, mask, axis_name, axis_index_groups)
-    valid_s = None if valid_s is None else valid_s[0]
+    valid_s = None if valid_s is None else jnp.ravel(valid_s)[0]
     batch = {"mean": mean_b, "var": var_b, "cov": cov_b}
     return y, _update_running(state, batch, momentum=momentum, valid=valid_s)

@@ -28,16 +28,29 @@ PRECISION = lax.Precision.HIGHEST
 class Reduce:
     """Static description of a statistics reduction (hashable: a custom_vjp nondiff arg).
 
-    ``axis`` is the (non-negative) feature axis of an ``ndim``-dimensional input; the
-    statistics reduce over ``reduce_axes`` (every other axis) and, when ``axis_name`` is
-    given, across the devices of that mapped axis.
+    ``axes`` are the (non-negative, sorted) feature axes of an ``ndim``-dimensional
+    input; the statistics reduce over ``reduce_axes`` (every other axis) and, when
+    ``axis_name`` is given, across the devices of that mapped axis. Several feature axes
+    (flax's tuple ``axis``) make per-feature vectors of the shape of those axes.
     """
 
     ndim: int
-    axis: int
+    axes: tuple[int, ...]
     reduce_axes: tuple[int, ...]
     axis_name: Any = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+
+    @property
+    def feature_axes(self) -> tuple[int, ...]:
+        return self.axes
+
+    @property
+    def axis(self):
+        """The feature axis as an ``axis`` argument: an int, or a tuple of several."""
+        return self.axes[0] if len(self.axes) == 1 else self.axes
+
+    def feature_shape(self, x_shape) -> tuple[int, ...]:
+        return tuple(int(x_shape[a]) for a in self.axes)
 
     def psum(self, v):
         if self.axis_name is None:
@@ -58,13 +71,14 @@ class Reduce:
             return ct
         return self.psum(ct)
 
-    @property
-    def feature_axes(self) -> tuple[int, ...]:
-        return (self.axis,)
-
-    def keep_shape(self, n: int) -> tuple[int, ...]:
-        """Shape of a per-feature vector broadcast against the input."""
-        return tuple(n if a == self.axis else 1 for a in range(self.ndim))
+    def keep_shape(self, feat) -> tuple[int, ...]:
+        """Shape of a per-feature vector (of shape ``feat``, an int for one feature axis)
+        broadcast against the input."""
+        feat = (feat,) if isinstance(feat, int) else tuple(feat)
+        keep = [1] * self.ndim
+        for a, n in zip(self.axes, feat, strict=True):
+            keep[a] = n
+        return tuple(keep)
 
 
 def _names(axis_name) -> tuple:
@@ -126,7 +140,34 @@ def check_float(fn: str, name: str, x) -> None:
         )
 
 
+def normalize_axes(fn: str, axis, ndim: int) -> tuple[int, ...]:
+    """``axis``, an int or a tuple of distinct ints (several feature axes, as flax's
+    ``axis``), as a sorted tuple of non-negative axes."""
+    many = isinstance(axis, tuple | list)
+    items = tuple(axis) if many else (axis,)
+    if many and not items:
+        raise ValueError(f"{fn}: axis must be an int or a non-empty tuple of ints; got ()")
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise TypeError(f"{fn}: axis must be an int or a tuple of ints; got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{fn}: axis {a} is out of range for x with {ndim} dimensions; "
+                f"expected an int in [{-ndim}, {ndim - 1}]" + (f" (axis={axis!r})" if many else "")
+            )
+    out = tuple(sorted(a % ndim for a in items))
+    if len(set(out)) != len(out):
+        raise ValueError(f"{fn}: axis must not repeat an axis; got {axis!r} for x with {ndim} dims")
+    if len(out) == ndim:
+        raise ValueError(
+            f"{fn}: axis={axis!r} names every axis of x ({ndim} dimensions); at least one "
+            f"axis must remain to compute statistics over"
+        )
+    return out
+
+
 def normalize_axis(fn: str, axis, ndim: int) -> int:
+    """A single feature axis, non-negative."""
     if isinstance(axis, bool) or not isinstance(axis, int):
         raise TypeError(f"{fn}: axis must be an int; got {axis!r}")
     if not -ndim <= axis < ndim:
@@ -137,12 +178,22 @@ def normalize_axis(fn: str, axis, ndim: int) -> int:
     return axis % ndim
 
 
-def check_vector(fn: str, name: str, v, n: int) -> None:
+def check_vector(fn: str, name: str, v, n) -> None:
+    """A per-feature vector: shape ``(n,)``, or the feature shape ``n`` (a tuple) of
+    several feature axes."""
     if v is None:
         return
     check_float(fn, name, v)
     shape = jnp.shape(v)
-    if shape != (n,):
+    if isinstance(n, tuple) and len(n) == 1:
+        n = n[0]
+    if isinstance(n, tuple):
+        if shape != n:
+            raise ValueError(
+                f"{fn}: {name} must have the feature shape {shape_str(n)} (x's sizes along "
+                f"the feature axes); got {shape_str(shape)}"
+            )
+    elif shape != (n,):
         raise ValueError(
             f"{fn}: {name} must have shape ({n},) for x with {n} features; got {shape_str(shape)}"
         )
@@ -190,7 +241,10 @@ def make_reduce(fn: str, x, axis, axis_name=None, axis_index_groups=None) -> Red
     ndim = jnp.ndim(x)
     if ndim < 1:
         raise ValueError(f"{fn}: x must have at least one dimension; got a scalar")
-    ax = normalize_axis(fn, axis, ndim)
+    if ndim > 1 or isinstance(axis, tuple | list):
+        ax = normalize_axes(fn, axis, ndim)
+    else:  # 1-D x: its one axis is the feature axis (the inference forms take it)
+        ax = (normalize_axis(fn, axis, ndim),)
     check_axis_name(fn, axis_name)
     if axis_index_groups is not None and is_typed(axis_name):
         raise NotImplementedError(
@@ -199,7 +253,7 @@ def make_reduce(fn: str, x, axis, axis_name=None, axis_index_groups=None) -> Red
             f"a second axis and pass axis_name=<the inner axis> (statistics per group of "
             f"devices), or use check_vma=False / jax.pmap."
         )
-    red = tuple(a for a in range(ndim) if a != ax)
+    red = tuple(a for a in range(ndim) if a not in ax)
     return Reduce(ndim, ax, red, axis_name, as_groups(axis_index_groups))
 
 
@@ -214,9 +268,9 @@ def mask_weights(fn: str, mask, x_shape: Sequence[int], cfg: Reduce, *, rows_onl
         return None
     x_shape = tuple(x_shape)
     mshape = tuple(jnp.shape(mask))
-    row_shape = tuple(s for a, s in enumerate(x_shape) if a != cfg.axis)
+    row_shape = tuple(s for a, s in enumerate(x_shape) if a not in cfg.axes)
     if mshape == row_shape and len(x_shape) > 1 and mshape != x_shape:
-        mask = jnp.expand_dims(mask, cfg.axis)
+        mask = jnp.expand_dims(mask, cfg.axes)
         mshape = tuple(jnp.shape(mask))
     try:
         b = jnp.broadcast_shapes(mshape, x_shape)
@@ -227,7 +281,7 @@ def mask_weights(fn: str, mask, x_shape: Sequence[int], cfg: Reduce, *, rows_onl
             f"{fn}: mask must have the shape of x {shape_str(x_shape)}, broadcast to it, or "
             f"be a row mask of shape {shape_str(row_shape)}; got {shape_str(mshape)}"
         )
-    if rows_only and len(mshape) == len(x_shape) and mshape[cfg.axis] != 1:
+    if rows_only and len(mshape) == len(x_shape) and any(mshape[a] != 1 for a in cfg.axes):
         raise ValueError(
             f"{fn}: mask must select whole rows (the same for every feature): give a row mask "
             f"of shape {shape_str(row_shape)} or a feature dimension of 1; got "

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -185,14 +186,22 @@ def _check_groups_alpha(fn, nfeat, groups, alpha, name="alpha"):
         )
 
 
-def _as_matrix(x, axis):
-    """x with the feature axis moved last and flattened to (M, N)."""
-    xt = jnp.moveaxis(x, axis, -1)
-    return xt.reshape(-1, xt.shape[-1]), xt.shape
+def _last(x, axes):
+    """Where the feature axes go: the last ``len(axes)`` positions."""
+    return tuple(range(x.ndim - len(axes), x.ndim))
 
 
-def _from_matrix(y2, tshape, axis):
-    return jnp.moveaxis(y2.reshape(tshape), -1, axis)
+def _as_matrix(x, axes):
+    """x with the feature axes (a tuple) moved last and flattened to (M, N), N their
+    product: several feature axes are flattened into one feature index."""
+    xt = jnp.moveaxis(x, axes, _last(x, axes))
+    n = math.prod(xt.shape[x.ndim - len(axes) :])
+    return xt.reshape(-1, n), xt.shape
+
+
+def _from_matrix(y2, tshape, axes):
+    y = y2.reshape(tshape)
+    return jnp.moveaxis(y, _last(y, axes), axes)
 
 
 def _alpha3(alpha, groups):
@@ -246,6 +255,9 @@ def batch_inhib(
         (A_i² floored at τ² = 1e-24), so Σ_k |R_ik| <= 1/(2δ) whatever the scale of g and
         r. R is then invariant to scaling g, so alpha's level no longer fades R out (the
         near-identity alpha init is not near identity in this mode).
+      axis: the feature axis, or a tuple of feature axes: they are flattened (row-major,
+        in increasing axis order) into N = the product of their sizes features, so
+        alpha is (N, N) and the statistics have N entries.
       mask: row mask (x's shape without the feature axis, or with a feature dim of 1).
         Masked rows are selected away from the statistics (they may hold NaN or inf);
         they are still transformed, but pass no gradient (dx is 0 there).
@@ -275,7 +287,7 @@ def batch_inhib(
     S.check_float(fn, "x", x)
     red = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
-    nfeat = x.shape[red.axis]
+    nfeat = math.prod(red.feature_shape(x.shape))  # several feature axes: flattened
     _check_groups_alpha(fn, nfeat, groups, alpha)
     fast = S.check_fast_variance(fn, use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
@@ -290,14 +302,14 @@ def batch_inhib(
     S.static_count(fn, x.shape, red, mask)
     if mask is not None:
         mask = jnp.broadcast_to(
-            mask, tuple(1 if a == red.axis else s for a, s in enumerate(x.shape))
+            mask, tuple(1 if a in red.axes else s for a, s in enumerate(x.shape))
         )
-        mask = _as_matrix(mask, red.axis)[0]
-    x2, tshape = _as_matrix(x, red.axis)
-    mred = S.Reduce(2, 1, (0,), red.axis_name, red.axis_index_groups)
+        mask = _as_matrix(mask, red.axes)[0]
+    x2, tshape = _as_matrix(x, red.axes)
+    mred = S.Reduce(2, (1,), (0,), red.axis_name, red.axis_index_groups)
     y2, stats = _batch_inhib(cfg, mred, fast, x2, _alpha3(alpha, groups), mask)
     stats = jax.tree.map(jax.lax.stop_gradient, stats)
-    return _from_matrix(y2, tshape, red.axis), stats
+    return _from_matrix(y2, tshape, red.axes), stats
 
 
 def _bi_center(cfg, red, x2, mask, fast):
@@ -409,12 +421,12 @@ def batch_inhib_inference(
     S.check_float(fn, "x", x)
     red = S.make_reduce(fn, x, axis)
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
-    nfeat = x.shape[red.axis]
+    nfeat = math.prod(red.feature_shape(x.shape))  # several feature axes: flattened
     _check_groups_alpha(fn, nfeat, groups, alpha)
     _check_groups_alpha(fn, nfeat, groups, cov, name="cov")
-    x2, tshape = _as_matrix(x, red.axis)
+    x2, tshape = _as_matrix(x, red.axes)
     y2 = _bi_inf(cfg, x2, _alpha3(alpha, groups), _alpha3(cov, groups))
-    return _from_matrix(y2, tshape, red.axis)
+    return _from_matrix(y2, tshape, red.axes)
 
 
 def _linear_map_bwd(cfg, cov, alpha3, xg, dyg):

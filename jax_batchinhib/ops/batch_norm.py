@@ -27,19 +27,24 @@ class BatchStats(NamedTuple):
 
 
 def _vec(v, cfg: S.Reduce, dtype):
-    """A per-feature (N,) vector reshaped to broadcast along the feature axis."""
-    return None if v is None else jnp.reshape(v.astype(dtype), cfg.keep_shape(v.shape[0]))
+    """A per-feature vector (shape (N,), or the feature shape) reshaped to broadcast
+    along the feature axes."""
+    if v is None:
+        return None
+    feat = tuple(v.shape) if v.ndim == len(cfg.axes) else (v.shape[0],)
+    return jnp.reshape(v.astype(dtype), cfg.keep_shape(feat))
 
 
 def _squeeze(v, cfg: S.Reduce):
-    return jnp.reshape(v, (v.shape[cfg.axis],))
+    """A keepdims per-feature array as the feature shape ((N,) for one feature axis)."""
+    return jnp.reshape(v, cfg.feature_shape(v.shape))
 
 
 def _grad_vec(g, cfg: S.Reduce, like):
     """Reduce an x-shaped product to a per-feature gradient in the parameter's dtype."""
     if like is None:
         return None
-    return jnp.sum(g, axis=cfg.reduce_axes).astype(like.dtype)
+    return jnp.reshape(jnp.sum(g, axis=cfg.reduce_axes), like.shape).astype(like.dtype)
 
 
 # ============================================================================ batch_norm
@@ -118,7 +123,7 @@ def batch_norm(
     fn = "batch_norm"
     S.check_float(fn, "x", x)
     cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
-    n = x.shape[cfg.axis]
+    n = cfg.feature_shape(x.shape)
     S.check_vector(fn, "scale", scale, n)
     S.check_vector(fn, "bias", bias, n)
     S.check_epsilon(fn, epsilon)
@@ -189,8 +194,8 @@ def _batch_norm_bwd(cfg, epsilon, fast, res, cts):
     # dx = inv*(dxhat - (w/n)(S1 + xhat*S2)) + (w/n)(dmean + 2*(x-mean)*dvar); w = mask
     wn = 1.0 / jnp.maximum(n, 1)
     dx = a * dy + S.select(wn * (dmean - a * s1 + xhat * (2.0 * dvar / inv - a * s2)), mask)
-    dscale = None if scale is None else jnp.reshape(sdyx, (-1,)).astype(scale.dtype)
-    dbias = None if bias is None else jnp.reshape(sdy, (-1,)).astype(bias.dtype)
+    dscale = None if scale is None else jnp.reshape(sdyx, scale.shape).astype(scale.dtype)
+    dbias = None if bias is None else jnp.reshape(sdy, bias.shape).astype(bias.dtype)
     dscale, dbias = S.param_ct(dscale, scale), S.param_ct(dbias, bias)  # docs/scaling.md
     return dx.astype(x.dtype), dscale, dbias, None
 
@@ -230,7 +235,7 @@ def batch_center(
     fn = "batch_center"
     S.check_float(fn, "x", x)
     cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
-    S.check_vector(fn, "bias", bias, x.shape[cfg.axis])
+    S.check_vector(fn, "bias", bias, cfg.feature_shape(x.shape))
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
         op = functools.partial(
             batch_center, bias=bias, axis=cfg.axis, axis_name=axis_name,
@@ -300,7 +305,7 @@ def batch_norm_inference(x, scale, bias, mean, var, *, axis: int = -1, epsilon: 
     fn = "batch_norm_inference"
     S.check_float(fn, "x", x)
     cfg = S.make_reduce(fn, x, axis)
-    n = x.shape[cfg.axis]
+    n = cfg.feature_shape(x.shape)
     S.check_vector(fn, "scale", scale, n)
     S.check_vector(fn, "bias", bias, n)
     S.check_vector(fn, "mean", mean, n)
@@ -363,7 +368,7 @@ def batch_center_inference(x, bias, mean, *, axis: int = -1):
     fn = "batch_center_inference"
     S.check_float(fn, "x", x)
     cfg = S.make_reduce(fn, x, axis)
-    n = x.shape[cfg.axis]
+    n = cfg.feature_shape(x.shape)
     S.check_vector(fn, "bias", bias, n)
     if mean is None:
         raise ValueError(f"{fn}: mean is required (the running mean)")
