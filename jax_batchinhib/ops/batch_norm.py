@@ -91,7 +91,9 @@ def batch_norm(
       x: floating array ``(..., N)``; float16/bfloat16 accumulate in float32 and ``y``
         keeps ``x``'s dtype.
       scale, bias: ``(N,)`` or None (then 1 and 0).
-      axis: the feature axis.
+      axis: the feature axis, or a tuple of feature axes (flax's convention: the
+        statistics reduce over every other axis, and ``scale``, ``bias``, ``mean`` and
+        ``var`` have the feature shape, the sizes along those axes in increasing order).
       epsilon: added to the variance.
       axis_name, axis_index_groups: sum the statistics across the devices of this
         mapped axis (``shard_map``/``pmap``); see ``docs/scaling.md`` for which
