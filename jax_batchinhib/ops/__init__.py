@@ -16,10 +16,18 @@ from jax_batchinhib.ops.batch_norm import (
 )
 from jax_batchinhib.ops.dropout import dropout, keep_mask
 from jax_batchinhib.ops.softmax import softmax, softmax_cross_entropy
+from jax_batchinhib.ops.whitening import (
+    WhiteningStats,
+    iter_norm,
+    iter_norm_inference,
+    zca_norm,
+    zca_norm_inference,
+)
 
 __all__ = [
     "BatchStats",
     "InhibStats",
+    "WhiteningStats",
     "alpha_shape",
     "batch_center",
     "batch_center_inference",
@@ -29,7 +37,11 @@ __all__ = [
     "batch_norm_inference",
     "dropout",
     "inhibition_matrix",
+    "iter_norm",
+    "iter_norm_inference",
     "keep_mask",
     "softmax",
     "softmax_cross_entropy",
+    "zca_norm",
+    "zca_norm_inference",
 ]

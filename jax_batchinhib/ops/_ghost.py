@@ -19,12 +19,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jax_batchinhib.ops import _checks as C
+
 
 def check_virtual_batch_size(fn: str, x, axis, v) -> int:
     """Validate ``virtual_batch_size`` against ``x`` (``axis`` normalized: an int or a
     tuple of feature axes); return it."""
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{fn}: virtual_batch_size must be an int >= 1 or None; got {v!r}")
+    C.virtual_batch_size(fn, v)
     if x.ndim < 2 or 0 in (axis if isinstance(axis, tuple) else (axis,)):
         raise ValueError(
             f"{fn}: virtual_batch_size splits the leading (batch) axis, which must not be the "

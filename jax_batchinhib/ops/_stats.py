@@ -8,13 +8,14 @@ rules on arrays; nothing here carries a custom rule of its own.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jax_batchinhib.ops import _checks as C
 
 Array = jax.Array
 
@@ -124,20 +125,14 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def shape_str(shape) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + (",)" if len(shape) == 1 else ")")
-
-
 # ----------------------------------------------------------------------------- checks
+# The argument validators live in ``ops/_checks.py``; these names are kept for the ops.
+
+shape_str = C.shape_str
 
 
 def check_float(fn: str, name: str, x) -> None:
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"{fn}: {name} must be a floating-point array (float16, bfloat16, float32 or "
-            f"float64); got dtype {dtype}. Cast it first, e.g. {name}.astype(jnp.float32)."
-        )
+    C.float_array(fn, name, x)
 
 
 def normalize_axes(fn: str, axis, ndim: int) -> tuple[int, ...]:
@@ -168,52 +163,36 @@ def normalize_axes(fn: str, axis, ndim: int) -> tuple[int, ...]:
 
 def normalize_axis(fn: str, axis, ndim: int) -> int:
     """A single feature axis, non-negative."""
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"{fn}: axis must be an int; got {axis!r}")
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"{fn}: axis {axis} is out of range for x with {ndim} dimensions; "
-            f"expected an int in [{-ndim}, {ndim - 1}]"
-        )
-    return axis % ndim
+    return C.axis(fn, axis, ndim)
 
 
 def check_vector(fn: str, name: str, v, n) -> None:
     """A per-feature vector: shape ``(n,)``, or the feature shape ``n`` (a tuple) of
     several feature axes."""
+    if isinstance(n, tuple) and len(n) == 1:
+        n = n[0]
+    if not isinstance(n, tuple):
+        C.vector(fn, name, v, n)
+        return
     if v is None:
         return
     check_float(fn, name, v)
     shape = jnp.shape(v)
-    if isinstance(n, tuple) and len(n) == 1:
-        n = n[0]
-    if isinstance(n, tuple):
-        if shape != n:
-            raise ValueError(
-                f"{fn}: {name} must have the feature shape {shape_str(n)} (x's sizes along "
-                f"the feature axes); got {shape_str(shape)}"
-            )
-    elif shape != (n,):
+    if shape != n:
         raise ValueError(
-            f"{fn}: {name} must have shape ({n},) for x with {n} features; got {shape_str(shape)}"
+            f"{fn}: {name} must have the feature shape {shape_str(n)} (x's sizes along "
+            f"the feature axes); got {shape_str(shape)}"
         )
 
 
 def check_epsilon(fn: str, epsilon, name: str = "epsilon") -> None:
-    if isinstance(epsilon, jax.core.Tracer):
-        raise TypeError(f"{fn}: {name} must be a Python float known at trace time; got a tracer")
-    if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon >= 0):
-        raise ValueError(f"{fn}: {name} must be a finite float >= 0; got {epsilon!r}")
+    C.epsilon(fn, epsilon, name)
 
 
 def check_fast_variance(fn: str, use_fast_variance) -> bool:
-    """``use_fast_variance`` selects the variance algorithm: a Python bool."""
-    if not isinstance(use_fast_variance, bool):
-        raise TypeError(
-            f"{fn}: use_fast_variance must be a bool (True: shifted one-pass variance, "
-            f"False: shifted two-pass); got {use_fast_variance!r}"
-        )
-    return use_fast_variance
+    """``use_fast_variance`` selects the variance algorithm (True: shifted one-pass,
+    False: shifted two-pass): a Python bool."""
+    return C.flag(fn, "use_fast_variance", use_fast_variance)
 
 
 def check_axis_name(fn: str, axis_name) -> None:
@@ -287,9 +266,7 @@ def mask_weights(fn: str, mask, x_shape: Sequence[int], cfg: Reduce, *, rows_onl
             f"of shape {shape_str(row_shape)} or a feature dimension of 1; got "
             f"{shape_str(mshape)}"
         )
-    dtype = jnp.result_type(mask)
-    if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
-        raise TypeError(f"{fn}: mask must be a boolean array; got dtype {dtype}")
+    C.mask_dtype(fn, mask)
     return mask
 
 

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _ghost
 from jax_batchinhib.ops import _stats as S
 
@@ -59,14 +60,69 @@ class InhibStats(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class InhibConfig:
-    rho: float
-    epsilon: float
-    groups: int
-    correlation: str
-    denominator: str
-    guard: float
+class InhibOptions:
+    """BatchInhib's options, validated, with the guard default resolved.
+
+    The one spelling of the options shared by :func:`batch_inhib`,
+    :func:`batch_inhib_inference`, :func:`inhibition_matrix`, their references, the
+    linen and NNX modules and :mod:`jax_batchinhib.fold`. Frozen and hashable (it is a
+    static argument of the custom rules). ``guard=None`` becomes the guard mode's
+    default (:data:`GUARD_DEFAULTS`). Construct it directly (errors name
+    ``InhibOptions``) or with :meth:`checked` (errors name the caller).
+
+    Example:
+      >>> from jax_batchinhib.ops.batch_inhib import InhibOptions
+      >>> InhibOptions(guard_mode="relative").guard
+      0.5
+    """
+
+    rho: float = 1.0
+    epsilon: float = 1e-5
+    groups: int = 1
+    correlation: str = "pearson"
+    denominator: str = "signed"
+    guard: float | None = None
     guard_mode: str = "absolute"
+
+    def __post_init__(self):
+        for k, v in _validate("InhibOptions", **self.kwargs()).items():
+            object.__setattr__(self, k, v)
+
+    @classmethod
+    def checked(cls, fn: str, **options) -> InhibOptions:
+        """Validate ``options`` with ``fn``'s name in the errors, then construct."""
+        return cls(**_validate(fn, **options))
+
+    def kwargs(self) -> dict:
+        """The options as the ops' keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def check_features(self, fn: str, n: int) -> None:
+        """``groups`` must divide the number of features ``n``."""
+        C.groups(fn, self.groups, n)
+
+
+def _validate(
+    fn,
+    rho=1.0,
+    epsilon=1e-5,
+    groups=1,
+    correlation="pearson",
+    denominator="signed",
+    guard=None,
+    guard_mode="absolute",
+) -> dict:
+    """Every BatchInhib option through its validator; returns the resolved values."""
+    guard_mode = C.choice(fn, "guard_mode", guard_mode, GUARD_MODES)
+    return dict(
+        rho=C.rho(fn, rho),
+        epsilon=C.epsilon(fn, epsilon),
+        groups=C.groups(fn, groups),
+        correlation=C.choice(fn, "correlation", correlation, CORRELATIONS),
+        denominator=C.choice(fn, "denominator", denominator, DENOMINATORS),
+        guard=C.guard(fn, guard, GUARD_DEFAULTS[guard_mode]),
+        guard_mode=guard_mode,
+    )
 
 
 # ------------------------------------------------------------------- R from covariance
@@ -76,7 +132,7 @@ def _g(alpha, rho):
     return jax.nn.softplus(rho * alpha) / rho
 
 
-def _inhib_parts(cfg: InhibConfig, cov, alpha):
+def _inhib_parts(cfg: InhibOptions, cov, alpha):
     """Everything R needs from the covariance ``cov`` (G, n, n) and ``alpha``."""
     n = cov.shape[-1]
     v = jnp.diagonal(cov, axis1=-2, axis2=-1)
@@ -104,11 +160,11 @@ def _matrix_of(parts):
     return gm * r * h[..., None]
 
 
-def _inhib_matrix(cfg: InhibConfig, cov, alpha):
+def _inhib_matrix(cfg: InhibOptions, cov, alpha):
     return _matrix_of(_inhib_parts(cfg, cov, alpha))
 
 
-def _inhib_matrix_bwd(cfg: InhibConfig, alpha, parts, dR):
+def _inhib_matrix_bwd(cfg: InhibOptions, alpha, parts, dR):
     """VJP of R(cov, alpha), given ``_inhib_parts(cfg, cov, alpha)``: returns
     (dcov, dalpha). Linear in dR."""
     sd, r, gm, d, h, a, s = parts
@@ -140,25 +196,10 @@ def _inhib_matrix_bwd(cfg: InhibConfig, alpha, parts, dR):
 
 
 def _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode):
-    if isinstance(rho, jax.core.Tracer) or not isinstance(rho, int | float) or not rho > 0:
-        raise ValueError(f"{fn}: rho must be a Python float > 0; got {rho!r}")
-    if guard_mode not in GUARD_MODES:
-        raise ValueError(f"{fn}: guard_mode must be one of {GUARD_MODES}; got {guard_mode!r}")
-    if guard is None:
-        guard = GUARD_DEFAULTS[guard_mode]
-    S.check_epsilon(fn, epsilon)
-    S.check_epsilon(fn, guard, "guard")
-    if guard <= 0:
-        raise ValueError(f"{fn}: guard must be > 0 (it bounds 1/denominator); got {guard!r}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{fn}: groups must be an int >= 1; got {groups!r}")
-    if correlation not in CORRELATIONS:
-        raise ValueError(f"{fn}: correlation must be one of {CORRELATIONS}; got {correlation!r}")
-    if denominator not in DENOMINATORS:
-        raise ValueError(f"{fn}: denominator must be one of {DENOMINATORS}; got {denominator!r}")
-    return InhibConfig(
-        float(rho), float(epsilon), groups, correlation, denominator, float(guard), guard_mode
-    )
+    return InhibOptions.checked(
+        fn, rho=rho, epsilon=epsilon, groups=groups, correlation=correlation,
+        denominator=denominator, guard=guard, guard_mode=guard_mode,
+    )  # fmt: skip
 
 
 def alpha_shape(num_features: int, groups: int = 1) -> tuple[int, ...]:
@@ -168,11 +209,7 @@ def alpha_shape(num_features: int, groups: int = 1) -> tuple[int, ...]:
 
 
 def _check_groups_alpha(fn, nfeat, groups, alpha, name="alpha"):
-    if nfeat % groups:
-        raise ValueError(
-            f"{fn}: groups={groups} must divide the number of features N={nfeat}; "
-            f"choose groups among the divisors of {nfeat}"
-        )
+    C.groups(fn, groups, nfeat)
     S.check_float(fn, name, alpha)
     want = alpha_shape(nfeat, groups)
     got = tuple(jnp.shape(alpha))
@@ -292,10 +329,9 @@ def batch_inhib(
     fast = S.check_fast_variance(fn, use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
         op = functools.partial(
-            batch_inhib, alpha=alpha, rho=rho, epsilon=epsilon, axis=red.axis,
-            axis_name=axis_name, axis_index_groups=axis_index_groups, groups=groups,
-            correlation=correlation, denominator=denominator, guard=guard,
-            guard_mode=guard_mode, use_fast_variance=fast,
+            batch_inhib, alpha=alpha, axis=red.axis, axis_name=axis_name,
+            axis_index_groups=axis_index_groups, use_fast_variance=fast,
+            **cfg.kwargs(),
         )  # fmt: skip
         return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, red.axis)
     mask = S.mask_weights(fn, mask, x.shape, red, rows_only=True)
@@ -312,9 +348,23 @@ def batch_inhib(
     return _from_matrix(y2, tshape, red.axes), stats
 
 
+def _group_major(x2, groups):
+    """(M, N) -> (G, M, n): the group axis leads, so each group's rows are one contiguous
+    matrix and every grouped product is a plain batched matmul (with the group axis in the
+    middle XLA:CPU transposes the operands of each product; see benchmarks/notes.md)."""
+    m, nf = x2.shape
+    return jnp.transpose(x2.reshape(m, groups, nf // groups), (1, 0, 2))
+
+
+def _feature_major(yg):
+    """(G, M, n) -> (M, N), the inverse of :func:`_group_major`."""
+    g, m, n = yg.shape
+    return jnp.transpose(yg, (1, 0, 2)).reshape(m, g * n)
+
+
 def _bi_center(cfg, red, x2, mask, fast):
-    """Grouped (M, G, n) data, shift, mean of x - shift, var, covariance, count, over the
-    rows where ``mask`` (M, 1) is True (masked rows are selected away, never weighted)."""
+    """Group-major (G, M, n) data, shift, mean of x - shift, var, covariance, count, over
+    the rows where ``mask`` (M, 1) is True (masked rows are selected away, never weighted)."""
     cd = S.compute_dtype(x2.dtype)
     m, nf = x2.shape
     g = cfg.groups
@@ -326,10 +376,10 @@ def _bi_center(cfg, red, x2, mask, fast):
     if fast:  # one read: Σd and Σ d dᵀ of d = x - shift in the same pass
         s = S.shift_of(xf, mask, red)
         d = S.select(xf - s, mask)
-        dg = d.reshape(m, g, nf // g)
+        dg = _group_major(d, g)
         s1, s2 = red.psum(
             (jnp.sum(d, axis=0, keepdims=True),
-             jnp.einsum("mgi,mgk->gik", dg, dg, precision=S.PRECISION))
+             jnp.einsum("gmi,gmk->gik", dg, dg, precision=S.PRECISION))
         )  # fmt: skip
         mean_d = s1 / nz
         md = mean_d.reshape(g, nf // g)
@@ -339,17 +389,17 @@ def _bi_center(cfg, red, x2, mask, fast):
         var = jnp.maximum(dia, 0).reshape(1, nf)
     else:  # shifted two-pass
         s, mean_d, var = S.moments(xf, mask, red, cnt, fast=False)
-        xc = S.select((xf - s) - mean_d, mask).reshape(m, g, nf // g)
-        cov = red.psum(jnp.einsum("mgi,mgk->gik", xc, xc, precision=S.PRECISION)) / nz
-    return xf.reshape(m, g, nf // g), s, mean_d, var, cov, cnt
+        xc = _group_major(S.select((xf - s) - mean_d, mask), g)
+        cov = red.psum(jnp.einsum("gmi,gmk->gik", xc, xc, precision=S.PRECISION)) / nz
+    return _group_major(xf, g), s, mean_d, var, cov, cnt
 
 
 def _bi_forward(cfg, red, fast, x2, alpha3, mask):
     xg, s, mean_d, var, cov, cnt = _bi_center(cfg, red, x2, mask, fast)
     R = _inhib_matrix(cfg, cov, alpha3)
-    yg = xg - jnp.einsum("mgl,gil->mgi", xg, R, precision=S.PRECISION)
+    yg = xg - jnp.einsum("gml,gil->gmi", xg, R, precision=S.PRECISION)
     stats = InhibStats((s + mean_d)[0], var[0], cov)
-    return yg.reshape(x2.shape).astype(x2.dtype), stats, (s, mean_d, cov, cnt)
+    return _feature_major(yg).astype(x2.dtype), stats, (s, mean_d, cov, cnt)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -370,22 +420,21 @@ def _batch_inhib_bwd(cfg, red, fast, res, cts):
     cd = cov.dtype
     m, nf = x2.shape
     g = cfg.groups
-    n = nf // g
     mask = S.mask_bool(mask)
     # Masked rows are constants to differentiation: their cotangent is selected away, and
     # so is x there (garbage such as NaN must not reach dR = -dyᵀx: docs/derivations.md).
     xf = S.select(x2.astype(cd), mask, 0)
-    xg = xf.reshape(m, g, n)
-    dyg = S.select(dy2.astype(cd), mask).reshape(m, g, n)
+    xg = _group_major(xf, g)
+    dyg = _group_major(S.select(dy2.astype(cd), mask), g)
     # Linear in dR: the local dalpha sums to the global one across devices; the x path
     # needs the global dcov.
     dx, dcov, dalpha = _linear_map_bwd(cfg, cov, alpha3, xg, dyg)
     dcov = red.psum(dcov)
     dcs = dcov + jnp.swapaxes(dcov, -1, -2)
-    xc = S.select((xf - s) - mean_d, mask).reshape(m, g, n)
-    dx = dx + jnp.einsum("mgi,gik->mgk", xc, dcs, precision=S.PRECISION) / jnp.maximum(cnt, 1)
+    xc = _group_major(S.select((xf - s) - mean_d, mask), g)
+    dx = dx + jnp.einsum("gmi,gik->gmk", xc, dcs, precision=S.PRECISION) / jnp.maximum(cnt, 1)
     dalpha = S.param_ct(dalpha.astype(alpha3.dtype), alpha3)  # docs/scaling.md
-    return dx.reshape(m, nf).astype(x2.dtype), dalpha, None
+    return _feature_major(dx).astype(x2.dtype), dalpha, None
 
 
 _batch_inhib.defvjp(_batch_inhib_fwd, _batch_inhib_bwd)
@@ -430,13 +479,13 @@ def batch_inhib_inference(
 
 
 def _linear_map_bwd(cfg, cov, alpha3, xg, dyg):
-    """Backward of y = x - x R(cov, alpha)^T for grouped (m, G, n) x and dy:
+    """Backward of y = x - x R(cov, alpha)^T for group-major (G, m, n) x and dy:
     dx = dy - dy R and dR = -dy^T x (this device's rows), then (dcov, dalpha) from dR.
     Returns (dx, dcov, dalpha); R's parts are computed once."""
     parts = _inhib_parts(cfg, cov, alpha3)
     R = _matrix_of(parts)
-    dx = dyg - jnp.einsum("mgi,gil->mgl", dyg, R, precision=S.PRECISION)
-    dR = -jnp.einsum("mgi,mgl->gil", dyg, xg, precision=S.PRECISION)
+    dx = dyg - jnp.einsum("gmi,gil->gml", dyg, R, precision=S.PRECISION)
+    dR = -jnp.einsum("gmi,gml->gil", dyg, xg, precision=S.PRECISION)
     dcov, dalpha = _inhib_matrix_bwd(cfg, alpha3, parts, dR)
     return dx, dcov, dalpha
 
@@ -446,9 +495,9 @@ def _bi_inf(cfg, x2, alpha3, cov3):
     cd = S.compute_dtype(jnp.result_type(x2.dtype, cov3.dtype))
     R = _inhib_matrix(cfg, cov3.astype(cd), alpha3)
     m, nf = x2.shape
-    xg = x2.astype(cd).reshape(m, cfg.groups, nf // cfg.groups)
-    yg = xg - jnp.einsum("mgl,gil->mgi", xg, R, precision=S.PRECISION)
-    return yg.reshape(m, nf).astype(x2.dtype)
+    xg = _group_major(x2.astype(cd), cfg.groups)
+    yg = xg - jnp.einsum("gml,gil->gmi", xg, R, precision=S.PRECISION)
+    return _feature_major(yg).astype(x2.dtype)
 
 
 def _bi_inf_fwd(cfg, x2, alpha3, cov3):
@@ -460,11 +509,11 @@ def _bi_inf_bwd(cfg, res, dy2):
     cd = S.compute_dtype(jnp.result_type(x2.dtype, cov3.dtype))
     m, nf = x2.shape
     g = cfg.groups
-    xg = x2.astype(cd).reshape(m, g, nf // g)
-    dyg = dy2.astype(cd).reshape(m, g, nf // g)
+    xg = _group_major(x2.astype(cd), g)
+    dyg = _group_major(dy2.astype(cd), g)
     dx, dcov, dalpha = _linear_map_bwd(cfg, cov3.astype(cd), alpha3, xg, dyg)
     return (
-        dx.reshape(m, nf).astype(x2.dtype),
+        _feature_major(dx).astype(x2.dtype),
         dalpha.astype(alpha3.dtype),
         dcov.astype(cov3.dtype),
     )

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _ghost
 from jax_batchinhib.ops import _stats as S
 
@@ -217,6 +218,7 @@ def batch_center(
     axis_index_groups=None,
     mask=None,
     virtual_batch_size: int | None = None,
+    use_fast_variance: bool = True,
 ):
     r"""Batch centering (seed 001's mean-only "BN"): :math:`y = x - \mu + b`.
 
@@ -238,10 +240,13 @@ def batch_center(
     S.check_float(fn, "x", x)
     cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
     S.check_vector(fn, "bias", bias, cfg.feature_shape(x.shape))
+    # Batch centering computes no variance: either value gives the same one-read mean;
+    # the flag is validated so that BatchCenter takes BatchNorm's arguments.
+    C.flag(fn, "use_fast_variance", use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
         op = functools.partial(
             batch_center, bias=bias, axis=cfg.axis, axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
+            axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
         )  # fmt: skip
         return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, cfg.axis)
     mask = S.mask_weights(fn, mask, x.shape, cfg)

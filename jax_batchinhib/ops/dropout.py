@@ -1,24 +1,24 @@
-"""Inverted dropout with a hand-derived VJP that regenerates its mask from the key."""
+"""Inverted dropout with a hand-derived VJP that keeps the key, a bit-packed mask or a
+byte mask, and an optional mask shared along ``broadcast_dims`` (as flax.linen.Dropout)."""
 
 from __future__ import annotations
 
 import functools
+import math
+import operator
 
 import jax
 import jax.numpy as jnp
 
+from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _stats as S
+
+#: What the backward keeps (see :func:`dropout`).
+RESIDUALS = ("bits", "key", "bytes")
 
 
 def _check_rate(fn, rate):
-    if isinstance(rate, jax.core.Tracer):
-        raise TypeError(
-            f"{fn}: rate must be a Python float known at trace time (it selects the rule); "
-            f"got a tracer. Close over it or mark it static in jax.jit."
-        )
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
-        raise ValueError(f"{fn}: rate must be a float in [0, 1]; got {rate!r}")
-    return float(rate)
+    return C.rate(fn, rate)
 
 
 def _check_key(fn, key):
@@ -32,17 +32,98 @@ def _check_key(fn, key):
         )
 
 
-def keep_mask(key, rate: float, shape):
-    """The boolean keep-mask that :func:`dropout` draws for ``key``, ``rate`` and ``shape``."""
-    return jax.random.bernoulli(key, 1.0 - rate, shape)
+def _check_residual(fn, residual):
+    if not isinstance(residual, str) or residual not in RESIDUALS:
+        raise ValueError(
+            f"{fn}: residual must be one of {', '.join(map(repr, RESIDUALS))}; got {residual!r}"
+        )
+    return residual
 
 
-def dropout(x, rate: float, key):
-    r"""Inverted dropout (seed 001): :math:`y = x \odot M`, :math:`M_j = [r_j > p]/(1-p)`.
+def check_broadcast_dims(fn: str, broadcast_dims, ndim: int) -> tuple[int, ...]:
+    """``broadcast_dims`` as a sorted tuple of non-negative axes of an ``ndim``-array.
 
-    Backward: :math:`dx = dy \odot M`. The mask is not stored: the backward regenerates it
-    from ``key``, so nothing input-sized is kept (autodiff keeps the mask).
+    Raises a ValueError/TypeError naming ``fn`` for a non-sequence, a non-int entry, an
+    axis out of ``[-ndim, ndim)`` or the same axis twice (``0`` and ``-ndim`` included).
+    """
+    if isinstance(broadcast_dims, int | str) or not hasattr(broadcast_dims, "__iter__"):
+        raise TypeError(
+            f"{fn}: broadcast_dims must be a sequence of ints (the axes that share one mask); "
+            f"got {broadcast_dims!r}"
+        )
+    dims = tuple(broadcast_dims)
+    out = []
+    for d in dims:
+        bad = isinstance(d, bool | jnp.bool_)
+        if not bad and not isinstance(d, int):
+            try:
+                d = operator.index(d)
+            except TypeError:
+                bad = True
+        if bad:
+            raise TypeError(f"{fn}: broadcast_dims must hold ints; got {dims!r} (entry {d!r})")
+        if not -ndim <= d < ndim:
+            raise ValueError(
+                f"{fn}: broadcast_dims entry {d} is out of range for x with {ndim} "
+                f"dimensions; expected ints in [{-ndim}, {ndim - 1}]; got {dims!r}"
+            )
+        a = d % ndim
+        if a in out:
+            raise ValueError(
+                f"{fn}: broadcast_dims names axis {a} twice; got {dims!r} for x with {ndim} "
+                f"dimensions"
+            )
+        out.append(a)
+    return tuple(sorted(out))
+
+
+def mask_shape(shape, broadcast_dims=()) -> tuple[int, ...]:
+    """The shape the mask is drawn at: ``shape`` with 1 on ``broadcast_dims``."""
+    return tuple(1 if i in broadcast_dims else int(s) for i, s in enumerate(shape))
+
+
+def keep_mask(key, rate: float, shape, broadcast_dims=()):
+    """The boolean keep-mask that :func:`dropout` draws for ``key``, ``rate`` and ``shape``.
+
+    Drawn as :class:`flax.linen.Dropout` draws it: ``bernoulli(key, 1 - rate, s)`` with
+    ``s`` = ``shape`` with 1 on ``broadcast_dims`` (non-negative axes), so it has shape
+    ``s`` and broadcasts against ``shape``.
+    """
+    return jax.random.bernoulli(key, 1.0 - rate, mask_shape(shape, broadcast_dims))
+
+
+def dropout(x, rate: float, key, *, residual: str = "bits", broadcast_dims=()):
+    r"""Inverted dropout: :math:`y = x \odot M`, :math:`M_j = [r_j > p]/(1-p)`.
+
+    Backward: :math:`dx = dy \odot M` (the mask is the VJP's only input). With
+    ``broadcast_dims`` (spatial dropout), one mask entry is shared along those axes: the
+    mask is drawn at ``x.shape`` with 1 on ``broadcast_dims`` and broadcast, and the same
+    formulas hold with :math:`M` broadcast (no reduction: each element of ``dx`` has its
+    own ``dy``). For the same key the output equals :class:`flax.linen.Dropout`'s
+    (``bernoulli(key, 1 - rate, mask_shape)``, then ``x / (1 - rate)`` where kept).
+
+    What the backward keeps (``residual``):
+
+    * ``"bits"`` (default): the keep-mask packed 32 to a uint32 word: ``ceil(s / 32)``
+      words for a mask of ``s`` entries, 1/8 of the boolean mask autodiff keeps (1/32 of
+      a float32 mask). The backward unpacks it (a shift and an and per element).
+    * ``"key"``: only the key; the backward draws the mask again from it (pays the
+      random-number generator twice, keeps nothing input-sized).
+    * ``"bytes"``: the mask as uint8, one byte an entry (as much as autodiff keeps).
+
     ``rate=0`` returns ``x``; ``rate=1`` returns zeros with a zero (not NaN) gradient.
+    ``benchmarks/notes.md`` has the measured time of each residual against autodiff.
+
+    Args:
+      x: a floating-point array.
+      rate: the probability of dropping an element, a Python float in [0, 1].
+      key: a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``).
+      residual: ``"bits"``, ``"key"`` or ``"bytes"`` (above).
+      broadcast_dims: axes of ``x`` that share one mask entry (ints, negative allowed,
+        no repeats); ``()`` draws one entry per element.
+
+    Returns:
+      An array of ``x``'s shape and dtype.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -50,39 +131,74 @@ def dropout(x, rate: float, key):
       >>> y = dropout(jnp.ones((2, 4)), 0.5, jax.random.key(0))
       >>> sorted(set(y.ravel().tolist())) in ([0.0, 2.0], [2.0], [0.0])
       True
+      >>> y = dropout(jnp.ones((2, 4)), 0.5, jax.random.key(0), broadcast_dims=(0,))
+      >>> bool((y[0] == y[1]).all())
+      True
     """
     fn = "dropout"
     S.check_float(fn, "x", x)
     rate = _check_rate(fn, rate)
+    residual = _check_residual(fn, residual)
+    dims = check_broadcast_dims(fn, broadcast_dims, jnp.ndim(x))
     if rate == 0.0:
         return x
     if rate == 1.0:
         return jnp.zeros_like(x)
     _check_key(fn, key)
-    return _dropout(rate, x, key)
+    return _dropout(rate, residual, dims, x, key)
 
 
-def _dropout_apply(rate, x, dy_or_x, key):
-    keep = keep_mask(key, rate, x.shape)
-    scale = jnp.asarray(1.0 / (1.0 - rate), S.compute_dtype(x.dtype))
-    v = dy_or_x.astype(scale.dtype) * scale
-    return jnp.where(keep, v, 0).astype(x.dtype)
+def _apply(rate, keep, v, dtype):
+    """``where(keep, v / (1 - rate), 0)``, divided in at least float32, cast to ``dtype``."""
+    cd = S.compute_dtype(dtype)
+    v = v.astype(cd) / jnp.asarray(1.0 - rate, cd)
+    return jnp.where(keep, v, jnp.zeros((), cd)).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dropout(rate, x, key):
-    return _dropout_apply(rate, x, x, key)
+def _pack(keep):
+    """A boolean array as ``ceil(size / 32)`` uint32 words, bit ``i`` of word ``w`` holding
+    element ``32 w + i`` of the flattened array."""
+    flat = keep.reshape(-1)
+    pad = -flat.size % 32
+    if pad:
+        flat = jnp.pad(flat, (0, pad))
+    bits = flat.reshape(-1, 32).astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32)
+    return jnp.sum(bits, axis=1, dtype=jnp.uint32)
 
 
-def _dropout_fwd(rate, x, key):
-    # Residuals: the key and a zero-size array carrying x's dtype (dy has x's shape).
-    return _dropout(rate, x, key), (jnp.zeros((0,), x.dtype), key)
+def _unpack(words, shape):
+    size = math.prod(shape)
+    bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    return bits.reshape(-1)[:size].reshape(shape).astype(bool)
 
 
-def _dropout_bwd(rate, res, dy):
-    x0, key = res
-    like = jax.ShapeDtypeStruct(dy.shape, x0.dtype)
-    return _dropout_apply(rate, like, dy, key), None
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _dropout(rate, residual, dims, x, key):
+    return _apply(rate, keep_mask(key, rate, x.shape, dims), x, x.dtype)
+
+
+def _dropout_fwd(rate, residual, dims, x, key):
+    keep = keep_mask(key, rate, x.shape, dims)
+    y = _apply(rate, keep, x, x.dtype)
+    # A zero-size array carries x's dtype (dy has x's shape).
+    like = jnp.zeros((0,), x.dtype)
+    if residual == "key":
+        return y, (like, key)
+    if residual == "bytes":
+        return y, (like, keep.astype(jnp.uint8))
+    return y, (like, _pack(keep))
+
+
+def _dropout_bwd(rate, residual, dims, res, dy):
+    x0, kept = res
+    shape = mask_shape(dy.shape, dims)
+    if residual == "key":
+        keep = keep_mask(kept, rate, dy.shape, dims)
+    elif residual == "bytes":
+        keep = kept.astype(bool)
+    else:
+        keep = _unpack(kept, shape)
+    return _apply(rate, keep, dy, x0.dtype), None
 
 
 _dropout.defvjp(_dropout_fwd, _dropout_bwd)

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from jax_batchinhib.ops import _stats as S
 
@@ -65,6 +66,10 @@ def softmax_cross_entropy(logits, labels, axis: int = -1):
     max-shifted log-sum-exp, so logits of ±1000 stay finite. Backward:
     :math:`dz = g\,((\sum_k t_k)\,\mathrm{softmax}(z) - t)` (seed 001's
     :math:`y_B - \hat y_B` for normalized labels), :math:`dt = -g \log\mathrm{softmax}(z)`.
+    When only the logits need a gradient (float32/float64 logits), the forward keeps
+    :math:`e^{z - \max z}` and :math:`\sum_k t_k / \sum_k e^{z_k - \max z}` (the bytes of the
+    logits) and the backward is :math:`g\,(e \cdot \sum t / \sum e - t)`, with no exp;
+    otherwise it keeps the logits and the log-sum-exp.
 
     Returns the loss with ``axis`` removed, in the dtype of ``logits`` (computed in at
     least float32).
@@ -106,20 +111,51 @@ def _sce_parts(axis, logits, labels):
     return z, t, _lse(axis, z)
 
 
+def _sce_loss(axis, z, t, lse, logits, labels):
+    return jnp.sum(t * (lse - z), axis=axis).astype(logits.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sce(axis, logits, labels):
     z, t, lse = _sce_parts(axis, logits, labels)
-    return jnp.sum(t * (lse - z), axis=axis).astype(jnp.result_type(logits, labels))
+    return _sce_loss(axis, z, t, lse, logits, labels)
 
 
 def _sce_fwd(axis, logits, labels):
-    z, t, lse = _sce_parts(axis, logits, labels)
-    loss = jnp.sum(t * (lse - z), axis=axis).astype(jnp.result_type(logits, labels))
-    return loss, (logits, labels, lse)
+    # symbolic_zeros: the primals come wrapped with whether each needs a gradient.
+    labels_perturbed = labels.perturbed
+    logits, labels = logits.value, labels.value
+    cd = S.compute_dtype(jnp.result_type(logits.dtype, labels.dtype))
+    z = logits.astype(cd)
+    t = labels.astype(cd)
+    if labels_perturbed or cd != logits.dtype:
+        # dt = -g log softmax(z) needs z (log of the kept probabilities would underflow to
+        # -inf below e^-87); low-precision logits are kept in their own dtype (half the
+        # bytes of float32 probabilities). The backward recomputes exp(z - lse).
+        lse = _lse(axis, z)
+        return _sce_loss(axis, z, t, lse, logits, labels), (logits, labels, lse, None)
+    # Only dz is needed: keep e = exp(z - max) and 1/sum(e) (the bytes of the logits), so
+    # the backward is dz = g (sum(t) e / sum(e) - t) with no exp: the one exp of the
+    # forward feeds both the log-sum-exp and the backward.
+    mx = jax.lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
+    e = jnp.exp(z - mx)
+    se = jnp.sum(e, axis=axis, keepdims=True)
+    lse = mx + jnp.log(se)
+    loss = _sce_loss(axis, z, t, lse, logits, labels)
+    st = jnp.sum(t, axis=axis, keepdims=True)
+    return loss, (e, labels, st / se)
 
 
 def _sce_bwd(axis, res, g):
-    logits, labels, lse = res
+    if isinstance(g, SymbolicZero):
+        return None, None
+    if len(res) == 3:
+        e, labels, w = res  # w = sum(t) / sum(e)
+        cd = e.dtype
+        g = jnp.expand_dims(g.astype(cd), axis)
+        dz = g * (w * e - labels.astype(cd))
+        return dz.astype(e.dtype), None
+    logits, labels, lse, _ = res
     cd = lse.dtype
     z = logits.astype(cd)
     t = labels.astype(cd)
@@ -130,4 +166,4 @@ def _sce_bwd(axis, res, g):
     return dz.astype(logits.dtype), dt.astype(labels.dtype)
 
 
-_sce.defvjp(_sce_fwd, _sce_bwd)
+_sce.defvjp(_sce_fwd, _sce_bwd, symbolic_zeros=True)

@@ -1,0 +1,574 @@
+r"""Batch whitening: IterNorm (Newton iterations) and ZCA (eigendecomposition).
+
+Per group of ``n = N / groups`` contiguous features, over the ``c`` counted rows
+(row weights :math:`w_j \in \{0, 1\}`), with :math:`X_c = X - \mathbf 1\mu^\top`:
+
+.. math::
+    \mu = X^\top w / c,\quad
+    \Sigma = X_c^\top \mathrm{diag}(w) X_c / c + \epsilon I,\quad
+    \hat x = X_c W,\quad y = \gamma \odot \hat x + \beta
+
+with the whitening matrix :math:`W \approx \Sigma^{-1/2}`:
+
+- ZCA (Huang et al., "Decorrelated Batch Normalization", CVPR 2018):
+  :math:`\Sigma = U\,\mathrm{diag}(\lambda)\,U^\top`,
+  :math:`W = U\,\mathrm{diag}(\lambda^{-1/2})\,U^\top`;
+- IterNorm (Huang et al., "Iterative Normalization: Beyond Standardization towards
+  Efficient Whitening", CVPR 2019): :math:`\Sigma_N = \Sigma/\mathrm{tr}\,\Sigma`,
+  :math:`P_0 = I`, :math:`P_k = \tfrac12(3P_{k-1} - P_{k-1}^3\Sigma_N)`,
+  :math:`W = P_T/\sqrt{\mathrm{tr}\,\Sigma}` (T = ``iterations`` Newton–Schulz steps).
+
+The hand-derived backward (``docs/derivations.md``, "iter_norm and zca_norm"), with
+:math:`d\hat x = \gamma \odot dy`, :math:`\bar W = X_c^\top d\hat x` (all rows) and
+:math:`\bar\Sigma` the cotangent of Σ from :math:`\bar W` through the matrix function:
+
+.. math::
+    dX = d\hat x\,W^\top - \tfrac{w}{c}\,\mathbf 1^\top d\hat x\,W^\top
+         + \mathrm{diag}(w)\,X_c\,(\bar\Sigma + \bar\Sigma^\top)/c
+
+ZCA: :math:`\bar\Sigma = U (F \odot U^\top \bar W U) U^\top` with the Daleckii–Krein
+divided differences of :math:`f(\lambda) = \lambda^{-1/2}`, written without a
+difference of eigenvalues, :math:`F_{ik} = -1/(r_i r_k (r_i + r_k))`, :math:`r = \sqrt\lambda`:
+finite and exact also for equal eigenvalues. IterNorm: the T iterations reversed, from the
+kept :math:`P_1 \ldots P_T`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax_batchinhib.ops import _stats as S
+
+Array = jax.Array
+
+METHODS = ("iter", "zca")
+_NAMES = {"iter": "iter_norm", "zca": "zca_norm"}
+
+
+class WhiteningStats(NamedTuple):
+    """Batch statistics of iter_norm / zca_norm (stop-gradient, float32 or wider):
+    ``mean`` (N,), the biased covariance ``cov`` (groups, N/groups, N/groups) without ε,
+    and the ``whitening_matrix`` W (groups, N/groups, N/groups) that was applied,
+    :math:`\\hat x = (x - \\mu) W` (what a running whitening matrix averages)."""
+
+    mean: Array
+    cov: Array
+    whitening_matrix: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    method: str  # "iter" or "zca"
+    groups: int
+    iterations: int  # IterNorm's T (ZCA: 0)
+    epsilon: float
+
+
+def _mT(a):
+    return jnp.swapaxes(a, -1, -2)
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=S.PRECISION)
+
+
+# ------------------------------------------------------------------------- validation
+
+
+def _check_groups(fn, nfeat, groups):
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{fn}: groups must be an int >= 1; got {groups!r}")
+    if nfeat % groups:
+        raise ValueError(
+            f"{fn}: groups={groups} must divide the number of features N={nfeat}; "
+            f"choose groups among the divisors of {nfeat}"
+        )
+
+
+def _check_iterations(fn, iterations):
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(
+            f"{fn}: iterations must be a Python int >= 1 (the number of Newton steps); "
+            f"got {iterations!r}"
+        )
+
+
+def _check_whitening_epsilon(fn, epsilon):
+    S.check_epsilon(fn, epsilon)
+    if not epsilon > 0:
+        raise ValueError(
+            f"{fn}: epsilon must be > 0 (it makes the covariance positive definite, so "
+            f"that its inverse square root exists for any batch); got {epsilon!r}"
+        )
+
+
+def _check_matrix(fn, name, a, nfeat, groups):
+    S.check_float(fn, name, a)
+    n = nfeat // groups
+    want = (groups, n, n)
+    got = tuple(jnp.shape(a))
+    if got == want or (groups == 1 and got == (n, n)):
+        return
+    alt = f" or {S.shape_str((n, n))}" if groups == 1 else ""
+    raise ValueError(
+        f"{fn}: {name} must have shape {S.shape_str(want)}{alt} for x with {nfeat} "
+        f"features and groups={groups}; got {S.shape_str(got)}"
+    )
+
+
+def _as_matrix(x, axis):
+    """x with the feature axis moved last and flattened to (M, N)."""
+    xt = jnp.moveaxis(x, axis, -1)
+    return xt.reshape(-1, xt.shape[-1]), xt.shape
+
+
+def _from_matrix(y2, tshape, axis):
+    return jnp.moveaxis(y2.reshape(tshape), -1, axis)
+
+
+def _prepare(fn, method, x, scale, bias, groups, iterations, epsilon, axis, axis_name,
+             axis_index_groups, mask):  # fmt: skip
+    S.check_float(fn, "x", x)
+    red = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
+    nfeat = x.shape[red.axis]
+    S.check_vector(fn, "scale", scale, nfeat)
+    S.check_vector(fn, "bias", bias, nfeat)
+    _check_groups(fn, nfeat, groups)
+    if method == "iter":
+        _check_iterations(fn, iterations)
+    _check_whitening_epsilon(fn, epsilon)
+    mask = S.mask_weights(fn, mask, x.shape, red, rows_only=True)
+    S.static_count(fn, x.shape, red, mask)
+    if mask is not None:
+        mask = jnp.broadcast_to(
+            mask, tuple(1 if a == red.axis else s for a, s in enumerate(x.shape))
+        )
+        mask = _as_matrix(mask, red.axis)[0]  # (M, 1)
+    cfg = _Config(method, groups, iterations if method == "iter" else 0, float(epsilon))
+    return cfg, red, mask
+
+
+# ================================================================ the public wrappers
+
+
+def iter_norm(
+    x,
+    scale=None,
+    bias=None,
+    *,
+    groups: int = 1,
+    iterations: int = 5,
+    epsilon: float = 1e-5,
+    axis: int = -1,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+):
+    r"""IterNorm: batch whitening by T Newton–Schulz iterations, with a hand-derived VJP.
+
+    Per group of ``N/groups`` contiguous features (Huang et al., CVPR 2019, Algorithm 1):
+
+    .. math::
+        \Sigma = X_c^\top X_c/c + \epsilon I,\quad \Sigma_N = \Sigma/\mathrm{tr}\,\Sigma,\quad
+        P_0 = I,\quad P_k = \tfrac12(3P_{k-1} - P_{k-1}^3\Sigma_N),\quad
+        W = P_T/\sqrt{\mathrm{tr}\,\Sigma},\quad y = \gamma\odot X_c W + \beta
+
+    :math:`W\Sigma W \to I` as T grows (quadratically once every eigenvalue of
+    :math:`P^2\Sigma_N` is near 1; slowly for eigenvalues of Σ far below its trace).
+
+    Backward (``docs/derivations.md``, "iter_norm and zca_norm"): with
+    :math:`\bar W = X_c^\top d\hat x`, :math:`\bar P_T = \bar W/\sqrt{t}` and, for
+    k = T..1 (P = P_{k−1}),
+
+    .. math::
+        \bar P_{k-1} = \tfrac32\bar P_k - \tfrac12\big(\bar P_k (P^2\Sigma_N)^\top
+          + P^\top\bar P_k(P\Sigma_N)^\top + (P^2)^\top\bar P_k\Sigma_N^\top\big),\quad
+        \bar\Sigma_N \mathrel{-}= \tfrac12 (P^3)^\top\bar P_k
+
+    then :math:`\bar\Sigma = \bar\Sigma_N/t + \bar t I` and dx as in the module docstring.
+    The backward keeps ``x``, :math:`P_1 \ldots P_T` and :math:`\Sigma_N`: x plus
+    (T+1)·G·n² numbers (autodiff keeps P², P³ and more per step, and input-sized arrays).
+
+    Args:
+      x: floating array ``(..., N)``; float16/bfloat16 compute in float32.
+      scale, bias: ``(N,)`` or None (then 1 and 0).
+      groups: whiten each of this many contiguous blocks of N/groups features
+        separately (must divide N).
+      iterations: T, the number of Newton steps (a Python int >= 1).
+      epsilon: added to the covariance's diagonal (> 0): a singular covariance (fewer
+        rows than features, a constant feature) is whitened finitely.
+      axis: the feature axis; statistics reduce over every other axis.
+      axis_name, axis_index_groups: sum the statistics across the devices of this
+        mapped axis (``shard_map``/``pmap``); see ``docs/scaling.md``.
+      mask: row mask (x's shape without the feature axis, or with a feature dim of 1);
+        masked rows are whitened but not counted in the statistics.
+
+    Returns:
+      ``(y, WhiteningStats(mean, cov, whitening_matrix))``; the statistics are under
+      ``jax.lax.stop_gradient`` (they feed running averages, not the loss); gradients of
+      ``y`` flow through the batch mean and covariance into ``x``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_batchinhib import iter_norm
+      >>> x = jax.random.normal(jax.random.key(0), (256, 4)) @ jnp.diag(jnp.arange(1.0, 5.0))
+      >>> y, stats = iter_norm(x, iterations=7)
+      >>> bool(jnp.allclose(jnp.cov(y.T, bias=True), jnp.eye(4), atol=1e-3))
+      True
+    """
+    fn = "iter_norm"
+    cfg, red, mask = _prepare(fn, "iter", x, scale, bias, groups, iterations, epsilon, axis,
+                              axis_name, axis_index_groups, mask)  # fmt: skip
+    return _run(cfg, red, x, scale, bias, mask)
+
+
+def zca_norm(
+    x,
+    scale=None,
+    bias=None,
+    *,
+    groups: int = 1,
+    epsilon: float = 1e-5,
+    axis: int = -1,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+):
+    r"""ZCA batch whitening (decorrelated batch norm) with a hand-derived VJP.
+
+    Per group of ``N/groups`` contiguous features (Huang et al., CVPR 2018, its ZCA whitening):
+
+    .. math::
+        \Sigma = X_c^\top X_c/c + \epsilon I = U\,\mathrm{diag}(\lambda)\,U^\top,\quad
+        W = U\,\mathrm{diag}(\lambda^{-1/2})\,U^\top,\quad y = \gamma\odot X_c W + \beta
+
+    so that :math:`W\Sigma W = I` (the output covariance is :math:`I - \epsilon W^2`).
+
+    Backward (``docs/derivations.md``, "iter_norm and zca_norm"): with
+    :math:`\bar W = X_c^\top d\hat x` and :math:`r = \sqrt\lambda`,
+
+    .. math::
+        \bar\Sigma = U\big(F \odot U^\top\bar W U\big)U^\top,\qquad
+        F_{ik} = \frac{\lambda_i^{-1/2} - \lambda_k^{-1/2}}{\lambda_i - \lambda_k}
+               = -\frac{1}{r_i r_k (r_i + r_k)}
+
+    (the Daleckii–Krein divided differences of :math:`\lambda^{-1/2}`; diagonal
+    :math:`-\tfrac12\lambda^{-3/2}`). Written this way no eigenvalue difference is ever
+    divided by, so the rule is exact and finite when eigenvalues coincide, where the
+    eigenvectors' own derivative (the paper's :math:`1/(\lambda_i-\lambda_k)` matrix,
+    and autodiff of ``eigh``) is infinite. The eigenvalues are floored at ε, which they
+    equal or exceed in exact arithmetic. The backward keeps ``x``, U and λ.
+
+    Args:
+      As :func:`iter_norm`, without ``iterations``.
+
+    Returns:
+      ``(y, WhiteningStats(mean, cov, whitening_matrix))``, statistics stop-gradient.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_batchinhib import zca_norm
+      >>> x = jax.random.normal(jax.random.key(0), (256, 4)) @ jnp.diag(jnp.arange(1.0, 5.0))
+      >>> y, stats = zca_norm(x, epsilon=1e-6)
+      >>> bool(jnp.allclose(jnp.cov(y.T, bias=True), jnp.eye(4), atol=1e-3))
+      True
+    """
+    fn = "zca_norm"
+    cfg, red, mask = _prepare(fn, "zca", x, scale, bias, groups, 1, epsilon, axis, axis_name,
+                              axis_index_groups, mask)  # fmt: skip
+    return _run(cfg, red, x, scale, bias, mask)
+
+
+def _run(cfg, red, x, scale, bias, mask):
+    x2, tshape = _as_matrix(x, red.axis)
+    mred = S.Reduce(2, 1, (0,), red.axis_name, red.axis_index_groups)
+    y2, stats = _whiten(cfg, mred, x2, scale, bias, mask)
+    stats = jax.tree.map(lax.stop_gradient, stats)
+    return _from_matrix(y2, tshape, red.axis), stats
+
+
+# ============================================================ the matrix functions
+
+
+def _newton_forward(sigma, iterations):
+    """IterNorm's W from Σ (G, n, n): returns W, the stacked P_1..P_T (T, G, n, n),
+    Σ_N and t = tr Σ (G,)."""
+    t = jnp.trace(sigma, axis1=-2, axis2=-1)
+    sn = sigma / t[:, None, None]
+    eye = jnp.broadcast_to(jnp.eye(sigma.shape[-1], dtype=sigma.dtype), sigma.shape)
+
+    def step(p, _):
+        p3 = _mm(_mm(p, p), p)
+        p = 1.5 * p - 0.5 * _mm(p3, sn)
+        return p, p
+
+    pt, ps = lax.scan(step, eye, None, length=iterations)
+    return pt / jnp.sqrt(t)[:, None, None], ps, sn, t
+
+
+def _newton_backward(ps, sn, t, wbar):
+    """Σ̄ from W̄ for IterNorm, reversing the T steps with the kept P_k (no tape)."""
+    eye = jnp.broadcast_to(jnp.eye(sn.shape[-1], dtype=sn.dtype), sn.shape)
+    rt = jnp.sqrt(t)[:, None, None]
+    pt = ps[-1]
+    pbar = wbar / rt
+    tbar = -0.5 * jnp.sum(wbar * pt, axis=(-2, -1)) / t / jnp.sqrt(t)  # W = P_T t^{-1/2}
+    prev = jnp.concatenate([eye[None], ps[:-1]], axis=0)  # P_0 .. P_{T-1}
+
+    def step(carry, p):
+        pb, snb = carry
+        p2 = _mm(p, p)
+        # P_k = 1.5 P - 0.5 P P P Σ_N: the adjoint of each factor in turn
+        snb = snb - 0.5 * _mm(_mT(_mm(p2, p)), pb)
+        pb = 1.5 * pb - 0.5 * (
+            _mm(pb, _mT(_mm(p2, sn)))
+            + _mm(_mm(_mT(p), pb), _mT(_mm(p, sn)))
+            + _mm(_mm(_mT(p2), pb), _mT(sn))
+        )
+        return (pb, snb), None
+
+    (_, snb), _ = lax.scan(step, (pbar, jnp.zeros_like(sn)), prev, reverse=True)
+    # Σ_N = Σ / t and t = tr Σ
+    tbar = tbar - jnp.sum(snb * sn, axis=(-2, -1)) / t
+    return snb / t[:, None, None] + tbar[:, None, None] * eye
+
+
+def _zca_forward(sigma, epsilon):
+    """ZCA's W from Σ (G, n, n): returns W, U and r = sqrt(λ) (λ floored at ε)."""
+    lam, u = jnp.linalg.eigh(sigma)
+    r = jnp.sqrt(jnp.maximum(lam, epsilon))
+    return _zca_matrix(u, r), u, r
+
+
+def _zca_matrix(u, r):
+    return _mm(u / r[:, None, :], _mT(u))
+
+
+def _zca_backward(u, r, wbar):
+    """Σ̄ = U (F ⊙ UᵀW̄U) Uᵀ, F_ik = f[λ_i, λ_k] = -1/(r_i r_k (r_i + r_k)) for
+    f(λ) = λ^{-1/2}: the divided difference in a form with no eigenvalue difference."""
+    f = -1.0 / (r[:, :, None] * r[:, None, :] * (r[:, :, None] + r[:, None, :]))
+    m = _mm(_mm(_mT(u), wbar), u)
+    return _mm(_mm(u, f * m), _mT(u))
+
+
+# ======================================================================= training op
+
+
+def _center(cfg, red, x2, mask):
+    """Float32-or-wider x, its shift/mean, the grouped centred data and the count."""
+    cd = S.compute_dtype(x2.dtype)
+    m, nf = x2.shape
+    g = cfg.groups
+    xf = x2.astype(cd)
+    w = S.weights_array(mask, cd)
+    cnt = S.count(x2.shape, w, red, cd)
+    s, mean_d, _ = S.moments(xf, w, red, cnt)
+    cnt = jnp.ravel(cnt)[0]  # rows are masked whole: one count for every feature
+    xc = ((xf - s) - mean_d).reshape(m, g, nf // g)
+    return xc, s, mean_d, cnt, w
+
+
+def _affine(xh, scale, bias, cd):
+    y = xh
+    if scale is not None:
+        y = y * scale.astype(cd)
+    if bias is not None:
+        y = y + bias.astype(cd)
+    return y
+
+
+def _wh_forward(cfg, red, x2, scale, bias, mask):
+    xc, s, mean_d, cnt, w = _center(cfg, red, x2, mask)
+    m, g, n = xc.shape
+    wc = xc if w is None else xc * w.reshape(m, 1, 1)
+    cov = red.psum(jnp.einsum("mgi,mgk->gik", wc, xc, precision=S.PRECISION))
+    cov = cov / jnp.maximum(cnt, 1)
+    sigma = cov + cfg.epsilon * jnp.eye(n, dtype=cov.dtype)
+    if cfg.method == "iter":
+        wmat, *mres = _newton_forward(sigma, cfg.iterations)
+    else:
+        wmat, *mres = _zca_forward(sigma, cfg.epsilon)
+    xh = jnp.einsum("mgi,gik->mgk", xc, wmat, precision=S.PRECISION).reshape(m, g * n)
+    y = _affine(xh, scale, bias, xc.dtype)
+    stats = WhiteningStats((s + mean_d)[0], cov, wmat)
+    return y.astype(x2.dtype), stats, (s, mean_d, cnt, tuple(mres))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _whiten(cfg, red, x2, scale, bias, mask):
+    y, stats, _ = _wh_forward(cfg, red, x2, scale, bias, mask)
+    return y, stats
+
+
+def _whiten_fwd(cfg, red, x2, scale, bias, mask):
+    y, stats, (s, mean_d, cnt, mres) = _wh_forward(cfg, red, x2, scale, bias, mask)
+    # Residuals: x (input-sized, its own dtype), per-feature shift/mean, and what the
+    # matrix function's reverse needs: ZCA U (G, n, n) and r (G, n); IterNorm P_1..P_T
+    # (T, G, n, n), Σ_N (G, n, n) and t (G,). W is recomputed from them.
+    return (y, stats), (x2, scale, bias, mask, s, mean_d, cnt, mres)
+
+
+def _whiten_bwd(cfg, red, res, cts):
+    x2, scale, bias, mask, s, mean_d, cnt, mres = res
+    dy2 = cts[0]  # the statistics are stop-gradient in the public wrappers
+    cd = s.dtype
+    m, nf = x2.shape
+    g = cfg.groups
+    n = nf // g
+    if cfg.method == "iter":
+        ps, sn, t = mres
+        wmat = ps[-1] / jnp.sqrt(t)[:, None, None]
+    else:
+        u, r = mres
+        wmat = _zca_matrix(u, r)
+    xc = ((x2.astype(cd) - s) - mean_d).reshape(m, g, n)
+    dy = dy2.astype(cd)
+    dxh = dy if scale is None else dy * scale.astype(cd)
+    dxh = dxh.reshape(m, g, n)
+    # W̄ = X_cᵀ dx̂ over every row (masked rows are whitened too), and the column sums of
+    # dx̂ for the mean's term: both global sums across devices.
+    wbar, colsum = red.psum(
+        (jnp.einsum("mgi,mgk->gik", xc, dxh, precision=S.PRECISION), jnp.sum(dxh, axis=0))
+    )
+    if cfg.method == "iter":
+        sbar = _newton_backward(ps, sn, t, wbar)
+    else:
+        sbar = _zca_backward(u, r, wbar)
+    w = S.weights_array(mask, cd)
+    wn = (1.0 / jnp.maximum(cnt, 1)) if w is None else w.reshape(m, 1, 1) / jnp.maximum(cnt, 1)
+    wxc = xc if w is None else xc * w.reshape(m, 1, 1)
+    dx = (
+        jnp.einsum("mgk,gik->mgi", dxh, wmat, precision=S.PRECISION)
+        - wn * jnp.einsum("gk,gik->gi", colsum, wmat, precision=S.PRECISION)
+        + jnp.einsum("mgi,gik->mgk", wxc, sbar + _mT(sbar), precision=S.PRECISION)
+        / jnp.maximum(cnt, 1)
+    )
+    dscale = dbias = None
+    if scale is not None:
+        xh = jnp.einsum("mgi,gik->mgk", xc, wmat, precision=S.PRECISION).reshape(m, nf)
+        dscale = S.param_ct(jnp.sum(dy * xh, axis=0).astype(scale.dtype), scale)
+    if bias is not None:
+        dbias = S.param_ct(jnp.sum(dy, axis=0).astype(bias.dtype), bias)
+    return dx.reshape(m, nf).astype(x2.dtype), dscale, dbias, None
+
+
+_whiten.defvjp(_whiten_fwd, _whiten_bwd)
+
+
+# ===================================================================== inference forms
+
+
+def iter_norm_inference(x, scale, bias, mean, whitening_matrix, *, groups: int = 1,
+                        axis: int = -1):  # fmt: skip
+    r"""IterNorm with a given (running) mean and whitening matrix: one matmul per group,
+    :math:`y = \gamma\odot(x-\mu)W + \beta`.
+
+    Backward: :math:`d\hat x = \gamma\odot dy`, :math:`dx = d\hat x\,W^\top`,
+    :math:`d\mu = -\sum_j dx_j`, :math:`dW = (x-\mu)^\top d\hat x`,
+    :math:`d\gamma = \sum dy\odot\hat x`, :math:`d\beta = \sum dy`.
+
+    Args:
+      x: floating array ``(..., N)``.
+      scale, bias: ``(N,)`` or None.
+      mean: ``(N,)`` (e.g. a running mean).
+      whitening_matrix: ``(groups, N/groups, N/groups)``, or ``(N, N)`` with groups=1
+        (e.g. a running average of ``stats.whitening_matrix``).
+      groups, axis: as :func:`iter_norm`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_batchinhib import iter_norm, iter_norm_inference
+      >>> x = jax.random.normal(jax.random.key(0), (64, 4))
+      >>> y, st = iter_norm(x)
+      >>> yi = iter_norm_inference(x, None, None, st.mean, st.whitening_matrix)
+      >>> bool(jnp.allclose(y, yi, atol=1e-5))
+      True
+    """
+    return _inference("iter_norm_inference", x, scale, bias, mean, whitening_matrix, groups,
+                      axis)  # fmt: skip
+
+
+def zca_norm_inference(x, scale, bias, mean, whitening_matrix, *, groups: int = 1,
+                       axis: int = -1):  # fmt: skip
+    r"""ZCA whitening with a given (running) mean and whitening matrix:
+    :math:`y = \gamma\odot(x-\mu)W + \beta`. The same map and backward as
+    :func:`iter_norm_inference` (only the way W was obtained differs).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_batchinhib import zca_norm, zca_norm_inference
+      >>> x = jax.random.normal(jax.random.key(0), (64, 4))
+      >>> y, st = zca_norm(x)
+      >>> yi = zca_norm_inference(x, None, None, st.mean, st.whitening_matrix)
+      >>> bool(jnp.allclose(y, yi, atol=1e-5))
+      True
+    """
+    return _inference("zca_norm_inference", x, scale, bias, mean, whitening_matrix, groups,
+                      axis)  # fmt: skip
+
+
+def _inference(fn, x, scale, bias, mean, wmat, groups, axis):
+    S.check_float(fn, "x", x)
+    red = S.make_reduce(fn, x, axis)
+    nfeat = x.shape[red.axis]
+    S.check_vector(fn, "scale", scale, nfeat)
+    S.check_vector(fn, "bias", bias, nfeat)
+    if mean is None or wmat is None:
+        raise ValueError(f"{fn}: mean and whitening_matrix are required (running statistics)")
+    S.check_vector(fn, "mean", mean, nfeat)
+    _check_groups(fn, nfeat, groups)
+    _check_matrix(fn, "whitening_matrix", wmat, nfeat, groups)
+    x2, tshape = _as_matrix(x, red.axis)
+    y2 = _wh_inf(groups, x2, scale, bias, mean, wmat)
+    return _from_matrix(y2, tshape, red.axis)
+
+
+def _inf_parts(groups, x2, mean, wmat):
+    cd = S.compute_dtype(jnp.result_type(x2.dtype, mean.dtype, wmat.dtype))
+    m, nf = x2.shape
+    w3 = wmat.astype(cd).reshape(groups, nf // groups, nf // groups)
+    xc = (x2.astype(cd) - mean.astype(cd)).reshape(m, groups, nf // groups)
+    return cd, w3, xc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _wh_inf(groups, x2, scale, bias, mean, wmat):
+    cd, w3, xc = _inf_parts(groups, x2, mean, wmat)
+    xh = jnp.einsum("mgi,gik->mgk", xc, w3, precision=S.PRECISION).reshape(x2.shape)
+    return _affine(xh, scale, bias, cd).astype(x2.dtype)
+
+
+def _wh_inf_fwd(groups, x2, scale, bias, mean, wmat):
+    return _wh_inf(groups, x2, scale, bias, mean, wmat), (x2, scale, bias, mean, wmat)
+
+
+def _wh_inf_bwd(groups, res, dy2):
+    x2, scale, bias, mean, wmat = res
+    cd, w3, xc = _inf_parts(groups, x2, mean, wmat)
+    m, nf = x2.shape
+    dy = dy2.astype(cd)
+    dxh = (dy if scale is None else dy * scale.astype(cd)).reshape(xc.shape)
+    dx = jnp.einsum("mgk,gik->mgi", dxh, w3, precision=S.PRECISION).reshape(m, nf)
+    dw = jnp.einsum("mgi,mgk->gik", xc, dxh, precision=S.PRECISION)
+    dscale = None
+    if scale is not None:
+        xh = jnp.einsum("mgi,gik->mgk", xc, w3, precision=S.PRECISION).reshape(m, nf)
+        dscale = jnp.sum(dy * xh, axis=0).astype(scale.dtype)
+    dbias = None if bias is None else jnp.sum(dy, axis=0).astype(bias.dtype)
+    return (
+        dx.astype(x2.dtype),
+        dscale,
+        dbias,
+        (-jnp.sum(dx, axis=0)).astype(mean.dtype),
+        dw.reshape(wmat.shape).astype(wmat.dtype),
+    )
+
+
+_wh_inf.defvjp(_wh_inf_fwd, _wh_inf_bwd)
