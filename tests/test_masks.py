@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_batchinhib as jb
 from jax_batchinhib import parallel, running
+from jax_batchinhib.ops.batch_inhib import InhibOptions
 
 B, N = 16, 4
 V = 4  # ghost batch size: 4 sub-batches of 4 rows
@@ -170,27 +171,27 @@ def test_feature_mask_with_garbage(dtype):
 
 
 def step(name, x, p, mask, v, momentum):
-    kw = dict(
-        use_running_average=False,
-        update_stats=True,
-        momentum=momentum,
-        axis=-1,
-        mask=mask,
-        virtual_batch_size=v,
-    )
+    st = running.Step(
+        use_running_average=False, update_stats=True, momentum=momentum, unbiased=True,
+        axis=-1, virtual_batch_size=v,
+    )  # fmt: skip
     zeros = jnp.zeros((N,), x.dtype)
-    count = {} if momentum is not None else {"count": jnp.zeros((), jnp.int32)}
     if name == "batch_norm":
-        state = {"mean": zeros, "var": jnp.ones((N,), x.dtype), **count}
+        count = None if momentum is not None else jnp.zeros((N,), jnp.int32)
+        state = running.RunningStats(zeros, jnp.ones((N,), x.dtype), count=count)
         return running.batch_norm_step(
-            name, x, p["scale"], p["bias"], state, unbiased=True, epsilon=1e-5, **kw
+            name, x, p["scale"], p["bias"], state, st, epsilon=1e-5, mask=mask
         )[1]
     if name == "batch_center":
-        return running.batch_center_step(name, x, p["bias"], {"mean": zeros, **count}, **kw)[1]
+        count = None if momentum is not None else jnp.zeros((N,), jnp.int32)
+        state = running.RunningStats(zeros, count=count)
+        return running.batch_center_step(name, x, p["bias"], state, st, mask=mask)[1]
     g = 2 if name == "batch_inhib_groups2" else 1
     a = p[f"alpha{g}"]
-    state = {"mean": zeros, "var": zeros, "cov": jnp.zeros(a.shape, x.dtype), **count}
-    return running.batch_inhib_step(name, x, a, state, unbiased=True, groups=g, **kw)[1]
+    count = None if momentum is not None else jnp.zeros((), jnp.int32)
+    state = running.RunningStats(zeros, zeros, jnp.zeros(a.shape, x.dtype), count)
+    options = InhibOptions.checked(name, groups=g)
+    return running.batch_inhib_step(name, x, a, state, st, options=options, mask=mask)[1]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
