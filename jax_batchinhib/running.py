@@ -126,12 +126,12 @@ def batch_count(
       The counts, ``(N,)`` float32.
     """
     cfg = S.make_reduce(where, x, axis)
-    n = x.shape[cfg.axis]
+    n = cfg.feature_shape(x.shape)
     if mask is None:
         m = 1
         for a in cfg.reduce_axes:
             m *= int(x.shape[a])
-        cnt = jnp.full((n,), m, jnp.float32)
+        cnt = jnp.full(n, m, jnp.float32)
     else:
         mask = S.mask_weights(where, mask, x.shape, cfg)
         w = jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), x.shape)
@@ -259,7 +259,7 @@ class Step:
     update_stats: bool = True
     momentum: float | None = 0.99
     unbiased: bool = True
-    axis: int = -1
+    axis: int | tuple[int, ...] = -1
     axis_name: Any = None
     axis_index_groups: Any = None
     use_autodiff: bool = False
@@ -286,7 +286,8 @@ def _per_batch(where, one, x, mask, virtual_batch_size, axis):
     """
     if virtual_batch_size is None:
         return one(x, mask=mask)
-    return _ghost.ghost_batches(where, one, x, mask, virtual_batch_size, axis % x.ndim)
+    axes = S.make_reduce(where, x, axis).axis
+    return _ghost.ghost_batches(where, one, x, mask, virtual_batch_size, axes)
 
 
 def _update_running(state: RunningStats, batch: dict, *, momentum, valid) -> RunningStats:
@@ -319,7 +320,7 @@ def _train(where, step: Step, op, x, state: RunningStats, mask, names, whole_row
         stats = [lax.stop_gradient(getattr(st, k)) for k in names]
         if unbias and len(stats) > 1:
             m = step.counts(where, xs, mask)
-            m = m[0] if whole_rows else m
+            m = jnp.ravel(m)[0] if whole_rows else m  # feature-shaped with tuple axes
             stats[1:] = [s * unbiased_factor(m, S.compute_dtype(s.dtype)) for s in stats[1:]]
         return y, tuple(stats)
 
@@ -329,7 +330,7 @@ def _train(where, step: Step, op, x, state: RunningStats, mask, names, whole_row
     batch = {k: jnp.reshape(b, getattr(state, k).shape) for k, b in zip(names, batch, strict=True)}
     valid = None if mask is None else step.counts(where, x, mask) > 0
     if valid is not None and whole_rows:
-        valid = valid[0]
+        valid = jnp.ravel(valid)[0]
     return y, _update_running(state, batch, momentum=step.momentum, valid=valid)
 
 

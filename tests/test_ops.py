@@ -389,20 +389,23 @@ def test_low_precision_inputs(dtype):
             check_vjp(op, rf, *args, **kw)  # tolerance: 2 ulps of the dtype
 
 
-def test_variance_survives_large_mean():
-    """float32 data with mean 1e4 and std 1e-2 normalize to 1e-3 of the float64 result."""
+@pytest.mark.parametrize("fast", [True, False], ids=["one_pass", "two_pass"])
+def test_variance_survives_large_mean(fast):
+    """float32 data with mean 1e4 and std 1e-2 normalize to 1e-3 of the float64 result,
+    with either variance algorithm (the shifted one-pass and the shifted two-pass)."""
     x = (1e4 + 1e-2 * jax.random.normal(jax.random.key(0), (4096, 8))).astype(jnp.float32)
     with jax.enable_x64(True):
         x64 = np.asarray(x, np.float64)
         want = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
-    y, s = jax.jit(lambda x: jb.batch_norm(x))(x)
+    y, s = jax.jit(lambda x: jb.batch_norm(x, use_fast_variance=fast))(x)
     err = np.max(np.abs(np.asarray(y, np.float64) - want))
-    assert err < 1e-3, err  # the issue's bound; measured here: 3e-7
-    # float32 sums of 4096 shifted terms: a few ulps (measured 8e-8 relative)
+    assert err < 1e-3, err  # the issue's bound; measured here: 3e-7 (both)
+    # float32 sums of 4096 shifted terms: a few ulps (measured 8e-8 two-pass, 2e-7 one-pass)
     np.testing.assert_allclose(s.var, x64.var(0), rtol=1e-5)
 
-    # plain two-pass float32 (the reference) loses to the rounded mean: about 3e-2
-    y_naive = ref.batch_norm(x)[0]
+    # plain (unshifted) two-pass float32 loses to the rounded mean: about 3e-2
+    mu = jnp.mean(x, 0)
+    y_naive = (x - mu) / jnp.sqrt(jnp.mean((x - mu) ** 2, 0) + 1e-5)
     err_naive = np.max(np.abs(np.asarray(y_naive, np.float64) - want))
     assert err_naive > 1e-2, err_naive
 
