@@ -1115,7 +1115,12 @@ def build_parser(prog="jax-batchinhib bench") -> argparse.ArgumentParser:
     g.add_argument(
         "--quick", action="store_true", help="a small subset, ~1 minute on 2 CPU cores (default)"
     )
-    g.add_argument("--full", action="store_true", help="every case of issue 4")
+    g.add_argument(
+        "--full",
+        action="store_true",
+        help="every case: each op at all its shapes and dtypes, the model steps, and on an "
+        "accelerator the large shapes",
+    )
     p.add_argument(
         "--cases", nargs="+", metavar="NAME", help="case names or glob patterns ('batch_norm/*')"
     )
