@@ -43,7 +43,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from jax_batchinhib import parallel, train  # noqa: E402
+from jax_batchinhib import parallel  # noqa: E402
+from jax_batchinhib.apps import train  # noqa: E402
 from jax_batchinhib.apps.models import MLP  # noqa: E402
 
 print("jax", jax.__version__, "devices:", jax.devices())
