@@ -108,15 +108,16 @@ def _cases(shape, dtype, axis=-1, groups=1, seed=0):
     ]
 
 
-F64_RTOL = 1e-12  # float64 check_vjp tolerance in this file; measured <= 2e-14
+# float64 check_vjp tolerance in this file (the library default is 1e-10); measured at
+# most 5e-15, except batch_inhib at (512, 256): 1.2e-12 (256 features, a 256x256 R)
+F64_RTOL = 1e-11
 
 
 def _check_all(shape, dtype, axis=-1, groups=1, seed=0, only=None):
     for name, op, rf, args, kw in _cases(shape, dtype, axis, groups, seed):
         if only and name not in only:
             continue
-        # float64: rtol 1e-12 where the default is 1e-10; measured at most 2e-14 over these
-        # shapes and the hypothesis draws (max|ours - autodiff| / max|autodiff|)
+        # float64: F64_RTOL (max|ours - autodiff| / max|autodiff|, measured above)
         rtol = F64_RTOL if jnp.dtype(dtype) == jnp.float64 else None
         check_vjp(op, rf, *args, rtol=rtol, **kw)
 
