@@ -117,7 +117,15 @@ def test_verify_block_lists_what_the_command_checks():
     # the committed numbers, rendered by the command's own formatter with the command's
     # cases, counts and tolerances, give the committed text back
     results = [
-        verify.Result(c.name, "x".join(map(str, c.shape)), d, {"x": table[c.name][d]}, {}, True, 0)
+        verify.Result(
+            c.name,
+            "x".join(map(str, c.shape)),
+            d,
+            {"output": 0.0, "x": table[c.name][d]},
+            {},
+            True,
+            0,
+        )
         for c in cases
         for d in dtypes
     ]
