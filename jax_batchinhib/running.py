@@ -27,33 +27,45 @@ not something the loss is differentiated through.
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _ghost
 from jax_batchinhib.ops import _stats as S
+from jax_batchinhib.ops.batch_inhib import InhibOptions
 
 Array = jax.Array
 
 
+class RunningStats(NamedTuple):
+    """The running statistics a normalization module keeps (a pytree).
+
+    ``mean`` (N,) always; ``var`` (N,) for BatchNorm and BatchInhib; ``cov`` (alpha's
+    shape) for BatchInhib; ``count`` (the number of batches averaged, int32: (N,) per
+    feature, or () for BatchInhib, whose masks select whole rows) only with
+    ``momentum=None``. The field names are the stored variable names (linen
+    ``batch_stats/<name>``, NNX attributes), the same as :class:`flax.linen.BatchNorm`'s.
+    """
+
+    mean: Array
+    var: Array | None = None
+    cov: Array | None = None
+    count: Array | None = None
+
+    def items(self):
+        """``(name, value)`` of the statistics present (not None)."""
+        return [(k, v) for k, v in zip(self._fields, self, strict=True) if v is not None]
+
+
 def check_momentum(where: str, momentum) -> float | None:
     """``momentum`` must be None (cumulative average) or a float in [0, 1]."""
-    if momentum is None:
-        return None
-    if isinstance(momentum, bool) or not isinstance(momentum, int | float):
-        raise TypeError(
-            f"{where}: momentum must be a float in [0, 1] or None (cumulative average); "
-            f"got {momentum!r}"
-        )
-    if not (math.isfinite(momentum) and 0.0 <= momentum <= 1.0):
-        raise ValueError(
-            f"{where}: momentum must be a float in [0, 1] or None (cumulative average); "
-            f"got {momentum!r}. Note: PyTorch's momentum p is our 1 - p."
-        )
-    return float(momentum)
+    return C.momentum(where, momentum)
 
 
 def stats_dtype(param_dtype, force_float32_reductions: bool = True):
@@ -167,25 +179,37 @@ def values_per_feature(x, axis: int) -> int:
     return m
 
 
-def _valid(where, x, axis, mask, axis_name, axis_index_groups):
-    """Per-feature 'some value counted in this batch' flag (None without a mask)."""
-    if mask is None:
-        return None
-    m = batch_count(
-        where, x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
-    )
-    return m > 0
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """How one forward of a statistics layer runs: the module's mode and options.
 
+    ``use_running_average``: eval mode (running statistics) or training mode (batch
+    statistics); ``update_stats``: fold the batch statistics into the running state
+    (False during a linen ``init``); ``momentum``, ``unbiased``: see the module
+    docstring; ``axis``: the feature axis (non-negative); ``axis_name``,
+    ``axis_index_groups``: statistics across devices; ``use_autodiff``: call the
+    reference instead of the op; ``virtual_batch_size``: ghost batches in training
+    mode (eval mode ignores it), see :func:`_per_batch`; ``use_fast_variance``: passed
+    to the op.
+    """
 
-def _unbias(where, xs, axis, mask, axis_name, axis_index_groups, *stats, scalar=False):
-    """The statistics of the batch ``xs`` times its own ``m/(m-1)`` (per feature, or one
-    scalar ``m`` with ``scalar``: BatchInhib masks whole rows, so every feature has the
-    same count)."""
-    m = batch_count(
-        where, xs, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
-    )
-    m = m[0] if scalar else m
-    return tuple(s * unbiased_factor(m, jnp.promote_types(s.dtype, jnp.float32)) for s in stats)
+    use_running_average: bool
+    update_stats: bool = True
+    momentum: float | None = 0.99
+    unbiased: bool = True
+    axis: int = -1
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    use_autodiff: bool = False
+    virtual_batch_size: int | None = None
+    use_fast_variance: bool = True
+
+    def counts(self, where, xs, mask):
+        """Per-feature counted values of the batch ``xs`` (see :func:`batch_count`)."""
+        return batch_count(
+            where, xs, axis=self.axis, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+        )  # fmt: skip
 
 
 def _per_batch(where, one, x, mask, virtual_batch_size, axis):
@@ -203,170 +227,89 @@ def _per_batch(where, one, x, mask, virtual_batch_size, axis):
     return _ghost.ghost_batches(where, one, x, mask, virtual_batch_size, axis % x.ndim)
 
 
-def _update_running(state: dict, batch: dict, *, momentum, valid) -> dict:
+def _update_running(state: RunningStats, batch: dict, *, momentum, valid) -> RunningStats:
     """New running state: each ``batch`` statistic folded into ``state`` (EMA or
     cumulative), and the batch count advanced when ``momentum`` is None."""
-    count = state.get("count")
-    new = dict(state)
-    for name, b in batch.items():
-        new[name] = update(state[name], b, momentum=momentum, count=count, valid=valid)
+    count = state.count
+    new = {
+        name: update(getattr(state, name), b, momentum=momentum, count=count, valid=valid)
+        for name, b in batch.items()
+    }
     if momentum is None:
+        if count is None:
+            raise ValueError("running: momentum=None needs the count statistic in the state")
         new["count"] = update_count(count, valid)
-    return new
+    return state._replace(**new)
 
 
-def batch_norm_step(
-    where: str,
-    x,
-    scale,
-    bias,
-    state: dict,
-    *,
-    use_running_average: bool,
-    update_stats: bool,
-    momentum: float | None,
-    unbiased: bool,
-    epsilon: float,
-    axis: int,
-    axis_name=None,
-    axis_index_groups=None,
-    mask=None,
-    use_autodiff: bool = False,
-    virtual_batch_size: int | None = None,
-):
+def _train(where, step: Step, op, x, state: RunningStats, mask, names, whole_rows=False):
+    """Training mode of every layer: ``op(xs, mask=..., <step's options>)`` on the batch
+    (or its ghost batches), its statistics ``names`` unbiased by ``m/(m-1)`` (all but the
+    mean, with ``step.unbiased``; one count for whole-row masks), then folded into the
+    running ``state``. Returns ``(y, new_state)``."""
+    unbias = step.update_stats and step.unbiased
+
+    def one(xs, *, mask):
+        y, st = op(
+            xs, axis=step.axis, axis_name=step.axis_name, mask=mask,
+            axis_index_groups=step.axis_index_groups, use_fast_variance=step.use_fast_variance,
+        )  # fmt: skip
+        stats = [lax.stop_gradient(getattr(st, k)) for k in names]
+        if unbias and len(stats) > 1:
+            m = step.counts(where, xs, mask)
+            m = m[0] if whole_rows else m
+            stats[1:] = [s * unbiased_factor(m, S.compute_dtype(s.dtype)) for s in stats[1:]]
+        return y, tuple(stats)
+
+    y, batch = _per_batch(where, one, x, mask, step.virtual_batch_size, step.axis)
+    if not step.update_stats:
+        return y, state
+    batch = {k: jnp.reshape(b, getattr(state, k).shape) for k, b in zip(names, batch, strict=True)}
+    valid = None if mask is None else step.counts(where, x, mask) > 0
+    if valid is not None and whole_rows:
+        valid = valid[0]
+    return y, _update_running(state, batch, momentum=step.momentum, valid=valid)
+
+
+def batch_norm_step(where: str, x, scale, bias, state: RunningStats, step: Step, *, epsilon, mask):
     """Batch norm in training mode (batch statistics, running update) or eval mode
     (running statistics). ``state`` holds ``mean``, ``var`` and, with momentum=None,
-    ``count``. ``virtual_batch_size``: ghost batches in training mode (ignored in eval
-    mode); see :func:`_per_batch`. Returns ``(y, new_state)``."""
-    impl = _impl(use_autodiff)
-    if use_running_average:
+    ``count``. Returns ``(y, new_state)``."""
+    impl = _impl(step.use_autodiff)
+    if step.use_running_average:
         y = impl.batch_norm_inference(
-            x, scale, bias, state["mean"], state["var"], axis=axis, epsilon=epsilon
+            x, scale, bias, state.mean, state.var, axis=step.axis, epsilon=epsilon
         )
         return y, state
-
-    def one(xs, *, mask):
-        y, st = impl.batch_norm(
-            xs,
-            scale,
-            bias,
-            axis=axis,
-            epsilon=epsilon,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            mask=mask,
-        )
-        mean_b = lax.stop_gradient(st.mean)
-        var_b = lax.stop_gradient(st.var)
-        if update_stats and unbiased:
-            (var_b,) = _unbias(where, xs, axis, mask, axis_name, axis_index_groups, var_b)
-        return y, (mean_b, var_b)
-
-    y, (mean_b, var_b) = _per_batch(where, one, x, mask, virtual_batch_size, axis)
-    if not update_stats:
-        return y, state
-    valid = _valid(where, x, axis, mask, axis_name, axis_index_groups)
-    return y, _update_running(state, {"mean": mean_b, "var": var_b}, momentum=momentum, valid=valid)
+    op = functools.partial(impl.batch_norm, scale=scale, bias=bias, epsilon=epsilon)
+    return _train(where, step, op, x, state, mask, ("mean", "var"))
 
 
-def batch_center_step(
-    where: str,
-    x,
-    bias,
-    state: dict,
-    *,
-    use_running_average: bool,
-    update_stats: bool,
-    momentum: float | None,
-    axis: int,
-    axis_name=None,
-    axis_index_groups=None,
-    mask=None,
-    use_autodiff: bool = False,
-    virtual_batch_size: int | None = None,
-):
+def batch_center_step(where: str, x, bias, state: RunningStats, step: Step, *, mask):
     """Batch centering in training or eval mode; ``state`` holds ``mean`` (and
-    ``count``); ``virtual_batch_size`` as :func:`batch_norm_step`. Returns
-    ``(y, new_state)``."""
-    impl = _impl(use_autodiff)
-    if use_running_average:
-        return impl.batch_center_inference(x, bias, state["mean"], axis=axis), state
-
-    def one(xs, *, mask):
-        y, st = impl.batch_center(
-            xs,
-            bias,
-            axis=axis,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            mask=mask,
-        )
-        return y, lax.stop_gradient(st.mean)
-
-    y, mean_b = _per_batch(where, one, x, mask, virtual_batch_size, axis)
-    if not update_stats:
-        return y, state
-    valid = _valid(where, x, axis, mask, axis_name, axis_index_groups)
-    return y, _update_running(state, {"mean": mean_b}, momentum=momentum, valid=valid)
+    ``count``). Returns ``(y, new_state)``."""
+    impl = _impl(step.use_autodiff)
+    if step.use_running_average:
+        return impl.batch_center_inference(x, bias, state.mean, axis=step.axis), state
+    op = functools.partial(impl.batch_center, bias=bias)
+    return _train(where, step, op, x, state, mask, ("mean",))
 
 
 def batch_inhib_step(
-    where: str,
-    x,
-    alpha,
-    state: dict,
-    *,
-    use_running_average: bool,
-    update_stats: bool,
-    momentum: float | None,
-    unbiased: bool,
-    axis: int,
-    axis_name=None,
-    axis_index_groups=None,
-    mask=None,
-    use_autodiff: bool = False,
-    virtual_batch_size: int | None = None,
-    **inhib,
+    where: str, x, alpha, state: RunningStats, step: Step, *, options: InhibOptions, mask
 ):
     """BatchInhib in training mode (batch covariance, running update) or eval mode (the
     fixed linear map ``y = x (I - R^T)`` with R from the running covariance).
 
     ``state`` holds ``mean`` (N,), ``var`` (N,), ``cov`` (alpha's shape) and, with
-    momentum=None, a scalar ``count``. ``inhib`` are the op's options (rho, epsilon,
-    groups, correlation, denominator, guard). The unbiased factor applies to the
-    variance and the covariance alike (Pearson correlations do not depend on it, up to
-    epsilon). ``virtual_batch_size``: ghost batches in training mode, as
-    :func:`batch_norm_step`. Returns ``(y, new_state)``.
+    momentum=None, a scalar ``count``. ``options``: the op's options. The unbiased factor
+    applies to the variance and the covariance alike (Pearson correlations do not
+    depend on it, up to epsilon); BatchInhib masks whole rows, so every feature has the
+    same count. Returns ``(y, new_state)``.
     """
-    impl = _impl(use_autodiff)
-    if use_running_average:
-        y = impl.batch_inhib_inference(x, alpha, state["cov"], axis=axis, **inhib)
+    impl = _impl(step.use_autodiff)
+    if step.use_running_average:
+        y = impl.batch_inhib_inference(x, alpha, state.cov, axis=step.axis, **options.kwargs())
         return y, state
-
-    def one(xs, *, mask):
-        y, st = impl.batch_inhib(
-            xs,
-            alpha,
-            axis=axis,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            mask=mask,
-            **inhib,
-        )
-        mean_b = lax.stop_gradient(st.mean)
-        var_b = lax.stop_gradient(st.var)
-        cov_b = lax.stop_gradient(st.cov)
-        if update_stats and unbiased:
-            var_b, cov_b = _unbias(
-                where, xs, axis, mask, axis_name, axis_index_groups, var_b, cov_b, scalar=True
-            )
-        return y, (mean_b, var_b, cov_b)
-
-    y, (mean_b, var_b, cov_b) = _per_batch(where, one, x, mask, virtual_batch_size, axis)
-    if not update_stats:
-        return y, state
-    cov_b = jnp.reshape(cov_b, state["cov"].shape)
-    valid_s = _valid(where, x, axis, mask, axis_name, axis_index_groups)
-    valid_s = None if valid_s is None else valid_s[0]
-    batch = {"mean": mean_b, "var": var_b, "cov": cov_b}
-    return y, _update_running(state, batch, momentum=momentum, valid=valid_s)
+    op = functools.partial(impl.batch_inhib, alpha=alpha, **options.kwargs())
+    return _train(where, step, op, x, state, mask, ("mean", "var", "cov"), whole_rows=True)

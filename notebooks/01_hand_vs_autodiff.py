@@ -72,9 +72,9 @@ assert worst64 < 1e-13, worst64  # float64 round-off; measured at most a few 1e-
 # The gradient error of three ops for batch sizes 8 to 512 (64 features; BatchInhib 16
 # features). In float64 the error stays at round-off (1e-16 to 1e-15); in float32 it
 # grows with the batch, from 1e-7 to a few 1e-5 for batch_norm at m = 512 (sums of m
-# float32 terms), below the float32 tolerance of 1e-4. bfloat16 (not plotted) gives exactly 0 here: both sides compute in
-# float32 and round once to bfloat16 at the end, and the float32 differences are far
-# below bfloat16's step of 2⁻⁸.
+# float32 terms), below the float32 tolerance of 1e-4. bfloat16 (not plotted) gives
+# exactly 0 here: both sides compute in float32 and round once to bfloat16 at the end,
+# and the float32 differences are far below bfloat16's step of 2⁻⁸.
 
 # %%
 OPS = {
