@@ -54,7 +54,7 @@ def test_fold_batch_norm_into_a_dense_without_bias(use_scale, bn_bias):
     assert set(params) == {k for k, on in (("scale", use_scale), ("bias", bn_bias)) if on}
     variables = {"params": params, "batch_stats": _stats()}
     want = bn.apply(variables, dense.apply(dv, x))
-    p = fold.fold_batch_norm(dv["params"], params, variables["batch_stats"])
+    p = fold.fold_batch_norm(dv["params"], params, variables["batch_stats"], epsilon=bn.epsilon)
     got = nn.Dense(N).apply({"params": p}, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # float32; measured 1e-6
 
@@ -120,7 +120,7 @@ def test_fold_from_nnx_state():
     lp = nnx.to_pure_dict(nnx.state(lin, nnx.Param))
     bp = nnx.to_pure_dict(nnx.state(bn, nnx.Param))
     bs = nnx.to_pure_dict(nnx.state(bn, nnx.BatchStat))
-    p = fold.fold_batch_norm(lp, bp, bs)
+    p = fold.fold_batch_norm(lp, bp, bs, epsilon=bn.epsilon)
     np.testing.assert_allclose(nn.Dense(N).apply({"params": p}, x), want, rtol=1e-5, atol=1e-5)
 
 
