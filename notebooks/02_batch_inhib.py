@@ -85,6 +85,9 @@ print(
     f"after {off_diag_abs(corr(y)):.3f}"
 )
 print("rows of R sum to", np.round(np.asarray(R).sum(1), 3))
+assert off_diag_abs(corr(y)) < off_diag_abs(corr(x))  # BatchInhib decorrelates
+# alpha = 0: R is the row-normalized correlation, so each row sums to 1 (up to the guard)
+np.testing.assert_allclose(np.asarray(R).sum(1), 1.0, rtol=1e-3)
 
 # %% [markdown]
 # Each output is its input minus a weighted average of the features it correlates with
