@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_batchinhib.ops.batch_inhib import RELATIVE_GUARD_FLOOR, InhibOptions, InhibStats
+from jax_batchinhib.ops.batch_inhib import InhibOptions, InhibStats, relative_guard_floor
 from jax_batchinhib.ops.batch_norm import BatchStats
 from jax_batchinhib.ops.whitening import WhiteningStats
 
@@ -253,7 +253,8 @@ def _inhibition(cov, alpha, opts: InhibOptions):
     if guard_mode == "absolute":
         return num * den / (den**2 + guard**2)  # (1.4), guarded 1/den
     a = jnp.sum(g * jnp.abs(r), axis=-1, keepdims=True)
-    return num * den / (den**2 + guard**2 * (a**2 + RELATIVE_GUARD_FLOOR**2))  # scale-free guard
+    tau = relative_guard_floor(a.dtype)
+    return num * den / (den**2 + guard**2 * (a**2 + tau**2))  # scale-free guard
 
 
 def batch_inhib(

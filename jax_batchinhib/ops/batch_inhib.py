@@ -48,8 +48,16 @@ GUARD_MODES = ("absolute", "relative")
 #: The guard δ used when ``guard=None``, per ``guard_mode``.
 GUARD_DEFAULTS = {"absolute": 1e-3, "relative": 0.5}
 #: τ: the floor of A in the relative guard, A² + τ², so that a row with no off-diagonal
-#: weight (A = D = 0, e.g. a group of one feature) gets R = 0 instead of 0/0.
-RELATIVE_GUARD_FLOOR = 1e-12
+#: weight (A = D = 0, e.g. a group of one feature) gets R = 0 instead of 0/0. Per dtype of
+#: the computation (statistics are float32 or wider): the backward divides by
+#: (D² + δ²(A² + τ²))², which at A = D = 0 is (δ²τ²)²; with τ = 1e-12 that is ~6e-50,
+#: below float32's smallest number, and 0/0 made NaN. 1e-8 keeps it ~6e-34 in float32.
+RELATIVE_GUARD_FLOOR = {"float32": 1e-8, "float64": 1e-12}
+
+
+def relative_guard_floor(dtype) -> float:
+    """τ of the relative guard for a computation in ``dtype`` (float32 or float64)."""
+    return RELATIVE_GUARD_FLOOR["float64" if jnp.dtype(dtype) == jnp.float64 else "float32"]
 
 
 class InhibStats(NamedTuple):
@@ -162,7 +170,7 @@ def _inhib_parts(cfg: InhibOptions, cov, alpha):
         a, s = None, d2
     else:  # h = D/(D² + δ²(A² + τ²)), A = Σ g|r|: scale-free, Σ_k |R_ik| <= 1/(2δ)
         a = jnp.sum(gm * jnp.abs(r), axis=-1)
-        s = d2 * (a * a + RELATIVE_GUARD_FLOOR**2)
+        s = d2 * (a * a + relative_guard_floor(a.dtype) ** 2)
     h = d / (d * d + s)
     return sd, r, gm, d, h, a, s
 
