@@ -12,6 +12,7 @@ Nothing here imports flax: :mod:`jax_batchinhib.nnx` does not load
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from jax.nn import initializers
 
 from jax_batchinhib import running
 from jax_batchinhib.ops import _checks as C
+from jax_batchinhib.ops import whitening as _wh
 from jax_batchinhib.ops.batch_inhib import InhibOptions, alpha_shape
 from jax_batchinhib.running import RunningStats
 
@@ -29,7 +31,12 @@ STEPS = {
     "batch_norm": running.batch_norm_step,
     "batch_center": running.batch_center_step,
     "batch_inhib": running.batch_inhib_step,
+    "iter_norm": running.whitening_step,
+    "zca_norm": running.whitening_step,
 }
+
+#: The whitening layers' kinds.
+WHITENING = ("iter_norm", "zca_norm")
 
 
 def near_identity_alpha_init(rho: float = 1.0, value: float = -12.0) -> Initializer:
@@ -128,8 +135,35 @@ def check_common(where: str, mdl) -> float | None:
     if hasattr(mdl, "epsilon"):
         C.epsilon(where, mdl.epsilon)
     C.virtual_batch_size(where, mdl.virtual_batch_size)
-    C.flag(where, "use_fast_variance", mdl.use_fast_variance)
+    if hasattr(mdl, "use_fast_variance"):
+        C.flag(where, "use_fast_variance", mdl.use_fast_variance)
     return C.momentum(where, mdl.momentum)
+
+
+@dataclasses.dataclass(frozen=True)
+class WhitenOptions:
+    """The options of an IterNorm / ZCANorm module, validated with its name."""
+
+    method: str  # "iter" or "zca"
+    groups: int
+    iterations: int
+    epsilon: float
+
+    @classmethod
+    def checked(cls, where: str, kind: str, mdl, n: int | None = None) -> WhitenOptions:
+        """Validate ``groups`` (against N when known), ``iterations`` (IterNorm) and
+        ``epsilon`` (> 0), with errors that name the module."""
+        method = "iter" if kind == "iter_norm" else "zca"
+        iterations = getattr(mdl, "iterations", 1)
+        if method == "iter":
+            _wh._check_iterations(where, iterations)
+        _wh._check_whitening_epsilon(where, mdl.epsilon)
+        groups = mdl.groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"{where}: groups must be an int >= 1; got {groups!r}")
+        if n is not None:
+            _wh._check_groups(where, n, groups)
+        return cls(method, groups, int(iterations), float(mdl.epsilon))
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -139,6 +173,12 @@ def stat_specs(kind: str, n: int, dtype, momentum, groups: int = 1) -> dict:
     """The running statistics of a layer: ``name -> (shape, init)`` with ``init()`` the
     initial value (mean 0, variance 1, covariance the identity, count 0)."""
     specs = {"mean": ((n,), lambda: jnp.zeros((n,), dtype))}
+    if kind in WHITENING:
+        wshape = (groups, n // groups, n // groups)
+        specs["whitening_matrix"] = (wshape, lambda: identity_cov(wshape, dtype))
+        if momentum is None:
+            specs["count"] = ((), lambda: jnp.zeros((), jnp.int32))
+        return specs
     if kind != "batch_center":
         specs["var"] = ((n,), lambda: jnp.ones((n,), dtype))
     if kind == "batch_inhib":
@@ -195,7 +235,7 @@ def apply(
     momentum,
     axis_name,
     mask,
-    options: InhibOptions | None = None,
+    options: InhibOptions | WhitenOptions | None = None,
 ):
     """One forward of a layer of either family: the dtype policy, then the running step
     of ``kind`` with the module's attributes. ``params``: (scale, bias), (bias,) or
@@ -211,12 +251,12 @@ def apply(
         axis_index_groups=mdl.axis_index_groups,
         use_autodiff=mdl.use_autodiff,
         virtual_batch_size=mdl.virtual_batch_size,
-        use_fast_variance=mdl.use_fast_variance,
+        use_fast_variance=getattr(mdl, "use_fast_variance", True),
     )
     kw = {"mask": mask}
     if kind == "batch_norm":
         kw["epsilon"] = mdl.epsilon
-    if kind == "batch_inhib":
+    if kind == "batch_inhib" or kind in WHITENING:
         kw["options"] = options
     y, new = STEPS[kind](where, compute_input(x, out), *params, state, step, **kw)
     return jnp.asarray(y, out), new
