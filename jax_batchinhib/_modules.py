@@ -13,6 +13,7 @@ Nothing here imports flax: :mod:`jax_batchinhib.nnx` does not load
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -104,17 +105,61 @@ def first_flag(where: str, arg: str, call, attr) -> bool:
     )
 
 
-def check_input(where: str, x, axis, mask, num_features: int | None = None) -> int:
-    """Check ``x`` (floating, ``axis`` in range, the layer's feature count when known)
-    and the mask's dtype; return the feature axis, non-negative."""
-    C.float_array(where, "x", x)
-    ax = C.axis(where, axis, jnp.ndim(x))
-    if num_features is not None and x.shape[ax] != num_features:
+def feature_axes(where: str, axis, ndim: int):
+    """``axis`` as the layers take it: one int (returned as a non-negative int), or a
+    tuple/list of ints, flax's several feature axes (returned sorted, non-negative, as a
+    tuple of at least two; a one-element tuple is its int)."""
+    if not isinstance(axis, tuple | list):
+        return C.axis(where, axis, ndim)
+    axes = tuple(C.axis(where, a, ndim) for a in axis)
+    if not axes:
+        raise ValueError(f"{where}: axis must be an int or a non-empty tuple of ints; got ()")
+    if len(set(axes)) != len(axes):
         raise ValueError(
-            f"{where}: x has {x.shape[ax]} features on axis {axis} (shape {tuple(x.shape)}), "
+            f"{where}: axis {tuple(axis)!r} names the same axis twice (x has {ndim} "
+            f"dimensions); give each feature axis once"
+        )
+    if len(axes) == ndim:
+        raise ValueError(
+            f"{where}: axis {tuple(axis)!r} makes every axis of x a feature axis; at least "
+            f"one axis must be left to compute the statistics over"
+        )
+    return axes[0] if len(axes) == 1 else tuple(sorted(axes))
+
+
+def feature_shape(x, ax) -> tuple[int, ...]:
+    """The shape of one feature vector: ``(N,)`` for one axis, the sizes of the feature
+    axes for several (flax.linen's parameter and statistics shape)."""
+    axes = ax if isinstance(ax, tuple) else (ax,)
+    return tuple(int(x.shape[a]) for a in axes)
+
+
+def check_input(where: str, x, axis, mask, num_features: int | None = None):
+    """Check ``x`` (floating, ``axis`` in range, the layer's feature count when known:
+    for several feature axes the product of their sizes, as flax.nnx) and the mask's
+    dtype; return the feature axis (non-negative int) or axes (sorted tuple)."""
+    C.float_array(where, "x", x)
+    ax = feature_axes(where, axis, jnp.ndim(x))
+    n = math.prod(feature_shape(x, ax))
+    if num_features is not None and n != num_features:
+        raise ValueError(
+            f"{where}: x has {n} features on axis {axis} (shape {tuple(x.shape)}), "
             f"but the layer was built with num_features={num_features}"
         )
     C.mask_dtype(where, mask)
+    return ax
+
+
+def single_axis(where: str, axis, ax) -> int:
+    """Layers whose features interact (BatchInhib, IterNorm, ZCANorm) take one feature
+    axis only."""
+    if isinstance(ax, tuple):
+        how = "inhibit each other through an N x N alpha"
+        if not where.startswith("BatchInhib"):
+            how = "are whitened together by an N x N matrix"
+        raise TypeError(
+            f"{where}: axis must be an int (one feature axis: the features {how}); got {axis!r}"
+        )
     return ax
 
 
@@ -169,10 +214,12 @@ class WhitenOptions:
 # ---------------------------------------------------------------------------- statistics
 
 
-def stat_specs(kind: str, n: int, dtype, momentum, groups: int = 1) -> dict:
+def stat_specs(kind: str, n, dtype, momentum, groups: int = 1) -> dict:
     """The running statistics of a layer: ``name -> (shape, init)`` with ``init()`` the
-    initial value (mean 0, variance 1, covariance the identity, count 0)."""
-    specs = {"mean": ((n,), lambda: jnp.zeros((n,), dtype))}
+    initial value (mean 0, variance 1, covariance the identity, count 0). ``n``: the
+    number of features, or the feature shape (several feature axes)."""
+    fshape = tuple(n) if isinstance(n, tuple) else (n,)
+    specs = {"mean": (fshape, lambda: jnp.zeros(fshape, dtype))}
     if kind in WHITENING:
         wshape = (groups, n // groups, n // groups)
         specs["whitening_matrix"] = (wshape, lambda: identity_cov(wshape, dtype))
@@ -180,12 +227,12 @@ def stat_specs(kind: str, n: int, dtype, momentum, groups: int = 1) -> dict:
             specs["count"] = ((), lambda: jnp.zeros((), jnp.int32))
         return specs
     if kind != "batch_center":
-        specs["var"] = ((n,), lambda: jnp.ones((n,), dtype))
+        specs["var"] = (fshape, lambda: jnp.ones(fshape, dtype))
     if kind == "batch_inhib":
         ashape = alpha_shape(n, groups)
         specs["cov"] = (ashape, lambda: identity_cov(ashape, dtype))
     if momentum is None:
-        cshape = () if kind == "batch_inhib" else (n,)
+        cshape = () if kind == "batch_inhib" else fshape
         specs["count"] = (cshape, lambda: jnp.zeros(cshape, jnp.int32))
     return specs
 
@@ -218,7 +265,36 @@ def compute_input(x, out):
 def training_form_ok(x, axis, mask, axis_name) -> bool:
     """During init, a batch of one value per feature gets the inference form (flax's
     init accepts any batch; our training form refuses a single value)."""
-    return mask is not None or axis_name is not None or running.values_per_feature(x, axis) > 1
+    axes = axis if isinstance(axis, tuple) else (axis % x.ndim,)
+    per_feature = math.prod(int(d) for a, d in enumerate(x.shape) if a not in axes)
+    return mask is not None or axis_name is not None or per_feature > 1
+
+
+def _flat_features(kind, where, x, params, state, step, kw):
+    """Several feature axes (``step.axis``, a sorted tuple): the op sees them moved last
+    and flattened into one (a transpose when they are not already trailing), which
+    normalizes per feature position over every other axis exactly as flax's tuple
+    ``axis``; parameters and statistics (feature-shaped or flat) are flattened for the
+    op and the new statistics get their stored shapes back."""
+    axes = step.axis
+    other = tuple(a for a in range(x.ndim) if a not in axes)
+    perm = other + axes
+    if step.virtual_batch_size is not None and 0 in axes:
+        raise ValueError(
+            f"{where}: virtual_batch_size splits the leading axis into ghost batches, but "
+            f"axis {axes!r} makes it a feature axis"
+        )
+    xt = jnp.transpose(x, perm)
+    xf = jnp.reshape(xt, (*xt.shape[: len(other)], -1))
+    mask = kw["mask"]
+    if mask is not None and tuple(jnp.shape(mask)) == tuple(x.shape):
+        mask = jnp.reshape(jnp.transpose(mask, perm), xf.shape)
+    flat = tuple(None if p is None else jnp.reshape(p, (-1,)) for p in params)
+    state_f = RunningStats(**{k: jnp.reshape(v, (-1,)) for k, v in state.items()})
+    step_f = dataclasses.replace(step, axis=xf.ndim - 1)
+    y, new = STEPS[kind](where, xf, *flat, state_f, step_f, **{**kw, "mask": mask})
+    y = jnp.transpose(jnp.reshape(y, xt.shape), tuple(perm.index(a) for a in range(x.ndim)))
+    return y, RunningStats(**{k: jnp.reshape(v, getattr(state, k).shape) for k, v in new.items()})
 
 
 def apply(
@@ -229,7 +305,7 @@ def apply(
     params: tuple,
     state: RunningStats,
     *,
-    axis: int,
+    axis: int | tuple[int, ...],
     use_running_average: bool,
     update_stats: bool,
     momentum,
@@ -239,7 +315,9 @@ def apply(
 ):
     """One forward of a layer of either family: the dtype policy, then the running step
     of ``kind`` with the module's attributes. ``params``: (scale, bias), (bias,) or
-    (alpha,). Returns ``(y, new_state)``; the module writes ``new_state`` back."""
+    (alpha,). ``axis``: one feature axis, or several (a sorted tuple, see
+    :func:`_flat_features`). Returns ``(y, new_state)``; the module writes ``new_state``
+    back."""
     out = out_dtype(mdl.dtype, x, *params)
     step = running.Step(
         use_running_average=use_running_average,
@@ -258,20 +336,52 @@ def apply(
         kw["epsilon"] = mdl.epsilon
     if kind == "batch_inhib" or kind in WHITENING:
         kw["options"] = options
-    y, new = STEPS[kind](where, compute_input(x, out), *params, state, step, **kw)
+    if isinstance(axis, tuple):
+        y, new = _flat_features(kind, where, compute_input(x, out), params, state, step, kw)
+    else:
+        y, new = STEPS[kind](where, compute_input(x, out), *params, state, step, **kw)
     return jnp.asarray(y, out), new
 
 
-def dropout(where: str, rate, use_autodiff: bool, inputs, key):
-    """Dropout of either family once the key is known."""
-    return running._impl(use_autodiff).dropout(inputs, C.rate(where, rate), key)
+def dropout(where: str, rate, use_autodiff: bool, inputs, key, broadcast_dims=()):
+    """Dropout of either family once the key is known. ``broadcast_dims`` (flax's): the
+    axes along which one mask entry is shared, negative allowed (checked against
+    ``inputs`` here, so the error names the module)."""
+    rate = C.rate(where, rate)
+    dims = broadcast_axes(where, broadcast_dims, jnp.ndim(inputs))
+    impl = running._impl(use_autodiff)
+    if not dims:
+        return impl.dropout(inputs, rate, key)
+    return impl.dropout(inputs, rate, key, broadcast_dims=dims)
+
+
+def check_broadcast_dims(where: str, broadcast_dims) -> tuple:
+    """``broadcast_dims`` as given at construction: a sequence of ints."""
+    try:
+        dims = tuple(broadcast_dims)
+    except TypeError:
+        dims = None
+    if dims is None or any(isinstance(d, bool) or not isinstance(d, int) for d in dims):
+        raise TypeError(
+            f"{where}: broadcast_dims must be a sequence of ints (axes that share one mask "
+            f"entry, e.g. (1, 2) for spatial dropout on NHWC); got {broadcast_dims!r}"
+        )
+    return dims
+
+
+def broadcast_axes(where: str, broadcast_dims, ndim: int) -> tuple:
+    """``broadcast_dims`` for an ``ndim``-dimensional input: non-negative, sorted, each
+    once (flax accepts negative and repeated axes)."""
+    dims = check_broadcast_dims(where, broadcast_dims)
+    for d in dims:
+        if not -ndim <= d < ndim:
+            raise ValueError(
+                f"{where}: broadcast_dims {dims!r} has axis {d}, out of range for inputs with "
+                f"{ndim} dimensions; expected ints in [{-ndim}, {ndim - 1}]"
+            )
+    return tuple(sorted({d % ndim for d in dims}))
 
 
 def check_dropout(where: str, rate, broadcast_dims=()) -> None:
     C.rate(where, rate)
-    if tuple(broadcast_dims):
-        raise ValueError(
-            f"{where}: broadcast_dims must be () (the hand-derived dropout draws one mask "
-            f"entry per element); got {tuple(broadcast_dims)!r}. Use flax.linen.Dropout "
-            f"for shared masks."
-        )
+    check_broadcast_dims(where, broadcast_dims)

@@ -4,7 +4,8 @@ In eval mode every layer of ours is a fixed affine (BatchNorm, BatchCenter) or l
 (BatchInhib) map of the features, so it merges into an adjacent linear layer, and the
 model runs as plain :class:`flax.linen.Dense` / :class:`flax.linen.Conv` layers.
 
-- BatchNorm after a layer with kernel K (``(..., in, out)``) and bias b (seed 002):
+- BatchNorm after a layer with kernel K (``(..., in, out)``) and bias b
+  (docs/derivations.md, "Inference form"):
   :math:`y = a\,x + c` with :math:`a = \gamma/\sqrt{Var+\epsilon}`,
   :math:`c = \beta - \gamma E[x]/\sqrt{Var+\epsilon}`, so
   :math:`K' = K\,\mathrm{diag}(a)`, :math:`b' = a\,b + c`.
@@ -83,11 +84,21 @@ def _check_n(fn, what, v, n):
 
 
 def batch_norm_affine(bn_params, bn_stats, *, epsilon: float):
-    """Eval-mode BatchNorm as ``y = a * x + c`` per feature (seed 002's closed form).
+    """Eval-mode BatchNorm as ``y = a * x + c`` per feature.
+
+    The closed form of docs/derivations.md, "Inference form".
 
     ``bn_params`` may lack ``scale`` / ``bias`` (use_scale / use_bias False).
     ``epsilon`` is the layer's (``layer.epsilon``); it has no default, so that a fold
     cannot silently use another value than the layer it replaces.
+
+    Args:
+      bn_params: the layer's ``params``: ``{"scale": (N,), "bias": (N,)}``, either optional.
+      bn_stats: the layer's ``batch_stats``: ``{"mean": (N,), "var": (N,)}``.
+      epsilon: the layer's epsilon.
+
+    Returns:
+      ``(a, c)``, each ``(N,)``, in at least float32.
     """
     epsilon = C.epsilon("batch_norm_affine", epsilon)
     mean, var = jnp.asarray(bn_stats["mean"]), jnp.asarray(bn_stats["var"])
@@ -105,7 +116,15 @@ def batch_norm_affine(bn_params, bn_stats, *, epsilon: float):
 def fold_batch_norm(layer_params, bn_params, bn_stats, *, epsilon: float):
     """Merge an eval-mode BatchNorm into the Dense/Conv before it: ``{kernel, bias}``.
 
-    ``epsilon``: the BatchNorm layer's own (``bn.epsilon``), required.
+    Args:
+      layer_params: the Dense/Conv parameters, ``{"kernel": (..., in, out), "bias": (out,)}``
+        (``bias`` may be missing).
+      bn_params, bn_stats: the BatchNorm's ``params`` and ``batch_stats`` (as in
+        :func:`batch_norm_affine`); ``N`` must equal the layer's ``out``.
+      epsilon: the BatchNorm layer's own (``bn.epsilon``), required.
+
+    Returns:
+      ``{"kernel": K diag(a), "bias": a b + c}``, in at least float32.
     """
     fn = "fold_batch_norm"
     epsilon = C.epsilon(fn, epsilon)
@@ -119,7 +138,17 @@ def fold_batch_norm(layer_params, bn_params, bn_stats, *, epsilon: float):
 
 
 def fold_batch_center(layer_params, bc_params, bc_stats):
-    """Merge an eval-mode BatchCenter (``y = x - mean + bias``) into the layer before."""
+    """Merge an eval-mode BatchCenter (``y = x - mean + bias``) into the layer before.
+
+    Args:
+      layer_params: the Dense/Conv parameters, ``{"kernel": (..., in, out), "bias": (out,)}``
+        (``bias`` may be missing).
+      bc_params: the BatchCenter's ``params`` (``{"bias": (out,)}`` or empty).
+      bc_stats: its ``batch_stats``: ``{"mean": (out,)}``.
+
+    Returns:
+      ``{"kernel": K, "bias": b - mean + bias}``, in at least float32.
+    """
     fn = "fold_batch_center"
     k, b = _layer(fn, layer_params)
     n = k.shape[-1]
@@ -135,7 +164,16 @@ def fold_batch_center(layer_params, bc_params, bc_stats):
 def inhib_options(module) -> dict:
     """The op options of a linen or NNX BatchInhib module (its
     :class:`~jax_batchinhib.ops.batch_inhib.InhibOptions`, validated, guard resolved) as
-    keyword arguments for :func:`inhib_map` and the fold functions."""
+    keyword arguments for :func:`inhib_map` and the fold functions.
+
+    Args:
+      module: a :class:`jax_batchinhib.linen.BatchInhib` or
+        :class:`jax_batchinhib.nnx.BatchInhib`.
+
+    Returns:
+      A dict with keys rho, epsilon, groups, correlation, denominator, guard,
+      guard_mode.
+    """
     return M.inhib_options(type(module).__name__, module).kwargs()
 
 
@@ -143,7 +181,16 @@ def inhib_map(inhib_params, inhib_stats, **options):
     """The matrix M (N, N) of an eval-mode BatchInhib, ``y = x @ M``, ``M = I - R^T``
     block diagonal over the groups; R from the running covariance ``inhib_stats['cov']``
     and ``inhib_params['alpha']``. ``options``: the layer's rho, epsilon, groups,
-    correlation, denominator, guard (see :func:`inhib_options`)."""
+    correlation, denominator, guard (see :func:`inhib_options`).
+
+    Args:
+      inhib_params: the BatchInhib's ``params``: ``{"alpha": alpha_shape(N, groups)}``.
+      inhib_stats: its ``batch_stats`` with ``"cov"``: ``(groups, N/groups, N/groups)``.
+      **options: the layer's options, :func:`inhib_options` of the module.
+
+    Returns:
+      M, ``(N, N)``, in at least float32.
+    """
     R = inhibition_matrix(inhib_stats["cov"], inhib_params["alpha"], **options)
     rt = [R[g].T for g in range(R.shape[0])]
     m = rt[0] if len(rt) == 1 else block_diag(*rt)
@@ -152,7 +199,17 @@ def inhib_map(inhib_params, inhib_stats, **options):
 
 def fold_batch_inhib_after(layer_params, inhib_params, inhib_stats, **options):
     """Merge an eval-mode BatchInhib into the Dense/Conv *before* it (layer -> inhib):
-    ``K' = K M``, ``b' = b M``."""
+    ``K' = K M``, ``b' = b M``.
+
+    Args:
+      layer_params: the Dense/Conv parameters, ``{"kernel": (..., in, out), "bias": (out,)}``
+        (``bias`` may be missing).
+      inhib_params, inhib_stats, **options: as in :func:`inhib_map`; ``N`` must equal
+        the layer's ``out``.
+
+    Returns:
+      ``{"kernel": K M, "bias": b M}`` (``b`` = 0 when missing), in at least float32.
+    """
     fn = "fold_batch_inhib_after"
     k, b = _layer(fn, layer_params)
     m = inhib_map(inhib_params, inhib_stats, **options)
@@ -170,7 +227,17 @@ def fold_batch_inhib_after(layer_params, inhib_params, inhib_stats, **options):
 
 def fold_batch_inhib_before(layer_params, inhib_params, inhib_stats, **options):
     """Merge an eval-mode BatchInhib into the Dense/Conv *after* it (inhib -> layer):
-    ``K'[..., i, o] = sum_j M[i, j] K[..., j, o]``, bias unchanged."""
+    ``K'[..., i, o] = sum_j M[i, j] K[..., j, o]``, bias unchanged.
+
+    Args:
+      layer_params: the Dense/Conv parameters, ``{"kernel": (..., in, out), "bias": (out,)}``
+        (``bias`` may be missing).
+      inhib_params, inhib_stats, **options: as in :func:`inhib_map`; ``N`` must equal
+        the layer's ``in``.
+
+    Returns:
+      ``{"kernel": M K, "bias": b}`` (``b`` = 0 when missing), in at least float32.
+    """
     fn = "fold_batch_inhib_before"
     k, b = _layer(fn, layer_params)
     m = inhib_map(inhib_params, inhib_stats, **options)

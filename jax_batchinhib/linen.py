@@ -7,7 +7,7 @@ VJPs) and the running-statistics rules in :mod:`jax_batchinhib.running`.
 :class:`BatchNorm` is a drop-in replacement for :class:`flax.linen.BatchNorm`: the same
 arguments with the same names, defaults and meaning, the same variables (``params``:
 ``scale``, ``bias``; ``batch_stats``: ``mean``, ``var``), no statistics update during
-``init``. Two additions, both from seed 002 / PyTorch:
+``init``. Two additions, both from Ioffe & Szegedy (2015) / PyTorch:
 
 - ``unbiased=True`` (default) stores ``m/(m-1)`` times the batch variance, like PyTorch;
   ``unbiased=False`` stores what flax stores, so a checkpoint moves between
@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,7 +95,8 @@ def _run(mdl, kind, where, x, use_ra, mask, ax, momentum, make_params, options=N
     """The shared body of the statistics layers: the ``batch_stats`` variables, the
     parameters (``make_params()``), no update during ``init``, the step, and the
     write-back."""
-    n = x.shape[ax]
+    fshape = M.feature_shape(x, ax)
+    n = fshape[0] if len(fshape) == 1 else fshape
     groups = 1 if options is None else options.groups
     specs = M.stat_specs(kind, n, M.stats_dtype(mdl), momentum, groups)
     stats = {}
@@ -139,10 +141,13 @@ class BatchNorm(nn.Module):
     ``bias_init``, ``scale_init``, ``axis_name``, ``axis_index_groups``,
     ``use_fast_variance``, ``force_float32_reductions``), plus:
 
+    - ``axis``: one feature axis, or a tuple of them as flax's (statistics per feature
+      position over every other axis; ``scale``, ``bias`` and the statistics take the
+      shape of those axes, e.g. ``(H, C)``). Also on BatchCenter; BatchInhib takes one.
     - ``momentum``: a float (EMA, flax's meaning) or None (cumulative average over all
       batches, with ``batch_stats/count``).
-    - ``unbiased``: store m/(m-1) times the batch variance (True, PyTorch's and seed
-      002's) or the biased batch variance (False, flax's).
+    - ``unbiased``: store m/(m-1) times the batch variance (True, PyTorch's and Ioffe &
+      Szegedy's) or the biased batch variance (False, flax's).
     - ``use_autodiff``: differentiate the plain-jnp reference instead of using the
       hand-derived VJP (needed for jax.jvp / jacfwd / hessian).
     - ``virtual_batch_size``: ghost batches (Keras's ``virtual_batch_size``): in
@@ -154,11 +159,13 @@ class BatchNorm(nn.Module):
 
     ``use_fast_variance`` selects the op's variance algorithm, as flax's does (passed to
     :func:`jax_batchinhib.batch_norm`). Statistics are always accumulated in at least
-    float32.
+    float32. Complex inputs are refused with a TypeError (flax's BatchNorm accepts
+    them; the ops and their hand-derived VJPs are written for real floating point); so
+    do BatchCenter and BatchInhib.
     """
 
     use_running_average: bool | None = None
-    axis: int = -1
+    axis: int | tuple[int, ...] = -1
     momentum: float | None = 0.99
     epsilon: float = 1e-5
     dtype: Dtype | None = None
@@ -186,26 +193,35 @@ class BatchNorm(nn.Module):
             counted in the statistics (and in the count m).
         """
         where, use_ra, ax, momentum = _start(self, x, use_running_average, mask)
-        n = x.shape[ax]
+        fshape = M.feature_shape(x, ax)
+        n = math.prod(fshape)
 
         def params():
             use = {"scale": self.use_scale, "bias": self.use_bias}
             inits = {"scale": self.scale_init, "bias": self.bias_init}
-            return tuple(_param(self, k, inits[k], (n,), where, n) if use[k] else None for k in use)
+            return tuple(
+                _param(self, k, inits[k], fshape, where, n) if use[k] else None for k in use
+            )
 
         return _run(self, "batch_norm", where, x, use_ra, mask, ax, momentum, params)
 
 
 class BatchCenter(nn.Module):
-    """Batch centering (seed 001's mean-only layer): ``y = x - mean + bias``.
+    """Batch centering (a mean-only layer): ``y = x - mean + bias``.
 
     Training mode subtracts the batch mean and updates the running mean
     (``batch_stats/mean``; with ``momentum=None`` also ``batch_stats/count``); eval mode
     subtracts the running mean. Parameter: ``params/bias`` (when ``use_bias``).
+
+    Attributes:
+      use_running_average, axis, momentum, dtype, param_dtype, use_bias, bias_init,
+        axis_name, axis_index_groups, force_float32_reductions, use_fast_variance,
+        use_autodiff, virtual_batch_size: as in :class:`BatchNorm` (no scale, no
+        epsilon, no variance).
     """
 
     use_running_average: bool | None = None
-    axis: int = -1
+    axis: int | tuple[int, ...] = -1
     momentum: float | None = 0.99
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -221,18 +237,21 @@ class BatchCenter(nn.Module):
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         where, use_ra, ax, momentum = _start(self, x, use_running_average, mask)
-        n = x.shape[ax]
+        fshape = M.feature_shape(x, ax)
+        n = math.prod(fshape)
 
         def params():
             return (
-                _param(self, "bias", self.bias_init, (n,), where, n) if self.use_bias else None,
+                _param(self, "bias", self.bias_init, fshape, where, n) if self.use_bias else None,
             )
 
         return _run(self, "batch_center", where, x, use_ra, mask, ax, momentum, params)
 
 
 class BatchInhib(nn.Module):
-    r"""BatchInhib (seed 000): features inhibit each other through their correlation.
+    r"""BatchInhib: features inhibit each other through their correlation.
+
+    Derivation: docs/derivations.md, "3. batch_inhib".
 
     Training mode: ``y = x - x R^T`` with R from the batch covariance (see
     :func:`jax_batchinhib.batch_inhib`), and the running mean, variance and covariance
@@ -245,6 +264,15 @@ class BatchInhib(nn.Module):
     ``batch_stats/mean`` (N,), ``var`` (N,), ``cov`` (alpha's shape; initialized to the
     identity, which makes R = 0 before any statistics are seen) and, with
     ``momentum=None``, ``count`` ().
+
+    Attributes:
+      rho, epsilon, groups, correlation, denominator, guard, guard_mode: the op's
+        options (:func:`jax_batchinhib.batch_inhib`), validated once as an
+        :class:`~jax_batchinhib.ops.batch_inhib.InhibOptions`.
+      alpha_init: initializer of ``alpha`` (None: :func:`near_identity_alpha_init`).
+      use_running_average, axis, momentum, dtype, param_dtype, axis_name,
+        axis_index_groups, force_float32_reductions, use_fast_variance, unbiased,
+        use_autodiff, virtual_batch_size: as in :class:`BatchNorm`.
     """
 
     use_running_average: bool | None = None
@@ -271,6 +299,7 @@ class BatchInhib(nn.Module):
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         where, use_ra, ax, momentum = _start(self, x, use_running_average, mask)
+        ax = M.single_axis(where, self.axis, ax)
         n = x.shape[ax]
         options = M.inhib_options(where, self, n)
         init_fn = self.alpha_init or near_identity_alpha_init(options.rho)
@@ -305,6 +334,7 @@ _WHITEN_DOC = r"""
 
 def _whiten_call(mdl, kind, x, use_running_average, mask):
     where, use_ra, ax, momentum = _start(mdl, x, use_running_average, mask)
+    ax = M.single_axis(where, mdl.axis, ax)
     n = x.shape[ax]
     options = M.WhitenOptions.checked(where, kind, mdl, n)
 
@@ -380,8 +410,16 @@ class Dropout(nn.Module):
 
     The same key draws the same mask as :class:`flax.linen.Dropout`
     (``bernoulli(key, 1 - rate, shape)``); the key comes from the ``rng_collection``
-    ('dropout') unless ``rng`` is given. ``broadcast_dims`` must be empty (the op draws
-    one mask entry per element).
+    ('dropout') unless ``rng`` is given. ``broadcast_dims`` (flax's meaning): the axes
+    along which one mask entry is shared (spatial dropout), given to the op; the same key
+    gives flax's output.
+
+    Attributes:
+      rate: the probability of dropping an entry, a float in [0, 1].
+      broadcast_dims: the axes that share one mask entry (above).
+      deterministic: True: identity; may be given at call time instead.
+      rng_collection: the rng stream the mask's key comes from.
+      use_autodiff: autodiff of the reference instead of the op's custom VJP.
     """
 
     rate: float
@@ -401,4 +439,4 @@ class Dropout(nn.Module):
             return jnp.zeros_like(inputs)
         if rng is None:
             rng = self.make_rng(self.rng_collection)
-        return M.dropout(where, self.rate, self.use_autodiff, inputs, rng)
+        return M.dropout(where, self.rate, self.use_autodiff, inputs, rng, self.broadcast_dims)

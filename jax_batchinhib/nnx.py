@@ -13,6 +13,16 @@ names. ``use_autodiff=True`` differentiates the plain-jnp reference instead (nee
 forward mode: ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian`` do not go through a
 ``custom_vjp``).
 
+As :class:`flax.nnx.BatchNorm`, the statistics layers take ``promote_dtype`` (the
+function that casts the input, the running statistics and the parameters before the
+computation; flax's ``flax.nnx.nn.dtypes.promote_dtype`` by default) and ``*_metadata``
+mappings given to each :class:`nnx.Param` (``scale_metadata``, ``bias_metadata``;
+``alpha_metadata`` for BatchInhib's ``alpha``), e.g. sharding annotations
+(``{"out_sharding": ("model",)}``).
+
+Complex inputs are refused with a TypeError (flax's modules accept them): the ops and
+their hand-derived VJPs are written for real floating-point arrays.
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from flax import nnx
@@ -26,12 +36,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import dtypes as nnx_dtypes
 from jax.nn import initializers
 
 from jax_batchinhib import _modules as M
@@ -42,6 +54,8 @@ from jax_batchinhib.running import RunningStats
 Array = jax.Array
 Dtype = Any
 Initializer = Any
+PromoteDtypeFn = Callable[..., Any]
+_NO_METADATA = MappingProxyType({})
 
 __all__ = [
     "BatchCenter",
@@ -56,10 +70,58 @@ __all__ = [
 near_identity_alpha_init = M.near_identity_alpha_init
 
 
-def _param_or_none(use, init, key_fn, shape, dtype):
+def _metadata(where: str, name: str, md) -> dict:
+    """``*_metadata``: a mapping of str to anything, given to ``nnx.Param`` (flax's
+    meaning: e.g. ``{"out_sharding": ("model",)}``)."""
+    if not isinstance(md, Mapping) or not all(isinstance(k, str) for k in md):
+        raise TypeError(
+            f"{where}: {name} must be a mapping of str to metadata values, passed to "
+            f"nnx.Param (e.g. {{'out_sharding': ('model',)}}); got {md!r}"
+        )
+    return dict(md)
+
+
+def _param_or_none(use, init, key_fn, shape, dtype, metadata):
     if not use:
         return nnx.data(None)
-    return nnx.Param(init(key_fn(), shape, dtype))
+    return nnx.Param(init(key_fn(), shape, dtype), **metadata)
+
+
+def _check_promote_dtype(where: str, fn):
+    if not callable(fn):
+        raise TypeError(
+            f"{where}: promote_dtype must be a callable like "
+            f"flax.nnx.nn.dtypes.promote_dtype (a tuple of arrays and a dtype= keyword in, "
+            f"the tuple of cast arrays out); got {fn!r}"
+        )
+    return fn
+
+
+def _check_promoted(where: str, names, args, out) -> None:
+    """What ``promote_dtype`` returned: one floating array per array given, same shape,
+    None where None was given."""
+    want = f"a tuple of {len(args)} values ({', '.join(names)}): floating arrays of the shapes "
+    want += "given, None where None was given"
+    if not isinstance(out, tuple | list) or len(out) != len(args):
+        got = f"a {type(out).__name__}" + (
+            f" of length {len(out)}" if isinstance(out, tuple | list) else ""
+        )
+        raise TypeError(f"{where}: promote_dtype must return {want}; got {got}")
+    for name, a, b in zip(names, args, out, strict=True):
+        if (a is None) != (b is None):
+            raise TypeError(f"{where}: promote_dtype must return {want}; got {b!r} for {name}")
+        if a is None:
+            continue
+        if tuple(jnp.shape(b)) != tuple(jnp.shape(a)):
+            raise ValueError(
+                f"{where}: promote_dtype must return {want}; {name} has shape "
+                f"{tuple(jnp.shape(a))} but came back with shape {tuple(jnp.shape(b))}"
+            )
+        if not jnp.issubdtype(jnp.result_type(b), jnp.floating):
+            raise TypeError(
+                f"{where}: promote_dtype must return {want}; {name} came back with dtype "
+                f"{jnp.result_type(b)} (the layers compute on real floating-point arrays)"
+            )
 
 
 class _Stats(nnx.Module):
@@ -67,10 +129,11 @@ class _Stats(nnx.Module):
 
     _kind = ""
 
-    def _setup(self, where, num_features, groups=1, **attrs):
+    def _setup(self, where, num_features, groups=1, *, promote_dtype, **attrs):
         """Store the attributes, check them, create the running statistics; returns N."""
         n = C.num_features(where, num_features)
         self.num_features = n
+        self.promote_dtype = _check_promote_dtype(where, promote_dtype)
         for k, v in attrs.items():
             setattr(self, k, v)
         self.momentum = M.check_common(where, self)
@@ -79,14 +142,32 @@ class _Stats(nnx.Module):
             setattr(self, name, nnx.BatchStat(init_fn()))
         return n
 
-    def _run(self, x, use_running_average, mask, params, options=None):
+    def _promote(self, where, x, stats: dict, params: dict):
+        """flax.nnx's ``promote_dtype`` step: ``(x, *stats, *params)`` cast together
+        (``dtype=self.dtype``); returns them in the same three groups."""
+        args = (x, *stats.values(), *params.values())
+        names = ("x", *stats, *params)
+        out = tuple(self.promote_dtype(args, dtype=self.dtype))
+        _check_promoted(where, names, args, out)
+        k = 1 + len(stats)
+        return out[0], dict(zip(stats, out[1:k], strict=True)), tuple(out[k:])
+
+    def _run(self, x, use_running_average, mask, params: dict, options=None):
         where = type(self).__name__
         ax = M.check_input(where, x, self.axis, mask, self.num_features)
+        if self._kind in ("batch_inhib", *M.WHITENING):
+            ax = M.single_axis(where, self.axis, ax)
         use_ra = M.first_flag(
             where, "use_running_average", use_running_average, self.use_running_average
         )
         names = [k for k in RunningStats._fields if k in vars(self)]
-        state = RunningStats(**{k: getattr(self, k)[...] for k in names})
+        stored = {k: getattr(self, k)[...] for k in names}
+        # as flax: the input, the statistics and the parameters go through promote_dtype;
+        # eval mode uses the promoted statistics, the running update the stored ones
+        x, promoted, params = self._promote(
+            where, x, {k: stored[k] for k in self._stat_names}, params
+        )
+        state = RunningStats(**({**stored, **promoted} if use_ra else stored))
         y, new = M.apply(
             self._kind, where, self, x, params, state, axis=ax, use_running_average=use_ra,
             update_stats=True, momentum=self.momentum, axis_name=self.axis_name, mask=mask,
@@ -117,6 +198,30 @@ class BatchNorm(_Stats):
     dtype, as linen), ``use_autodiff`` and ``virtual_batch_size`` (ghost batches, as
     :class:`jax_batchinhib.linen.BatchNorm`; also on BatchCenter and BatchInhib).
     ``use_fast_variance`` selects the op's variance algorithm (as flax's).
+
+    ``axis`` may be a tuple of feature axes, as flax's: ``num_features`` is then the
+    product of their sizes and the parameters and statistics are flat vectors of that
+    length (flax.nnx's layout), normalized per feature position over every other axis
+    (BatchCenter too; BatchInhib takes one axis).
+
+    ``promote_dtype`` (flax's meaning): called as
+    ``promote_dtype((x, mean, var, scale, bias), dtype=dtype)`` before the computation
+    (``scale``/``bias`` None when unused); eval mode normalizes with the promoted
+    statistics, training updates the stored ones. ``scale_metadata`` /
+    ``bias_metadata``: given to the parameters' :class:`nnx.Param`. Complex ``x`` is
+    refused with a TypeError.
+
+    Args:
+      num_features: N, the size of the feature axis (with a tuple ``axis``, the product
+        of their sizes).
+      use_running_average: eval mode (``model.eval()`` sets it; may be given at call
+        time).
+      axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale, bias_init,
+        scale_init, axis_name, axis_index_groups, use_fast_variance,
+        force_float32_reductions, unbiased, use_autodiff, virtual_batch_size: as in
+        :class:`jax_batchinhib.linen.BatchNorm`.
+      promote_dtype, scale_metadata, bias_metadata: above.
+      rngs: the parameters' initialization keys.
     """
 
     _kind = "batch_norm"
@@ -126,7 +231,7 @@ class BatchNorm(_Stats):
         num_features: int,
         *,
         use_running_average: bool | None = False,
-        axis: int = -1,
+        axis: int | tuple[int, ...] = -1,
         momentum: float | None = 0.99,
         epsilon: float = 1e-5,
         dtype: Dtype | None = None,
@@ -142,27 +247,48 @@ class BatchNorm(_Stats):
         unbiased: bool = True,
         use_autodiff: bool = False,
         virtual_batch_size: int | None = None,
+        promote_dtype: PromoteDtypeFn = nnx_dtypes.promote_dtype,
         rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        where = "BatchNorm"
+        bias_md = _metadata(where, "bias_metadata", bias_metadata)
+        scale_md = _metadata(where, "scale_metadata", scale_metadata)
         n = self._setup(
-            "BatchNorm", num_features, use_running_average=use_running_average, axis=axis,
+            where, num_features, use_running_average=use_running_average, axis=axis,
             momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
             use_bias=use_bias, use_scale=use_scale, axis_name=axis_name,
             axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
             force_float32_reductions=force_float32_reductions, unbiased=unbiased,
             use_autodiff=use_autodiff, virtual_batch_size=virtual_batch_size,
+            promote_dtype=promote_dtype,
         )  # fmt: skip
-        self.scale = _param_or_none(use_scale, scale_init, rngs.params, (n,), param_dtype)
-        self.bias = _param_or_none(use_bias, bias_init, rngs.params, (n,), param_dtype)
+        self.scale = _param_or_none(use_scale, scale_init, rngs.params, (n,), param_dtype, scale_md)
+        self.bias = _param_or_none(use_bias, bias_init, rngs.params, (n,), param_dtype, bias_md)
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
-        return self._run(x, use_running_average, mask, (scale, bias))
+        return self._run(x, use_running_average, mask, {"scale": scale, "bias": bias})
 
 
 class BatchCenter(_Stats):
-    """Batch centering ``y = x - mean + bias`` with a running mean (seed 001)."""
+    """Batch centering ``y = x - mean + bias`` with a running mean.
+
+    ``promote_dtype`` is called as ``promote_dtype((x, mean, bias), dtype=dtype)``
+    (as :class:`BatchNorm`); ``bias_metadata`` is given to the bias's
+    :class:`nnx.Param`. Complex ``x`` is refused with a TypeError.
+
+    Args:
+      num_features: N, the size of the feature axis (with a tuple ``axis``, the product
+        of their sizes).
+      use_running_average, axis, momentum, dtype, param_dtype, use_bias, bias_init,
+        axis_name, axis_index_groups, force_float32_reductions, use_fast_variance,
+        use_autodiff, virtual_batch_size: as in :class:`BatchNorm`.
+      promote_dtype, bias_metadata: above.
+      rngs: the parameters' initialization keys.
+    """
 
     _kind = "batch_center"
 
@@ -171,7 +297,7 @@ class BatchCenter(_Stats):
         num_features: int,
         *,
         use_running_average: bool | None = False,
-        axis: int = -1,
+        axis: int | tuple[int, ...] = -1,
         momentum: float | None = 0.99,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -183,31 +309,50 @@ class BatchCenter(_Stats):
         use_fast_variance: bool = True,
         use_autodiff: bool = False,
         virtual_batch_size: int | None = None,
+        promote_dtype: PromoteDtypeFn = nnx_dtypes.promote_dtype,
         rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
+        bias_md = _metadata("BatchCenter", "bias_metadata", bias_metadata)
         n = self._setup(
             "BatchCenter", num_features, use_running_average=use_running_average, axis=axis,
             momentum=momentum, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
             axis_name=axis_name, axis_index_groups=axis_index_groups,
             force_float32_reductions=force_float32_reductions,
             use_fast_variance=use_fast_variance, use_autodiff=use_autodiff,
-            virtual_batch_size=virtual_batch_size,
+            virtual_batch_size=virtual_batch_size, promote_dtype=promote_dtype,
         )  # fmt: skip
-        self.bias = _param_or_none(use_bias, bias_init, rngs.params, (n,), param_dtype)
+        self.bias = _param_or_none(use_bias, bias_init, rngs.params, (n,), param_dtype, bias_md)
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         bias = None if self.bias is None else self.bias[...]
-        return self._run(x, use_running_average, mask, (bias,))
+        return self._run(x, use_running_average, mask, {"bias": bias})
 
 
 class BatchInhib(_Stats):
-    """BatchInhib (seed 000) with running mean, variance and covariance.
+    """BatchInhib with running mean, variance and covariance.
+
+    Derivation: docs/derivations.md, "3. batch_inhib".
 
     Same options and variables as :class:`jax_batchinhib.linen.BatchInhib`: parameter
     ``alpha`` (N, N) or (groups, N/groups, N/groups), initialized by
     :func:`near_identity_alpha_init` unless ``alpha_init`` is
     given; statistics ``mean``, ``var``, ``cov`` (and ``count`` with momentum=None).
     Eval mode is the fixed linear map ``y = x (I - R^T)`` from the running covariance.
+
+    ``promote_dtype`` is called as ``promote_dtype((x, mean, var, cov, alpha),
+    dtype=dtype)`` (as :class:`BatchNorm`); ``alpha_metadata`` is given to alpha's
+    :class:`nnx.Param`. Complex ``x`` is refused with a TypeError.
+
+    Args:
+      num_features: N, the size of the feature axis.
+      rho, epsilon, groups, correlation, denominator, guard, guard_mode, alpha_init: as
+        in :class:`jax_batchinhib.linen.BatchInhib`.
+      use_running_average, axis, momentum, dtype, param_dtype, axis_name,
+        axis_index_groups, force_float32_reductions, use_fast_variance, unbiased,
+        use_autodiff, virtual_batch_size: as in :class:`BatchNorm`.
+      promote_dtype, alpha_metadata: above.
+      rngs: the parameters' initialization keys.
     """
 
     _kind = "batch_inhib"
@@ -236,9 +381,12 @@ class BatchInhib(_Stats):
         unbiased: bool = True,
         use_autodiff: bool = False,
         virtual_batch_size: int | None = None,
+        promote_dtype: PromoteDtypeFn = nnx_dtypes.promote_dtype,
         rngs: nnx.Rngs,
+        alpha_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
         where = "BatchInhib"
+        alpha_md = _metadata(where, "alpha_metadata", alpha_metadata)
         n = C.num_features(where, num_features)
         self.rho, self.epsilon, self.groups = rho, epsilon, groups
         self.correlation, self.denominator = correlation, denominator
@@ -250,14 +398,14 @@ class BatchInhib(_Stats):
             axis_index_groups=axis_index_groups,
             force_float32_reductions=force_float32_reductions,
             use_fast_variance=use_fast_variance, unbiased=unbiased, use_autodiff=use_autodiff,
-            virtual_batch_size=virtual_batch_size,
+            virtual_batch_size=virtual_batch_size, promote_dtype=promote_dtype,
         )  # fmt: skip
         init = alpha_init or near_identity_alpha_init(options.rho)
-        self.alpha = nnx.Param(init(rngs.params(), alpha_shape(n, groups), param_dtype))
+        self.alpha = nnx.Param(init(rngs.params(), alpha_shape(n, groups), param_dtype), **alpha_md)
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         options = M.inhib_options("BatchInhib", self)
-        return self._run(x, use_running_average, mask, (self.alpha[...],), options)
+        return self._run(x, use_running_average, mask, {"alpha": self.alpha[...]}, options)
 
 
 class _Whiten(_Stats):
@@ -271,8 +419,8 @@ class _Whiten(_Stats):
             self.iterations = iterations
         M.WhitenOptions.checked(where, self._kind, self, n)
         self._setup(where, n, groups, param_dtype=param_dtype, **attrs)
-        self.scale = _param_or_none(use_scale, scale_init, rngs.params, (n,), param_dtype)
-        self.bias = _param_or_none(use_bias, bias_init, rngs.params, (n,), param_dtype)
+        self.scale = _param_or_none(use_scale, scale_init, rngs.params, (n,), param_dtype, {})
+        self.bias = _param_or_none(use_bias, bias_init, rngs.params, (n,), param_dtype, {})
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         """Whiten ``x``; ``mask``: rows (x's shape without the feature axis) counted."""
@@ -280,7 +428,7 @@ class _Whiten(_Stats):
         options = M.WhitenOptions.checked(where, self._kind, self, self.num_features)
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
-        return self._run(x, use_running_average, mask, (scale, bias), options)
+        return self._run(x, use_running_average, mask, {"scale": scale, "bias": bias}, options)
 
 
 class IterNorm(_Whiten):
@@ -312,6 +460,7 @@ class IterNorm(_Whiten):
         force_float32_reductions: bool = True,
         use_autodiff: bool = False,
         virtual_batch_size: int | None = None,
+        promote_dtype: Callable = nnx_dtypes.promote_dtype,
         rngs: nnx.Rngs,
     ):
         self._build(
@@ -320,7 +469,7 @@ class IterNorm(_Whiten):
             use_running_average=use_running_average, axis=axis, momentum=momentum,
             dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups,
             force_float32_reductions=force_float32_reductions, use_autodiff=use_autodiff,
-            virtual_batch_size=virtual_batch_size,
+            virtual_batch_size=virtual_batch_size, promote_dtype=promote_dtype,
         )  # fmt: skip
 
 
@@ -351,6 +500,7 @@ class ZCANorm(_Whiten):
         force_float32_reductions: bool = True,
         use_autodiff: bool = False,
         virtual_batch_size: int | None = None,
+        promote_dtype: Callable = nnx_dtypes.promote_dtype,
         rngs: nnx.Rngs,
     ):
         self._build(
@@ -359,7 +509,7 @@ class ZCANorm(_Whiten):
             use_running_average=use_running_average, axis=axis, momentum=momentum,
             dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups,
             force_float32_reductions=force_float32_reductions, use_autodiff=use_autodiff,
-            virtual_batch_size=virtual_batch_size,
+            virtual_batch_size=virtual_batch_size, promote_dtype=promote_dtype,
         )  # fmt: skip
 
 
@@ -367,8 +517,17 @@ class Dropout(nnx.Module):
     """Inverted dropout (flax.nnx.Dropout's interface) with the op's hand-derived VJP.
 
     Keys come from ``rngs`` (at construction: the ``rng_collection`` stream is forked,
-    as flax does; or at call time: Rngs, RngStream or a key). ``broadcast_dims`` must be
-    empty.
+    as flax does; or at call time: Rngs, RngStream or a key). ``broadcast_dims`` (flax's
+    meaning): the axes along which one mask entry is shared, given to the op; the same
+    key gives flax's output.
+
+    Args:
+      rate: the probability of dropping an entry, a float in [0, 1].
+      broadcast_dims: the axes that share one mask entry (above).
+      deterministic: True: identity (``model.eval()`` sets it).
+      rng_collection: the stream of ``rngs`` the keys come from.
+      use_autodiff: autodiff of the reference instead of the op's custom VJP.
+      rngs: where the keys come from (or None: given at call time).
     """
 
     def __init__(
@@ -419,7 +578,7 @@ class Dropout(nnx.Module):
             raise TypeError(
                 f"{where}: rngs must be nnx.Rngs, nnx.RngStream or a key; got {type(rngs)}"
             )
-        return M.dropout(where, self.rate, self.use_autodiff, inputs, key)
+        return M.dropout(where, self.rate, self.use_autodiff, inputs, key, self.broadcast_dims)
 
     def set_view(self, deterministic: bool | None = None):
         """Used by ``nnx.view``."""

@@ -40,7 +40,14 @@ def set_cpu_device_count(n: int) -> None:
 
     Must run before JAX creates its CPU backend (before the first computation); after
     that it raises unless the process already has ``n`` or more CPU devices. A no-op for
-    ``n <= 1``. GPUs are unaffected."""
+    ``n <= 1``. GPUs are unaffected.
+
+    Args:
+      n: the number of CPU devices, an int >= 1.
+
+    Returns:
+      None.
+    """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"set_cpu_device_count: n must be an int >= 1; got {n!r}")
     if n <= 1 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
@@ -61,7 +68,15 @@ def make_mesh(n_devices: int | None = None, axis_name: str = DATA_AXIS) -> Mesh:
     """A 1-D mesh over the first ``n_devices`` of ``jax.devices()`` (all when None).
 
     The mesh axis is of type Auto (``jax.sharding.Mesh``'s default), so jit partitions
-    with GSPMD and shard_map takes arrays of any sharding."""
+    with GSPMD and shard_map takes arrays of any sharding.
+
+    Args:
+      n_devices: how many devices, an int >= 1, or None for all.
+      axis_name: the mesh axis's name.
+
+    Returns:
+      The :class:`jax.sharding.Mesh`.
+    """
     devices = jax.devices()
     if n_devices is None:
         n_devices = len(devices)
@@ -78,12 +93,27 @@ def make_mesh(n_devices: int | None = None, axis_name: str = DATA_AXIS) -> Mesh:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    """Every device holds the whole array (parameters, optimizer state, statistics)."""
+    """Every device holds the whole array (parameters, optimizer state, statistics).
+
+    Args:
+      mesh: the mesh.
+
+    Returns:
+      The replicated :class:`jax.sharding.NamedSharding`.
+    """
     return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
-    """Split axis ``batch_axis`` of an array over the mesh's (single) axis."""
+    """Split axis ``batch_axis`` of an array over the mesh's (single) axis.
+
+    Args:
+      mesh: a 1-D mesh.
+      batch_axis: the array axis to split.
+
+    Returns:
+      The :class:`jax.sharding.NamedSharding`.
+    """
     return NamedSharding(mesh, P(*([None] * batch_axis), mesh.axis_names[0]))
 
 
@@ -96,7 +126,16 @@ def _check_divisible(where: str, shape, batch_axis: int, n: int) -> None:
 
 
 def shard_batch(tree: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
-    """Place every array of ``tree`` on the mesh, split along ``batch_axis``."""
+    """Place every array of ``tree`` on the mesh, split along ``batch_axis``.
+
+    Args:
+      tree: a pytree of arrays whose ``batch_axis`` divides evenly over the devices.
+      mesh: a 1-D mesh.
+      batch_axis: the array axis to split.
+
+    Returns:
+      The same pytree, its arrays sharded.
+    """
     n = mesh.devices.size
     sharding = batch_sharding(mesh, batch_axis)
 
@@ -108,7 +147,15 @@ def shard_batch(tree: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Place every array of ``tree`` on every device of the mesh."""
+    """Place every array of ``tree`` on every device of the mesh.
+
+    Args:
+      tree: a pytree of arrays.
+      mesh: the mesh.
+
+    Returns:
+      The same pytree, its arrays replicated.
+    """
     return jax.device_put(tree, replicated(mesh))
 
 
@@ -119,7 +166,18 @@ def data_parallel(
 
     Returns ``jit(step)`` with arguments ``batch_argnums`` split along ``batch_axis``,
     every other argument and the whole output replicated. The result equals the
-    single-device step on the same global batch (up to float summation order)."""
+    single-device step on the same global batch (up to float summation order).
+
+    Args:
+      step: the single-device train step.
+      mesh: a 1-D mesh.
+      batch_argnums: the positions of the arguments split over the devices.
+      batch_axis: the axis of those arguments' arrays to split.
+      donate: donate ``state`` (argument 0) to the jitted step.
+
+    Returns:
+      A function with ``step``'s signature, jitted per number of arguments.
+    """
     batch_argnums = tuple(batch_argnums)
     rep, bat = replicated(mesh), batch_sharding(mesh, batch_axis)
     n = mesh.devices.size
@@ -159,7 +217,17 @@ def shard_map_step(
     unreduced is an error). Inside ``step``, the modules need
     ``axis_name=mesh.axis_names[0]`` and the gradients of the replicated parameters come
     out summed over the devices: write the loss as the per-device share of the global
-    loss (e.g. the sum of the per-example losses over the global batch size)."""
+    loss (e.g. the sum of the per-example losses over the global batch size).
+
+    Args:
+      step: the per-device train step.
+      mesh: a 1-D mesh.
+      batch_argnums: the positions of the arguments split over the devices.
+      batch_axis: the axis of those arguments' arrays to split.
+
+    Returns:
+      A function with ``step``'s signature, jitted per number of arguments.
+    """
     batch_argnums = tuple(batch_argnums)
     name = mesh.axis_names[0]
     n = mesh.devices.size

@@ -10,9 +10,14 @@ what a module uses with ``use_autodiff=True`` (forward-mode autodiff, ``jax.jvp`
 Same signatures and return values as the ops (``virtual_batch_size`` included: the
 reference is ``jax.vmap``-ed over the ghost batches); the references do not validate
 their arguments.
+
+Args and Returns of every function here: those of the op of the same name in
+:mod:`jax_batchinhib.ops` (see its docstring).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -32,25 +37,82 @@ def _f32(dtype):
 
 
 def _axes(x, axis):
-    axis = axis % x.ndim
-    return axis, tuple(a for a in range(x.ndim) if a != axis)
+    """The feature axes (a sorted tuple: ``axis`` may be an int or a tuple) and the rest."""
+    axes = tuple(sorted(a % x.ndim for a in (axis if isinstance(axis, tuple | list) else (axis,))))
+    return axes, tuple(a for a in range(x.ndim) if a not in axes)
 
 
-def _bshape(x, axis):
-    return tuple(x.shape[a] if a == axis else 1 for a in range(x.ndim))
+def _bshape(x, axes):
+    return tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
+
+
+def _feat(x, axes):
+    return tuple(x.shape[a] for a in axes)
 
 
 def _psum(v, axis_name, axis_index_groups=None):
     return v if axis_name is None else lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
 
 
-def _weights(x, mask, axis, dtype):
+def _mask(x, mask, axis):
+    """The mask as booleans of x's shape (None without one)."""
     if mask is None:
-        return jnp.ones((1,) * x.ndim, dtype)
+        return None
     mask = jnp.asarray(mask)
-    if mask.ndim == x.ndim - 1 and x.ndim > 1:
+    if mask.ndim == x.ndim - len(axis) and x.ndim > 1:
         mask = jnp.expand_dims(mask, axis)
-    return mask.astype(dtype)
+    return jnp.broadcast_to(mask != 0, x.shape)
+
+
+def _where(mask, v, fill=0.0):
+    """Masked positions SELECTED away (never multiplied by 0: NaN * 0 is NaN)."""
+    return v if mask is None else jnp.where(mask, v, fill)
+
+
+def _shift(xf, mask, axis, red, axis_name, axis_index_groups):
+    """The shift: the first (valid) sample of each feature, averaged over devices."""
+    if mask is None:
+        s = xf[tuple(slice(0, 1) if a in red else slice(None) for a in range(xf.ndim))]
+        k = jnp.ones_like(s)
+    else:
+        nf = math.prod(_feat(xf, axis))
+        mt = jnp.transpose(mask, red + axis).reshape(-1, nf)
+        xt = jnp.transpose(xf, red + axis).reshape(-1, nf)
+        i = jnp.argmax(mt, axis=0)
+        k = jnp.any(mt, axis=0).astype(xf.dtype)
+        s = jnp.where(k > 0, xt[i, jnp.arange(nf)], 0.0)
+        s, k = s.reshape(_bshape(xf, axis)), k.reshape(_bshape(xf, axis))
+    s = _psum(s * k, axis_name, axis_index_groups) / jnp.maximum(
+        _psum(k, axis_name, axis_index_groups), 1
+    )
+    return lax.stop_gradient(s)
+
+
+def _moments(xv, mask, axis, red, n, fast, axis_name, axis_index_groups):
+    """Shifted mean and biased variance of the valid values (xv: x with masked values
+    already selected away): one pass (Σd, Σd²) with ``fast``, else two passes."""
+    s = _shift(xv, mask, axis, red, axis_name, axis_index_groups)
+    d = _where(mask, xv - s)
+    mean_d = _psum(jnp.sum(d, axis=red, keepdims=True), axis_name, axis_index_groups) / n
+    if fast:
+        ss = _psum(jnp.sum(d * d, axis=red, keepdims=True), axis_name, axis_index_groups) / n
+        var = jnp.maximum(ss - mean_d**2, 0.0)
+    else:
+        dc = _where(mask, d - mean_d)
+        var = _psum(jnp.sum(dc**2, axis=red, keepdims=True), axis_name, axis_index_groups) / n
+    return s + mean_d, var
+
+
+def _count(x, mask, red, cd, axis_name, axis_index_groups):
+    w = jnp.ones(x.shape, cd) if mask is None else mask.astype(cd)
+    n = _psum(jnp.sum(w, axis=red, keepdims=True), axis_name, axis_index_groups)
+    return jnp.maximum(n, 1)
+
+
+def _masked_output(mask, y_valid, y_all):
+    """y at valid positions from the selected data; at masked positions the same formula
+    on the raw data, as a constant (masked outputs pass no gradient)."""
+    return y_valid if mask is None else jnp.where(mask, y_valid, lax.stop_gradient(y_all))
 
 
 def _ghost_batches(op, x, mask, v):
@@ -80,12 +142,12 @@ def batch_norm(
     virtual_batch_size=None,
     use_fast_variance=True,
 ):
-    """Reference batch norm: mean, biased variance, normalize, scale and shift."""
+    """Reference batch norm: shifted mean, biased variance, normalize, scale and shift."""
     if virtual_batch_size is not None:
 
         def op(xs, ms):
             return batch_norm(
-                xs, scale, bias, axis=axis % x.ndim, epsilon=epsilon, axis_name=axis_name,
+                xs, scale, bias, axis=axis, epsilon=epsilon, axis_name=axis_name,
                 axis_index_groups=axis_index_groups, mask=ms, use_fast_variance=use_fast_variance,
             )  # fmt: skip
 
@@ -93,19 +155,21 @@ def batch_norm(
     cd = _f32(x.dtype)
     axis, red = _axes(x, axis)
     xf = x.astype(cd)
-    w = jnp.broadcast_to(_weights(x, mask, axis, cd), x.shape)
-    n = _psum(jnp.sum(w, axis=red, keepdims=True), axis_name, axis_index_groups)
-    mean = _psum(jnp.sum(w * xf, axis=red, keepdims=True), axis_name, axis_index_groups) / n
-    var = (
-        _psum(jnp.sum(w * (xf - mean) ** 2, axis=red, keepdims=True), axis_name, axis_index_groups)
-        / n
-    )
-    y = (xf - mean) / jnp.sqrt(var + epsilon)
-    if scale is not None:
-        y = y * scale.astype(cd).reshape(_bshape(x, axis))
-    if bias is not None:
-        y = y + bias.astype(cd).reshape(_bshape(x, axis))
-    return y.astype(x.dtype), BatchStats(mean.reshape(-1), var.reshape(-1))
+    m = _mask(x, mask, axis)
+    xv = _where(m, xf)
+    n = _count(x, m, red, cd, axis_name, axis_index_groups)
+    mean, var = _moments(xv, m, axis, red, n, use_fast_variance, axis_name, axis_index_groups)
+
+    def normalize(z):
+        y = (z - mean) / jnp.sqrt(var + epsilon)
+        if scale is not None:
+            y = y * scale.astype(cd).reshape(_bshape(x, axis))
+        if bias is not None:
+            y = y + bias.astype(cd).reshape(_bshape(x, axis))
+        return y
+
+    y = _masked_output(m, normalize(xv), normalize(xf))
+    return y.astype(x.dtype), BatchStats(mean.reshape(_feat(x, axis)), var.reshape(_feat(x, axis)))
 
 
 def batch_center(
@@ -124,7 +188,7 @@ def batch_center(
 
         def op(xs, ms):
             return batch_center(
-                xs, bias, axis=axis % x.ndim, axis_name=axis_name,
+                xs, bias, axis=axis, axis_name=axis_name,
                 axis_index_groups=axis_index_groups, mask=ms, use_fast_variance=use_fast_variance,
             )  # fmt: skip
 
@@ -132,13 +196,22 @@ def batch_center(
     cd = _f32(x.dtype)
     axis, red = _axes(x, axis)
     xf = x.astype(cd)
-    w = jnp.broadcast_to(_weights(x, mask, axis, cd), x.shape)
-    n = _psum(jnp.sum(w, axis=red, keepdims=True), axis_name, axis_index_groups)
-    mean = _psum(jnp.sum(w * xf, axis=red, keepdims=True), axis_name, axis_index_groups) / n
-    y = xf - mean
-    if bias is not None:
-        y = y + bias.astype(cd).reshape(_bshape(x, axis))
-    return y.astype(x.dtype), BatchStats(mean.reshape(-1), None)
+    m = _mask(x, mask, axis)
+    xv = _where(m, xf)
+    n = _count(x, m, red, cd, axis_name, axis_index_groups)
+    s = _shift(xv, m, axis, red, axis_name, axis_index_groups)
+    mean = (
+        s
+        + _psum(jnp.sum(_where(m, xv - s), axis=red, keepdims=True), axis_name, axis_index_groups)
+        / n
+    )
+
+    def center(z):
+        y = z - mean
+        return y if bias is None else y + bias.astype(cd).reshape(_bshape(x, axis))
+
+    y = _masked_output(m, center(xv), center(xf))
+    return y.astype(x.dtype), BatchStats(mean.reshape(_feat(x, axis)), None)
 
 
 def batch_norm_inference(x, scale, bias, mean, var, *, axis=-1, epsilon=1e-5):
@@ -166,7 +239,7 @@ def batch_center_inference(x, bias, mean, *, axis=-1):
 
 
 def _inhibition(cov, alpha, opts: InhibOptions):
-    """Seed 000 eqs 1.2-1.4 from a covariance (G, n, n): R (G, n, n)."""
+    """R from a covariance (G, n, n): R (G, n, n) (docs/derivations.md, "3. batch_inhib")."""
     rho, epsilon, guard = opts.rho, opts.epsilon, opts.guard
     correlation, denominator, guard_mode = opts.correlation, opts.denominator, opts.guard_mode
     n = cov.shape[-1]
@@ -201,46 +274,66 @@ def batch_inhib(
     virtual_batch_size=None,
     use_fast_variance=True,
 ):
-    """Reference BatchInhib (seed 000 eqs 1.1-1.5), statistics stop-gradient."""
+    """Reference BatchInhib (docs/derivations.md, "3. batch_inhib"), statistics stop-gradient."""
     opts = InhibOptions(rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     if virtual_batch_size is not None:
 
         def op(xs, ms):
             return batch_inhib(
-                xs, alpha, axis=axis % x.ndim, axis_name=axis_name,
+                xs, alpha, axis=axis, axis_name=axis_name,
                 axis_index_groups=axis_index_groups, mask=ms,
                 use_fast_variance=use_fast_variance, **opts.kwargs(),
             )  # fmt: skip
 
         return _ghost_batches(op, x, mask, virtual_batch_size)
     cd = _f32(x.dtype)
-    axis = axis % x.ndim
-    xt = jnp.moveaxis(x, axis, -1)
-    N = xt.shape[-1]
+    axes, _ = _axes(x, axis)
+    last = tuple(range(x.ndim - len(axes), x.ndim))
+    xt = jnp.moveaxis(x, axes, last)  # feature axes last, flattened into N features
+    N = math.prod(_feat(x, axes))
     X = xt.reshape(-1, N).astype(cd)
     if mask is None:
-        w = jnp.ones((X.shape[0], 1), cd)
+        w = None
     else:
         mk = jnp.asarray(mask)
         if mk.ndim == x.ndim:
-            mk = jnp.squeeze(jnp.moveaxis(mk, axis, -1), -1)
-        w = jnp.broadcast_to(mk, xt.shape[:-1]).reshape(-1, 1).astype(cd)
-    n = _psum(jnp.sum(w), axis_name, axis_index_groups)
-    mu = _psum(jnp.sum(w * X, axis=0), axis_name, axis_index_groups) / n  # (1.1)
-    Xg = X.reshape(X.shape[0], groups, N // groups)
-    Xc = Xg - mu.reshape(groups, N // groups)
-    cov = (
-        _psum(
-            jnp.einsum("mgi,mgk->gik", w[:, :, None] * Xc, Xc, precision=_HIGHEST),
-            axis_name,
-            axis_index_groups,
+            mm = jnp.moveaxis(mk, axes, last)  # feature dims of 1 (a row mask)
+            mk = mm.reshape(mm.shape[: x.ndim - len(axes)] + (-1,))[..., 0]
+        w = jnp.broadcast_to(mk != 0, xt.shape[: x.ndim - len(axes)]).reshape(-1, 1)
+    wN = None if w is None else jnp.broadcast_to(w, X.shape)
+    Xv = _where(w, X)  # masked rows selected away
+    n = _count(X, wN, (0,), cd, axis_name, axis_index_groups).reshape(-1)[0]  # rows masked whole
+    s = _shift(Xv, wN, (1,), (0,), axis_name, axis_index_groups)
+    D = _where(w, Xv - s)
+    mu_d = _psum(jnp.sum(D, axis=0), axis_name, axis_index_groups) / n
+    mu = s[0] + mu_d  # (1.1)
+    G, k = groups, N // groups
+    if use_fast_variance:  # cov = Σ d dᵀ / n - mean_d mean_dᵀ, d = x - shift
+        Dg = D.reshape(-1, G, k)
+        sdd = jnp.einsum("mgi,mgk->gik", Dg, Dg, precision=_HIGHEST)
+        md = mu_d.reshape(G, k)
+        cov = _psum(sdd, axis_name, axis_index_groups) / n - md[:, :, None] * md[:, None, :]
+        dia = jnp.diagonal(cov, axis1=-2, axis2=-1)
+        cov = cov + (jnp.maximum(dia, 0) - dia)[..., None] * jnp.eye(k, dtype=cd)
+    else:
+        Xc = _where(w, D - mu_d).reshape(-1, G, k)
+        cov = (
+            _psum(
+                jnp.einsum("mgi,mgk->gik", Xc, Xc, precision=_HIGHEST),
+                axis_name,
+                axis_index_groups,
+            )
+            / n
         )
-        / n
-    )
     a3 = alpha[None] if groups == 1 else alpha
     R = _inhibition(cov, a3.astype(cd), opts)
-    Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R, precision=_HIGHEST)  # (1.5)
-    y = jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
+
+    def inhibit(Z):
+        Zg = Z.reshape(Z.shape[0], G, k)
+        return (Zg - jnp.einsum("mgl,gil->mgi", Zg, R, precision=_HIGHEST)).reshape(Z.shape)
+
+    Y = _masked_output(w, inhibit(Xv), inhibit(X))  # (1.5)
+    y = jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), last, axes)
     var = jnp.diagonal(cov, axis1=-2, axis2=-1).reshape(-1)
     stats = InhibStats(mu, var, cov)
     return y, jax.tree.map(lax.stop_gradient, stats)
@@ -263,15 +356,16 @@ def batch_inhib_inference(
     """Reference BatchInhib with a given covariance: y = x (I - R^T)."""
     opts = InhibOptions(rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     cd = _f32(jnp.result_type(x.dtype, cov.dtype))
-    axis = axis % x.ndim
-    xt = jnp.moveaxis(x, axis, -1)
-    N = xt.shape[-1]
+    axes, _ = _axes(x, axis)
+    last = tuple(range(x.ndim - len(axes), x.ndim))
+    xt = jnp.moveaxis(x, axes, last)
+    N = math.prod(_feat(x, axes))
     Xg = xt.reshape(-1, groups, N // groups).astype(cd)
     a3 = alpha[None] if groups == 1 else alpha
     c3 = cov[None] if groups == 1 else cov
     R = _inhibition(c3.astype(cd), a3.astype(cd), opts)
     Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R, precision=_HIGHEST)
-    return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
+    return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), last, axes)
 
 
 def dropout(x, rate, key, *, residual="bits", broadcast_dims=()):

@@ -1,6 +1,7 @@
 r"""Running statistics: the state the normalization modules keep, and how it is updated.
 
-Seed 002 replaces the mini-batch statistics at inference by population estimates,
+Batch normalization (Ioffe & Szegedy, 2015) replaces the mini-batch statistics at inference
+by population estimates,
 
 .. math::
     E[x] \leftarrow E_B[\mu_B], \qquad Var[x] \leftarrow \tfrac{m}{m-1}\,E_B[\sigma_B^2],
@@ -53,6 +54,12 @@ class RunningStats(NamedTuple):
     ZCANorm (which keep ``mean``, ``whitening_matrix`` and a scalar ``count``). The field
     names are the stored variable names (linen
     ``batch_stats/<name>``, NNX attributes), the same as :class:`flax.linen.BatchNorm`'s.
+
+    Attributes:
+      mean: ``(N,)`` running mean.
+      var: ``(N,)`` running variance, or None (BatchCenter).
+      cov: running covariance of alpha's shape, or None (BatchNorm, BatchCenter).
+      count: batches averaged so far, or None (``momentum`` a float).
     """
 
     mean: Array
@@ -67,7 +74,15 @@ class RunningStats(NamedTuple):
 
 
 def check_momentum(where: str, momentum) -> float | None:
-    """``momentum`` must be None (cumulative average) or a float in [0, 1]."""
+    """``momentum`` must be None (cumulative average) or a float in [0, 1].
+
+    Args:
+      where: the caller's name, for the error.
+      momentum: the value to check.
+
+    Returns:
+      ``momentum`` as a float, or None.
+    """
     return C.momentum(where, momentum)
 
 
@@ -77,6 +92,13 @@ def stats_dtype(param_dtype, force_float32_reductions: bool = True):
     With ``force_float32_reductions`` (the default, as in flax) statistics are stored in
     ``promote_types(param_dtype, float32)``: float32 for the default ``param_dtype``, the
     same as flax; float64 parameters keep float64 statistics.
+
+    Args:
+      param_dtype: the module's parameter dtype.
+      force_float32_reductions: store at least float32.
+
+    Returns:
+      The dtype of the running statistics.
     """
     if force_float32_reductions:
         return jnp.promote_types(param_dtype, jnp.float32)
@@ -93,15 +115,26 @@ def batch_count(
     axis_index_groups=None,
 ):
     """Number of counted values per feature, shape ``(N,)`` float32: the ``m`` of
-    seed 002's ``m/(m-1)``. Rows (positions) where ``mask`` is False are not counted;
-    with ``axis_name`` the counts of every device are summed."""
+    ``m/(m-1)`` (docs/derivations.md, "Running statistics"). Rows (positions) where
+    ``mask`` is False are not counted; with ``axis_name`` the counts of every device are summed.
+
+    Args:
+      where: the caller's name, for errors.
+      x: the input ``(..., N)``.
+      axis: the feature axis.
+      mask: as in :func:`jax_batchinhib.batch_norm`, or None.
+      axis_name, axis_index_groups: sum the counts over these devices.
+
+    Returns:
+      The counts, ``(N,)`` float32.
+    """
     cfg = S.make_reduce(where, x, axis)
-    n = x.shape[cfg.axis]
+    n = cfg.feature_shape(x.shape)
     if mask is None:
         m = 1
         for a in cfg.reduce_axes:
             m *= int(x.shape[a])
-        cnt = jnp.full((n,), m, jnp.float32)
+        cnt = jnp.full(n, m, jnp.float32)
     else:
         mask = S.mask_weights(where, mask, x.shape, cfg)
         w = jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), x.shape)
@@ -113,7 +146,15 @@ def batch_count(
 
 def unbiased_factor(m, dtype=jnp.float32):
     """``m/(m-1)`` where ``m > 1``; 1 where ``m <= 1`` (a single value has no spread),
-    computed in ``dtype`` (the statistic's: float64 statistics get a float64 factor)."""
+    computed in ``dtype`` (the statistic's: float64 statistics get a float64 factor).
+
+    Args:
+      m: the number of values per feature (array or number).
+      dtype: the dtype to compute in.
+
+    Returns:
+      The factor, ``m``'s shape, in ``dtype``.
+    """
     m = jnp.asarray(m, dtype)
     return jnp.where(m > 1, m / jnp.maximum(m - 1, 1), 1.0)
 
@@ -150,7 +191,16 @@ def update(old, batch, *, momentum: float | None, count=None, valid=None):
 
 
 def update_count(count, valid=None):
-    """The next batch count: ``count + 1`` where the batch counted (``valid``)."""
+    """The next batch count: ``count + 1`` where the batch counted (``valid``).
+
+    Args:
+      count: the number of batches averaged so far.
+      valid: optional boolean broadcastable against ``count``; where False the count is
+        kept.
+
+    Returns:
+      The new count, ``count``'s shape and dtype.
+    """
     inc = jnp.ones_like(count) if valid is None else jnp.asarray(valid).astype(count.dtype)
     return count + inc
 
@@ -173,7 +223,15 @@ def _impl(use_autodiff: bool):
 
 
 def values_per_feature(x, axis: int) -> int:
-    """Static number of values per feature on this device (before masking)."""
+    """Static number of values per feature on this device (before masking).
+
+    Args:
+      x: the input (only its shape is read).
+      axis: the feature axis.
+
+    Returns:
+      The product of the sizes of every axis but ``axis``, a Python int.
+    """
     ax = axis % x.ndim
     m = 1
     for a in range(x.ndim):
@@ -186,21 +244,25 @@ def values_per_feature(x, axis: int) -> int:
 class Step:
     """How one forward of a statistics layer runs: the module's mode and options.
 
-    ``use_running_average``: eval mode (running statistics) or training mode (batch
-    statistics); ``update_stats``: fold the batch statistics into the running state
-    (False during a linen ``init``); ``momentum``, ``unbiased``: see the module
-    docstring; ``axis``: the feature axis (non-negative); ``axis_name``,
-    ``axis_index_groups``: statistics across devices; ``use_autodiff``: call the
-    reference instead of the op; ``virtual_batch_size``: ghost batches in training
-    mode (eval mode ignores it), see :func:`_per_batch`; ``use_fast_variance``: passed
-    to the op.
+    Attributes:
+      use_running_average: eval mode (running statistics) or training mode (batch
+        statistics).
+      update_stats: fold the batch statistics into the running state (False during a
+        linen ``init``).
+      momentum, unbiased: see the module docstring.
+      axis: the feature axis (non-negative).
+      axis_name, axis_index_groups: statistics across devices.
+      use_autodiff: call the reference instead of the op.
+      virtual_batch_size: ghost batches in training mode (eval mode ignores it), see
+        :func:`_per_batch`.
+      use_fast_variance: passed to the op.
     """
 
     use_running_average: bool
     update_stats: bool = True
     momentum: float | None = 0.99
     unbiased: bool = True
-    axis: int = -1
+    axis: int | tuple[int, ...] = -1
     axis_name: Any = None
     axis_index_groups: Any = None
     use_autodiff: bool = False
@@ -227,7 +289,8 @@ def _per_batch(where, one, x, mask, virtual_batch_size, axis):
     """
     if virtual_batch_size is None:
         return one(x, mask=mask)
-    return _ghost.ghost_batches(where, one, x, mask, virtual_batch_size, axis % x.ndim)
+    axes = S.make_reduce(where, x, axis).axis
+    return _ghost.ghost_batches(where, one, x, mask, virtual_batch_size, axes)
 
 
 def _update_running(state: RunningStats, batch: dict, *, momentum, valid) -> RunningStats:
@@ -260,7 +323,7 @@ def _train(where, step: Step, op, x, state: RunningStats, mask, names, whole_row
         stats = [lax.stop_gradient(getattr(st, k)) for k in names]
         if unbias and len(stats) > 1:
             m = step.counts(where, xs, mask)
-            m = m[0] if whole_rows else m
+            m = jnp.ravel(m)[0] if whole_rows else m  # feature-shaped with tuple axes
             stats[1:] = [s * unbiased_factor(m, S.compute_dtype(s.dtype)) for s in stats[1:]]
         return y, tuple(stats)
 
@@ -270,14 +333,28 @@ def _train(where, step: Step, op, x, state: RunningStats, mask, names, whole_row
     batch = {k: jnp.reshape(b, getattr(state, k).shape) for k, b in zip(names, batch, strict=True)}
     valid = None if mask is None else step.counts(where, x, mask) > 0
     if valid is not None and whole_rows:
-        valid = valid[0]
+        valid = jnp.ravel(valid)[0]
     return y, _update_running(state, batch, momentum=step.momentum, valid=valid)
 
 
 def batch_norm_step(where: str, x, scale, bias, state: RunningStats, step: Step, *, epsilon, mask):
     """Batch norm in training mode (batch statistics, running update) or eval mode
     (running statistics). ``state`` holds ``mean``, ``var`` and, with momentum=None,
-    ``count``. Returns ``(y, new_state)``."""
+    ``count``.
+
+    Args:
+      where: the calling module's name, for errors.
+      x: the input ``(..., N)``.
+      scale, bias: ``(N,)`` or None.
+      state: the :class:`RunningStats` before this batch.
+      step: the module's mode and options.
+      epsilon: added to the variance.
+      mask: as in :func:`jax_batchinhib.batch_norm`, or None.
+
+    Returns:
+      ``(y, new_state)``; in eval mode, or with ``step.update_stats`` False, ``new_state``
+      is ``state``.
+    """
     impl = _impl(step.use_autodiff)
     if step.use_running_average:
         y = impl.batch_norm_inference(
@@ -290,7 +367,15 @@ def batch_norm_step(where: str, x, scale, bias, state: RunningStats, step: Step,
 
 def batch_center_step(where: str, x, bias, state: RunningStats, step: Step, *, mask):
     """Batch centering in training or eval mode; ``state`` holds ``mean`` (and
-    ``count``). Returns ``(y, new_state)``."""
+    ``count``).
+
+    Args:
+      where, x, state, step, mask: as in :func:`batch_norm_step`.
+      bias: ``(N,)`` or None.
+
+    Returns:
+      ``(y, new_state)``, as :func:`batch_norm_step`.
+    """
     impl = _impl(step.use_autodiff)
     if step.use_running_average:
         return impl.batch_center_inference(x, bias, state.mean, axis=step.axis), state
@@ -308,7 +393,15 @@ def batch_inhib_step(
     momentum=None, a scalar ``count``. ``options``: the op's options. The unbiased factor
     applies to the variance and the covariance alike (Pearson correlations do not
     depend on it, up to epsilon); BatchInhib masks whole rows, so every feature has the
-    same count. Returns ``(y, new_state)``.
+    same count.
+
+    Args:
+      where, x, state, step, mask: as in :func:`batch_norm_step`.
+      alpha: the inhibition weights, ``alpha_shape(N, groups)``.
+      options: the op's :class:`~jax_batchinhib.ops.batch_inhib.InhibOptions`.
+
+    Returns:
+      ``(y, new_state)``, as :func:`batch_norm_step`.
     """
     impl = _impl(step.use_autodiff)
     if step.use_running_average:

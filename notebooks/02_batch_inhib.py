@@ -14,8 +14,8 @@
 # %% [markdown]
 # # 2. BatchInhib: what it does to a batch
 #
-# BatchInhib (seed 000) lets each feature inhibit the others in proportion to their
-# correlation over the batch. Per group of features, with batch covariance $C$:
+# BatchInhib (docs/derivations.md, section 3) lets each feature inhibit the others in
+# proportion to their correlation over the batch. Per group of features, with batch covariance $C$:
 #
 # $$r_{ik} = \frac{C_{ik}}{s_i s_k},\quad
 # R_{ik} = \frac{g(\alpha_{ik})\, r_{ik}}{\sum_{l\ne i} g(\alpha_{il})\, q_{il}},\quad
@@ -85,6 +85,9 @@ print(
     f"after {off_diag_abs(corr(y)):.3f}"
 )
 print("rows of R sum to", np.round(np.asarray(R).sum(1), 3))
+assert off_diag_abs(corr(y)) < off_diag_abs(corr(x))  # BatchInhib decorrelates
+# alpha = 0: R is the row-normalized correlation, so each row sums to 1 (up to the guard)
+np.testing.assert_allclose(np.asarray(R).sum(1), 1.0, rtol=1e-3)
 
 # %% [markdown]
 # Each output is its input minus a weighted average of the features it correlates with
@@ -219,12 +222,13 @@ plt.show()
 # %% [markdown]
 # ## The seed's literal reading: variance instead of standard deviation
 #
-# Seed 000's eq. 1.2 names $\sigma$ the *variance* but eq. 1.3 divides by $\sigma_i\sigma_k$
-# as for a correlation. Read literally (`correlation="variance"`),
-# $r_{ik} = C_{ik}/(v_i v_k)$ changes with the scale of $x$: $r(cx) = r(x)/c^2$. Because
-# $R$ divides by a sum of the same $r$'s, a *common* scale cancels, but features of
-# different scales weigh each other by their variance. Below: scale feature 0 by $c$ and
-# watch the inhibition it receives from the others.
+# The original derivation's eq. 1.2 (quoted in docs/derivations.md, section 3) names
+# $\sigma$ the *variance* but eq. 1.3 divides by $\sigma_i\sigma_k$ as for a correlation.
+# Read literally (`correlation="variance"`), $r_{ik} = C_{ik}/(v_i v_k)$ changes with the
+# scale of $x$: $r(cx) = r(x)/c^2$. Because $R$ divides by a sum of the same $r$'s, a
+# *common* scale cancels, but features of different scales weigh each other by their
+# variance. Below: scale feature 0 by $c$ and watch the inhibition it receives from the
+# others.
 
 # %%
 scales = np.logspace(-1.5, 1.5, 13)

@@ -41,3 +41,24 @@ if _saved_xla_flags is None:
     del os.environ["XLA_FLAGS"]
 else:
     os.environ["XLA_FLAGS"] = _saved_xla_flags
+
+# Hypothesis profiles (tests/test_properties.py explains them): "ci", the default, draws
+# the same examples every run so that a failure reproduces; "thorough" draws many more,
+# at random: pytest --hypothesis-profile=thorough.
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+_HYPOTHESIS = dict(
+    deadline=None,  # the first example of a configuration compiles
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+# No shrinking in "ci": each shrink step compiles a new program (minutes on a shared CPU),
+# and the failing example, printed in full, reproduces as it is.
+settings.register_profile(
+    "ci",
+    max_examples=8,
+    derandomize=True,
+    phases=(Phase.explicit, Phase.generate),
+    **_HYPOTHESIS,
+)
+settings.register_profile("thorough", max_examples=200, **_HYPOTHESIS)
+settings.load_profile("ci")

@@ -1,6 +1,6 @@
 """Data parallelism with 8 CPU devices (tests/conftest.py splits the host into 8).
 
-What is shown (issue 6), each against the single-device computation on the full batch:
+What is shown, each against the single-device computation on the full batch:
 
 - batch_norm, batch_center, batch_inhib (groups 1 and 2) under ``jax.shard_map`` with
   ``axis_name``, with ``check_vma`` on and off: outputs, statistics and the gradients of
@@ -38,8 +38,9 @@ from jax.sharding import PartitionSpec as P
 
 import jax_batchinhib as jb
 from jax_batchinhib import linen as bl
-from jax_batchinhib import parallel, train
+from jax_batchinhib import parallel
 from jax_batchinhib import reference as ref
+from jax_batchinhib.apps import train
 from jax_batchinhib.apps.models import MLP
 
 ND = 8
@@ -233,8 +234,8 @@ def uneven_mask():
 def test_uneven_masks_give_global_statistics(name):
     """Each device holds a different number of valid rows: the statistics are those of
     the valid rows gathered on one device (counts summed, never an average of per-device
-    means, flax issue 2417), and y and the gradients equal the single-device masked
-    batch."""
+    means, https://github.com/google/flax/issues/2417), and y and the gradients equal the
+    single-device masked batch."""
     with jax.enable_x64(True):
         x, ct = data()
         p = params()

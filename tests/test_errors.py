@@ -73,11 +73,11 @@ CASES = {
         nnx=lambda: bnx.BatchInhib(N, axis=2, rngs=nnx.Rngs(0))(X),
     ),
     "axis not an int": dict(
-        op=lambda: jbi.batch_norm(X, axis=(0, 1)),
-        linen=lambda: bnn.BatchNorm(use_running_average=False, axis=(0, 1)).init(
+        op=lambda: jbi.batch_norm(X, axis=1.5),
+        linen=lambda: bnn.BatchNorm(use_running_average=False, axis=1.5).init(
             jax.random.key(1), X
         ),
-        nnx=lambda: bnx.BatchNorm(N, axis=(0, 1), rngs=nnx.Rngs(0))(X),
+        nnx=lambda: bnx.BatchNorm(N, axis=1.5, rngs=nnx.Rngs(0))(X),
     ),
     "groups do not divide N": dict(
         op=lambda: jbi.batch_inhib(X, ALPHA, groups=3),

@@ -266,17 +266,19 @@ def test_under_shard_map_the_count_includes_the_devices():
 
 
 def test_errors_name_the_module_and_the_argument():
+    # float64 throughout (the options build float64 parameters): inside enable_x64, so
+    # nothing is truncated to float32 with a warning
     with jax.enable_x64(True):
         x, _ = data()
-    for kind in KINDS:
-        with pytest.raises(ValueError, match=rf"{kind}: virtual_batch_size=5 must divide.*16"):
-            mdl = getattr(bl, kind)(**options(kind, virtual_batch_size=5))
-            mdl.init_with_output(jax.random.key(0), x, use_running_average=False)
-        m = getattr(bx, kind)(N, **options(kind, virtual_batch_size=5), rngs=nnx.Rngs(0))
-        with pytest.raises(ValueError, match=rf"{kind}: virtual_batch_size=5 must divide.*16"):
-            m(x)
-        with pytest.raises(ValueError, match=rf"{kind}: virtual_batch_size must be an int"):
-            getattr(bx, kind)(N, virtual_batch_size=0, rngs=nnx.Rngs(0))
-        with pytest.raises(TypeError, match=rf"{kind}: virtual_batch_size must be an int"):
-            mdl = getattr(bl, kind)(virtual_batch_size=2.0)
-            mdl.init(jax.random.key(0), x, use_running_average=False)
+        for kind in KINDS:
+            with pytest.raises(ValueError, match=rf"{kind}: virtual_batch_size=5 must divide.*16"):
+                mdl = getattr(bl, kind)(**options(kind, virtual_batch_size=5))
+                mdl.init_with_output(jax.random.key(0), x, use_running_average=False)
+            m = getattr(bx, kind)(N, **options(kind, virtual_batch_size=5), rngs=nnx.Rngs(0))
+            with pytest.raises(ValueError, match=rf"{kind}: virtual_batch_size=5 must divide.*16"):
+                m(x)
+            with pytest.raises(ValueError, match=rf"{kind}: virtual_batch_size must be an int"):
+                getattr(bx, kind)(N, virtual_batch_size=0, rngs=nnx.Rngs(0))
+            with pytest.raises(TypeError, match=rf"{kind}: virtual_batch_size must be an int"):
+                mdl = getattr(bl, kind)(virtual_batch_size=2.0)
+                mdl.init(jax.random.key(0), x, use_running_average=False)

@@ -185,5 +185,5 @@ def test_nnx_errors_name_the_module_and_the_argument():
         bnx.BatchCenter(6, momentum=-0.1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"BatchNorm: num_features must be an int >= 1"):
         bnx.BatchNorm(0, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"Dropout: broadcast_dims must be \(\)"):
-        bnx.Dropout(0.5, broadcast_dims=(0,))
+    with pytest.raises(TypeError, match=r"Dropout: broadcast_dims must be a sequence of ints"):
+        bnx.Dropout(0.5, broadcast_dims=("h",))

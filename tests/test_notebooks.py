@@ -15,8 +15,24 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
 
 
-def test_there_are_three_notebooks():
-    assert len(SOURCES) >= 3, SOURCES
+def test_every_notebook_source_has_its_executed_pair():
+    """The four notebooks the README links (01-04) at least, and no .py without its
+    .ipynb or .ipynb without its .py."""
+    stems = {p.stem for p in SOURCES}
+    assert {
+        "01_hand_vs_autodiff",
+        "02_batch_inhib",
+        "03_two_branch_by_hand",
+        "04_data_parallel",
+    } <= stems, stems
+    assert stems == {p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")}
+
+
+def test_notebooks_assert_their_claims():
+    """Each notebook checks what its text claims with assertions, so a false claim fails
+    test_notebook_executes (not only a crash)."""
+    for py in SOURCES:
+        assert "\nassert " in py.read_text() or "np.testing.assert" in py.read_text(), py.name
 
 
 def cells(nb):

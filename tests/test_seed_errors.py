@@ -1,4 +1,4 @@
-"""The seed derivations (../shared/seeds/000-004) checked against autodiff.
+"""The seed derivations (000-004, quoted in docs/derivations.md) checked against autodiff.
 
 Each test implements one seed formula literally, next to the corrected formula of
 docs/derivations.md, and compares both to ``jax.grad`` of a naive float64 forward pass on

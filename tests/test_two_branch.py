@@ -1,4 +1,5 @@
-"""Seed 001's two-branch network: the backward chained by hand equals jax.grad.
+"""The two-branch network (docs/derivations.md, section 6): the backward chained by hand
+equals jax.grad.
 
 All in float64 on a small batch; a correct chain agrees with autodiff to round-off
 (~1e-15 relative here), so the tolerance is 1e-10 relative (normwise, per parameter).
@@ -98,7 +99,7 @@ def test_by_hand_equals_jax_grad(setup, autodiff, path):
 
 
 def test_seed_centering_rule_is_detectably_wrong(setup):
-    """The comparison can fail: seed 001's batch-centering line dx1B = dxBN (1 - 1/m)
+    """The comparison can fail: the original derivation's batch-centering line dx1B = dxBN (1 - 1/m)
     gives an fc1b gradient that misses autodiff by far more than the tolerance."""
     s = setup[False]
     with jax.enable_x64(True):

@@ -5,9 +5,10 @@
   see :func:`layer_bias`): BatchNorm's own bias takes its place.
 - :class:`CNN`: a small NHWC CNN (Conv 3x3 -> norm -> ReLU, average pooling), e.g. for
   8x8 digits ``(B, 8, 8, 1)``.
-- :class:`TwoBranch`: seed 001's two-branch block. Branch A: Dense -> sin -> Dropout ->
-  Dense; branch B: Dense (no bias) -> BatchCenter -> ReLU; concat([B, A]) -> Dense ->
-  logits (the softmax is in the loss, :func:`jax_batchinhib.softmax_cross_entropy`).
+- :class:`TwoBranch`: the two-branch block of docs/derivations.md, section 6. Branch A:
+  Dense -> sin -> Dropout -> Dense; branch B: Dense (no bias) -> BatchCenter -> ReLU;
+  concat([B, A]) -> Dense -> logits (the softmax is in the loss,
+  :func:`jax_batchinhib.softmax_cross_entropy`).
 
 The normalization of MLP and CNN is chosen by one string, ``norm`` (see :data:`NORMS`):
 
@@ -217,7 +218,7 @@ class CNN(nn.Module):
 
 
 class TwoBranch(nn.Module):
-    """Seed 001's two-branch block.
+    """The two-branch block of docs/derivations.md, section 6.
 
     Branch A: ``z1a = sin(fc1a(x))``, dropout (``dropout``), ``yA = fc2a(.)``.
     Branch B: ``x1B = fc1b(x)`` (no bias), ``xBN = center(x1B)`` (BatchCenter: param

@@ -119,7 +119,7 @@ VARIANTS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
         lambda: InhibMLP(HIDDEN, batchnorm=False, groups=4, guard_mode="relative"),
     ),
     "two_branch": (
-        "seed 001 two-branch: sin, dropout; BatchCenter, ReLU",
+        "two-branch network: sin, dropout; BatchCenter, ReLU",
         lambda: TwoBranch(features_a=32, features_b=32, dropout_rate=0.2),
     ),
 }
@@ -362,34 +362,100 @@ def comparisons(results: list[dict], n_test: int = 450) -> list[str]:
     return out
 
 
+#: Okabe & Ito's colour-blind-safe palette, its pale yellow last, and grey: nine colours;
+#: with more variants than colours the line style and the marker still tell them apart.
+OKABE_ITO = (
+    "#000000",
+    "#E69F00",
+    "#56B4E9",
+    "#009E73",
+    "#0072B2",
+    "#D55E00",
+    "#CC79A7",
+    "#999999",
+    "#F0E442",
+)
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+def plot_style(i: int) -> dict:
+    """Colour, line style and marker of the ``i``-th variant: no two of the first 36
+    variants share all three, and no two of the first 9 share a colour."""
+    return {
+        "color": OKABE_ITO[i % len(OKABE_ITO)],
+        "linestyle": LINESTYLES[i % len(LINESTYLES)],
+        "marker": MARKERS[i % len(MARKERS)],
+    }
+
+
 def plot(results: list[dict], path: str) -> None:
+    """``curves.png``: train loss, test loss and test accuracy per epoch (mean over seeds,
+    a band of ± one std), and the final test accuracy of every variant with its std as an
+    error bar. Curves that coincide (e.g. flax's BatchNorm and ours) stay visible: each
+    variant has its own colour, line style and marker, and the markers of different
+    variants sit on different epochs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
+    axes = axes.ravel()
     panels = [
         ("train_loss", "train loss (epoch mean)", True),
         ("test_loss", "test loss", True),
         ("test_acc", "test accuracy", False),
     ]
-    for ax, (key, title, logy) in zip(axes, panels, strict=True):
-        for r in results:
+    n = len(results)
+    for ax, (key, title, logy) in zip(axes[:3], panels, strict=True):
+        for i, r in enumerate(results):
             v = np.asarray(r["curves"][key])
             ep = np.arange(1, v.shape[1] + 1)
             m, s = v.mean(0), v.std(0)
-            (line,) = ax.plot(ep, m, label=r["variant"])
-            ax.fill_between(ep, m - s, m + s, color=line.get_color(), alpha=0.2)
+            every = max(1, min(n, v.shape[1] // 3))
+            ax.plot(
+                ep,
+                m,
+                label=r["variant"],
+                markevery=(i % every, every),
+                markersize=6,
+                linewidth=1.6,
+                **plot_style(i),
+            )
+            ax.fill_between(ep, m - s, m + s, color=plot_style(i)["color"], alpha=0.12)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         if logy:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[2].set_ylim(0.8, 1.0)
-    axes[2].legend(loc="lower right", fontsize=8)
+    final = [100 * r["test_acc_mean"] for r in results]
+    lo = min(80.0, min(final) - 2.0)
+    axes[2].set_ylim(max(0.0, lo) / 100, 1.0)
+
+    ax = axes[3]
+    for i, r in enumerate(results):
+        st = plot_style(i)
+        ax.errorbar(
+            100 * r["test_acc_mean"],
+            n - 1 - i,
+            xerr=100 * r["test_acc_std"],
+            color=st["color"],
+            marker=st["marker"],
+            markersize=7,
+            capsize=4,
+            linestyle="none",
+        )
+    ax.set_yticks(range(n), [r["variant"] for r in reversed(results)], fontsize=9)
+    ax.set_xlabel("final test accuracy (%), mean ± std over seeds")
+    ax.set_title("final test accuracy")
+    ax.grid(alpha=0.3, axis="x")
+    handles, labels = axes[0].get_legend_handles_labels()
+    ncol = min(n, 4)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=10, frameon=False)
     fig.suptitle("scikit-learn digits: mean ± std over seeds")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.025 * -(-n // ncol) + 0.01, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -1,4 +1,6 @@
-r"""Seed 001's two-branch network with its backward chained by hand, rule by rule.
+r"""The two-branch network, its backward chained by hand, rule by rule.
+
+Derivation: docs/derivations.md, section 6.
 
 The network (:class:`jax_batchinhib.apps.models.TwoBranch`), batch of ``m`` rows, row-major
 (``x`` is ``(m, d)``, a Dense layer is ``z = x W + b`` with ``W`` of shape ``(in, out)``
@@ -16,8 +18,8 @@ as linen stores it):
 
 :func:`grads_by_hand` runs it forward and back, one line per rule (the seed's own order:
 softmax cross-entropy, FC_2B, concat, ReLU, batch centering, FC_1B; FC_2A, dropout, sin,
-FC_1A). Where seed 001 is wrong, the line follows the correct derivation and the comment
-says what the seed wrote (see ``docs/derivations.md``):
+FC_1A). Where the original derivation is wrong, the line follows the correct derivation and
+the comment says what the seed wrote (see ``docs/derivations.md``):
 
 - ``dW = (input)ᵀ · d(output)``: the seed writes ``(y_B - ŷ_B) z_BN``, ``(y_B - ŷ_B) θ_2B``
   without transposes (the shapes do not even agree for a batch).

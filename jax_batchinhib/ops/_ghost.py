@@ -3,7 +3,8 @@
 ``op(x, ..., virtual_batch_size=v)`` splits the leading (batch) axis of ``x`` of length
 ``B`` into ``B / v`` sub-batches of ``v`` examples, normalizes each with its own
 statistics (Keras's ``BatchNormalization(virtual_batch_size=v)``, Hoffer et al. 2017
-"Train longer, generalize better"; asked of flax in its issue 332) and returns the
+"Train longer, generalize better"; requested of flax in
+https://github.com/google/flax/issues/332) and returns the
 statistics averaged over the sub-batches: the mean over sub-batches of the per-sub-batch
 mean, variance (biased, over ``v`` examples) and covariance, as Keras feeds its moving
 averages.
@@ -22,10 +23,11 @@ import jax.numpy as jnp
 from jax_batchinhib.ops import _checks as C
 
 
-def check_virtual_batch_size(fn: str, x, axis: int, v) -> int:
-    """Validate ``virtual_batch_size`` against ``x`` (``axis`` normalized); return it."""
+def check_virtual_batch_size(fn: str, x, axis, v) -> int:
+    """Validate ``virtual_batch_size`` against ``x`` (``axis`` normalized: an int or a
+    tuple of feature axes); return it."""
     C.virtual_batch_size(fn, v)
-    if x.ndim < 2 or axis == 0:
+    if x.ndim < 2 or 0 in (axis if isinstance(axis, tuple) else (axis,)):
         raise ValueError(
             f"{fn}: virtual_batch_size splits the leading (batch) axis, which must not be the "
             f"feature axis; got x of shape {tuple(x.shape)} with feature axis {axis}"
@@ -39,7 +41,7 @@ def check_virtual_batch_size(fn: str, x, axis: int, v) -> int:
     return v
 
 
-def ghost_batches(fn: str, op, x, mask, v: int, axis: int):
+def ghost_batches(fn: str, op, x, mask, v: int, axis):
     """Run ``op(x_sub, mask=mask_sub) -> (y_sub, stats)`` on each sub-batch of ``v`` rows.
 
     ``op`` closes over everything else (parameters, static options). Returns ``y`` of

@@ -1,5 +1,5 @@
 """Shared pieces of the statistics ops: argument checks, masks and counts, float32
-accumulation, the shifted two-pass moments, and sums across devices (``axis_name``).
+accumulation, the shifted one- and two-pass moments, and sums across devices (``axis_name``).
 
 Everything here runs at trace time on shapes, or inside the ops' forward and backward
 rules on arrays; nothing here carries a custom rule of its own.
@@ -29,16 +29,29 @@ PRECISION = lax.Precision.HIGHEST
 class Reduce:
     """Static description of a statistics reduction (hashable: a custom_vjp nondiff arg).
 
-    ``axis`` is the (non-negative) feature axis of an ``ndim``-dimensional input; the
-    statistics reduce over ``reduce_axes`` (every other axis) and, when ``axis_name`` is
-    given, across the devices of that mapped axis.
+    ``axes`` are the (non-negative, sorted) feature axes of an ``ndim``-dimensional
+    input; the statistics reduce over ``reduce_axes`` (every other axis) and, when
+    ``axis_name`` is given, across the devices of that mapped axis. Several feature axes
+    (flax's tuple ``axis``) make per-feature vectors of the shape of those axes.
     """
 
     ndim: int
-    axis: int
+    axes: tuple[int, ...]
     reduce_axes: tuple[int, ...]
     axis_name: Any = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+
+    @property
+    def feature_axes(self) -> tuple[int, ...]:
+        return self.axes
+
+    @property
+    def axis(self):
+        """The feature axis as an ``axis`` argument: an int, or a tuple of several."""
+        return self.axes[0] if len(self.axes) == 1 else self.axes
+
+    def feature_shape(self, x_shape) -> tuple[int, ...]:
+        return tuple(int(x_shape[a]) for a in self.axes)
 
     def psum(self, v):
         if self.axis_name is None:
@@ -59,9 +72,14 @@ class Reduce:
             return ct
         return self.psum(ct)
 
-    def keep_shape(self, n: int) -> tuple[int, ...]:
-        """Shape of a per-feature vector broadcast against the input."""
-        return tuple(n if a == self.axis else 1 for a in range(self.ndim))
+    def keep_shape(self, feat) -> tuple[int, ...]:
+        """Shape of a per-feature vector (of shape ``feat``, an int for one feature axis)
+        broadcast against the input."""
+        feat = (feat,) if isinstance(feat, int) else tuple(feat)
+        keep = [1] * self.ndim
+        for a, n in zip(self.axes, feat, strict=True):
+            keep[a] = n
+        return tuple(keep)
 
 
 def _names(axis_name) -> tuple:
@@ -117,16 +135,64 @@ def check_float(fn: str, name: str, x) -> None:
     C.float_array(fn, name, x)
 
 
+def normalize_axes(fn: str, axis, ndim: int) -> tuple[int, ...]:
+    """``axis``, an int or a tuple of distinct ints (several feature axes, as flax's
+    ``axis``), as a sorted tuple of non-negative axes."""
+    many = isinstance(axis, tuple | list)
+    items = tuple(axis) if many else (axis,)
+    if many and not items:
+        raise ValueError(f"{fn}: axis must be an int or a non-empty tuple of ints; got ()")
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise TypeError(f"{fn}: axis must be an int or a tuple of ints; got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{fn}: axis {a} is out of range for x with {ndim} dimensions; "
+                f"expected an int in [{-ndim}, {ndim - 1}]" + (f" (axis={axis!r})" if many else "")
+            )
+    out = tuple(sorted(a % ndim for a in items))
+    if len(set(out)) != len(out):
+        raise ValueError(f"{fn}: axis must not repeat an axis; got {axis!r} for x with {ndim} dims")
+    if len(out) == ndim:
+        raise ValueError(
+            f"{fn}: axis={axis!r} names every axis of x ({ndim} dimensions); at least one "
+            f"axis must remain to compute statistics over"
+        )
+    return out
+
+
 def normalize_axis(fn: str, axis, ndim: int) -> int:
+    """A single feature axis, non-negative."""
     return C.axis(fn, axis, ndim)
 
 
-def check_vector(fn: str, name: str, v, n: int) -> None:
-    C.vector(fn, name, v, n)
+def check_vector(fn: str, name: str, v, n) -> None:
+    """A per-feature vector: shape ``(n,)``, or the feature shape ``n`` (a tuple) of
+    several feature axes."""
+    if isinstance(n, tuple) and len(n) == 1:
+        n = n[0]
+    if not isinstance(n, tuple):
+        C.vector(fn, name, v, n)
+        return
+    if v is None:
+        return
+    check_float(fn, name, v)
+    shape = jnp.shape(v)
+    if shape != n:
+        raise ValueError(
+            f"{fn}: {name} must have the feature shape {shape_str(n)} (x's sizes along "
+            f"the feature axes); got {shape_str(shape)}"
+        )
 
 
 def check_epsilon(fn: str, epsilon, name: str = "epsilon") -> None:
     C.epsilon(fn, epsilon, name)
+
+
+def check_fast_variance(fn: str, use_fast_variance) -> bool:
+    """``use_fast_variance`` selects the variance algorithm (True: shifted one-pass,
+    False: shifted two-pass): a Python bool."""
+    return C.flag(fn, "use_fast_variance", use_fast_variance)
 
 
 def check_axis_name(fn: str, axis_name) -> None:
@@ -152,7 +218,12 @@ def as_groups(axis_index_groups) -> tuple[tuple[int, ...], ...] | None:
 
 def make_reduce(fn: str, x, axis, axis_name=None, axis_index_groups=None) -> Reduce:
     ndim = jnp.ndim(x)
-    ax = C.axis(fn, axis, ndim)
+    if ndim < 1:
+        raise ValueError(f"{fn}: x must have at least one dimension; got a scalar")
+    if ndim > 1 or isinstance(axis, tuple | list):
+        ax = normalize_axes(fn, axis, ndim)
+    else:  # 1-D x: its one axis is the feature axis (the inference forms take it)
+        ax = (normalize_axis(fn, axis, ndim),)
     check_axis_name(fn, axis_name)
     if axis_index_groups is not None and is_typed(axis_name):
         raise NotImplementedError(
@@ -161,7 +232,7 @@ def make_reduce(fn: str, x, axis, axis_name=None, axis_index_groups=None) -> Red
             f"a second axis and pass axis_name=<the inner axis> (statistics per group of "
             f"devices), or use check_vma=False / jax.pmap."
         )
-    red = tuple(a for a in range(ndim) if a != ax)
+    red = tuple(a for a in range(ndim) if a not in ax)
     return Reduce(ndim, ax, red, axis_name, as_groups(axis_index_groups))
 
 
@@ -176,9 +247,9 @@ def mask_weights(fn: str, mask, x_shape: Sequence[int], cfg: Reduce, *, rows_onl
         return None
     x_shape = tuple(x_shape)
     mshape = tuple(jnp.shape(mask))
-    row_shape = tuple(s for a, s in enumerate(x_shape) if a != cfg.axis)
+    row_shape = tuple(s for a, s in enumerate(x_shape) if a not in cfg.axes)
     if mshape == row_shape and len(x_shape) > 1 and mshape != x_shape:
-        mask = jnp.expand_dims(mask, cfg.axis)
+        mask = jnp.expand_dims(mask, cfg.axes)
         mshape = tuple(jnp.shape(mask))
     try:
         b = jnp.broadcast_shapes(mshape, x_shape)
@@ -189,7 +260,7 @@ def mask_weights(fn: str, mask, x_shape: Sequence[int], cfg: Reduce, *, rows_onl
             f"{fn}: mask must have the shape of x {shape_str(x_shape)}, broadcast to it, or "
             f"be a row mask of shape {shape_str(row_shape)}; got {shape_str(mshape)}"
         )
-    if rows_only and len(mshape) == len(x_shape) and mshape[cfg.axis] != 1:
+    if rows_only and len(mshape) == len(x_shape) and any(mshape[a] != 1 for a in cfg.axes):
         raise ValueError(
             f"{fn}: mask must select whole rows (the same for every feature): give a row mask "
             f"of shape {shape_str(row_shape)} or a feature dimension of 1; got "
@@ -215,58 +286,111 @@ def static_count(fn: str, x_shape, cfg: Reduce, mask) -> int:
 
 
 # ----------------------------------------------------------------------------- moments
+#
+# Masked values are SELECTED away (``jnp.where``), never multiplied by a zero weight:
+# padding often holds garbage, and NaN * 0 is NaN. Every place where the data meet the
+# mask goes through :func:`select` (see ``docs/derivations.md``, "Masks select").
 
 
-def weights_array(mask, dtype):
-    return None if mask is None else mask.astype(dtype)
+def mask_bool(mask):
+    """A validated mask as booleans (an integer mask counts its nonzero entries)."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    return mask if mask.dtype == jnp.bool_ else mask != 0
 
 
-def wsum(v, w, axes, keepdims=True):
-    """Sum of v (weighted by w if given) over axes."""
-    if w is not None:
-        v = v * w
-    return jnp.sum(v, axis=axes, keepdims=keepdims)
+def select(v, mask, fill=0):
+    """``v`` where ``mask`` is True and ``fill`` elsewhere (``v`` itself without a mask).
+
+    A select, not a product: a NaN or inf at a masked position does not survive it.
+    """
+    if mask is None:
+        return v
+    return jnp.where(mask, v, jnp.asarray(fill, jnp.result_type(v)))
 
 
-def count(x_shape, w, cfg: Reduce, dtype):
-    """Global number of values per feature (keepdims shape), summed across devices."""
-    if w is None:
+def wsum(v, mask, axes, keepdims=True):
+    """Sum of ``v`` over ``axes`` at the positions where ``mask`` is True (all without)."""
+    return jnp.sum(select(v, mask), axis=axes, keepdims=keepdims)
+
+
+def count(x_shape, mask, cfg: Reduce, dtype):
+    """Global number of values per feature (keepdims shape), summed across devices.
+    Computed from the mask alone, never from the data."""
+    if mask is None:
         m = 1
         for a in cfg.reduce_axes:
             m *= int(x_shape[a])
         return cfg.psum(jnp.asarray(m, dtype))
-    n = cfg.psum(jnp.sum(jnp.broadcast_to(w, x_shape), axis=cfg.reduce_axes, keepdims=True))
-    return n
+    w = jnp.broadcast_to(mask, x_shape).astype(dtype)
+    return cfg.psum(jnp.sum(w, axis=cfg.reduce_axes, keepdims=True))
 
 
-def shift_of(xf, w, cfg: Reduce, n):
-    """A per-feature value close to the data: the first sample, or the (naive) masked mean.
+def _first_valid(xf, mask, cfg: Reduce):
+    """Per feature, the value at the first position (row-major over the reduced axes)
+    where ``mask`` is True, and whether there is one: ``(sample, has)``, keepdims shapes.
 
-    Subtracting it before the two passes makes ``x - shift`` exact (Sterbenz) when the
-    data sit far from zero, so the variance survives a mean of 1e4 with std 1e-2 in
-    float32. It is a constant for differentiation.
+    Reads the mask and gathers one value per feature; it does not read the data."""
+    shape = xf.shape
+    feat = tuple(shape[a] for a in cfg.feature_axes)
+    rshape = tuple(shape[a] for a in cfg.reduce_axes)
+    mb = jnp.broadcast_to(mask, shape)
+    mt = jnp.transpose(mb, cfg.reduce_axes + cfg.feature_axes).reshape((-1,) + feat)
+    idx = jnp.argmax(mt, axis=0)  # first True (0 where there is none)
+    has = jnp.any(mt, axis=0)
+    coords = iter(jnp.unravel_index(idx, rshape) if rshape else ())
+    grid = iter(jnp.indices(feat, sparse=True))
+    index = tuple(next(grid) if a in cfg.feature_axes else next(coords) for a in range(xf.ndim))
+    sample = xf[index]  # feature-shaped: one gathered value per feature
+    keep = tuple(shape[a] if a in cfg.feature_axes else 1 for a in range(xf.ndim))
+    return jnp.where(has, sample, 0).reshape(keep), has.reshape(keep)
+
+
+def shift_of(xf, mask, cfg: Reduce):
+    """A per-feature value taken from the data: the first sample, with a mask the first
+    VALID sample (a masked value is never read); with ``axis_name`` the average of the
+    devices' samples (devices with no valid sample left out).
+
+    Subtracting it makes ``x - shift`` small and exact (Sterbenz) when the data sit far
+    from zero, so the variance survives a mean of 1e4 with std 1e-2 in float32 (the
+    bound is in ``docs/derivations.md``). It is a constant for differentiation.
     """
-    if w is None:
+    if mask is None:
         s = xf
         for a in cfg.reduce_axes:
             s = lax.slice_in_dim(s, 0, 1, axis=a)
         if cfg.axis_name is not None:
             s = lax.pmean(s, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
     else:
-        s = cfg.psum(wsum(xf, w, cfg.reduce_axes)) / jnp.maximum(n, 1)
+        s, has = _first_valid(xf, mask, cfg)
+        if cfg.axis_name is not None:
+            k = has.astype(s.dtype)
+            tot, num = cfg.psum((s * k, k))  # s is finite: it is 0 where has is False
+            s = tot / jnp.maximum(num, 1)
     return lax.stop_gradient(s)
 
 
-def moments(xf, w, cfg: Reduce, n):
-    """Shifted two-pass mean and biased variance (keepdims shapes).
+def moments(xf, mask, cfg: Reduce, n, fast: bool = True):
+    """Shifted mean and biased variance (keepdims shapes), over the positions where
+    ``mask`` is True.
 
-    Returns ``(shift, mean_d, var)`` with mean = shift + mean_d, where ``mean_d`` is the
-    mean of ``x - shift``; ``(x - shift) - mean_d`` is the accurate centred data.
+    ``fast=True``: one pass, ``Σd`` and ``Σd²`` of ``d = x - shift`` in the same
+    reduction, ``var = Σd²/n - (Σd/n)²`` (clamped at 0). ``fast=False``: two passes,
+    ``var = Σ(d - mean_d)²/n``. Returns ``(shift, mean_d, var)`` with mean = shift +
+    mean_d, where ``mean_d`` is the mean of ``x - shift``; ``(x - shift) - mean_d`` is the
+    accurate centred data.
     """
     nz = jnp.maximum(n, 1)
-    s = shift_of(xf, w, cfg, n)
-    d = xf - s
-    mean_d = cfg.psum(wsum(d, w, cfg.reduce_axes)) / nz
-    dc = d - mean_d
-    var = cfg.psum(wsum(dc * dc, w, cfg.reduce_axes)) / nz
+    s = shift_of(xf, mask, cfg)
+    d = select(xf - s, mask)
+    red = cfg.reduce_axes
+    if fast:
+        s1, s2 = cfg.psum((jnp.sum(d, red, keepdims=True), jnp.sum(d * d, red, keepdims=True)))
+        mean_d = s1 / nz
+        var = jnp.maximum(s2 / nz - mean_d * mean_d, 0)
+    else:
+        mean_d = cfg.psum(jnp.sum(d, red, keepdims=True)) / nz
+        dc = select(d - mean_d, mask)
+        var = cfg.psum(jnp.sum(dc * dc, red, keepdims=True)) / nz
     return s, mean_d, var

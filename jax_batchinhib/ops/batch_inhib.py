@@ -1,4 +1,6 @@
-r"""BatchInhib: features inhibit each other through their batch correlation (seed 000).
+r"""BatchInhib: features inhibit each other through their batch correlation.
+
+Derivation: docs/derivations.md, "3. batch_inhib".
 
 Per group of ``n = N / groups`` contiguous features, with batch covariance ``C``:
 
@@ -8,8 +10,8 @@ Per group of ``n = N / groups`` contiguous features, with batch covariance ``C``
     y_i = x_i - \sum_{l\ne i} R_{il}\, x_l,\quad g(a) = \mathrm{softplus}(\rho a)/\rho
 
 with :math:`s_i = \sqrt{C_{ii}+\epsilon}` (Pearson, default) or :math:`s_i = C_{ii}+\epsilon`
-(the seed's literal eq. 1.2, ``correlation="variance"``), and :math:`q = r` (signed
-denominator, the seed's) or :math:`q = |r|` (``denominator="abs"``). The reciprocal of
+(the original derivation's literal reading, ``correlation="variance"``), and :math:`q = r`
+(signed denominator, the original one) or :math:`q = |r|` (``denominator="abs"``). The reciprocal of
 the denominator :math:`D_i` is guarded as :math:`h(D) = D/(D^2+\delta^2)` (``guard`` =
 δ): smooth, bounded by :math:`1/(2\delta)`, and :math:`1/D` to relative :math:`\delta^2/D^2`.
 With ``guard_mode="relative"`` it is :math:`h(D) = D/(D^2+\delta^2 A_i^2)`,
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -50,8 +53,13 @@ RELATIVE_GUARD_FLOOR = 1e-12
 
 
 class InhibStats(NamedTuple):
-    """Batch statistics of batch_inhib (stop-gradient): ``mean`` and biased ``var`` of
-    shape (N,), and the biased covariance ``cov`` of shape (groups, N/groups, N/groups)."""
+    """Batch statistics of batch_inhib (stop-gradient).
+
+    Attributes:
+      mean: ``(N,)`` batch mean.
+      var: ``(N,)`` biased batch variance.
+      cov: ``(groups, N/groups, N/groups)`` biased batch covariance.
+    """
 
     mean: Array
     var: Array
@@ -68,6 +76,11 @@ class InhibOptions:
     static argument of the custom rules). ``guard=None`` becomes the guard mode's
     default (:data:`GUARD_DEFAULTS`). Construct it directly (errors name
     ``InhibOptions``) or with :meth:`checked` (errors name the caller).
+
+    Attributes:
+      rho, epsilon, groups, correlation, denominator, guard, guard_mode: as the
+        arguments of :func:`batch_inhib` of the same names; ``guard`` is never None
+        after construction.
 
     Example:
       >>> from jax_batchinhib.ops.batch_inhib import InhibOptions
@@ -202,7 +215,20 @@ def _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, gua
 
 
 def alpha_shape(num_features: int, groups: int = 1) -> tuple[int, ...]:
-    """The shape alpha must have: (N, N), or (G, N/G, N/G) with groups=G > 1."""
+    """The shape alpha must have: (N, N), or (G, N/G, N/G) with groups=G > 1.
+
+    Args:
+      num_features: N, the number of features.
+      groups: G, the number of contiguous feature groups (it should divide N).
+
+    Returns:
+      ``(N, N)`` for ``groups=1``, else ``(G, N/G, N/G)``.
+
+    Example:
+      >>> from jax_batchinhib import alpha_shape
+      >>> alpha_shape(6), alpha_shape(6, groups=3)
+      ((6, 6), (3, 2, 2))
+    """
     n = num_features // groups
     return (n, n) if groups == 1 else (groups, n, n)
 
@@ -222,14 +248,22 @@ def _check_groups_alpha(fn, nfeat, groups, alpha, name="alpha"):
         )
 
 
-def _as_matrix(x, axis):
-    """x with the feature axis moved last and flattened to (M, N)."""
-    xt = jnp.moveaxis(x, axis, -1)
-    return xt.reshape(-1, xt.shape[-1]), xt.shape
+def _last(x, axes):
+    """Where the feature axes go: the last ``len(axes)`` positions."""
+    return tuple(range(x.ndim - len(axes), x.ndim))
 
 
-def _from_matrix(y2, tshape, axis):
-    return jnp.moveaxis(y2.reshape(tshape), -1, axis)
+def _as_matrix(x, axes):
+    """x with the feature axes (a tuple) moved last and flattened to (M, N), N their
+    product: several feature axes are flattened into one feature index."""
+    xt = jnp.moveaxis(x, axes, _last(x, axes))
+    n = math.prod(xt.shape[x.ndim - len(axes) :])
+    return xt.reshape(-1, n), xt.shape
+
+
+def _from_matrix(y2, tshape, axes):
+    y = y2.reshape(tshape)
+    return jnp.moveaxis(y, _last(y, axes), axes)
 
 
 def _alpha3(alpha, groups):
@@ -260,7 +294,11 @@ def batch_inhib(
 ):
     r"""BatchInhib with a hand-derived VJP for ``x`` and ``alpha``.
 
-    See the module docstring for the formula. Statistics (mean, variance, covariance)
+    Forward, per group: :math:`y = x - x R^\top`, with R from the batch correlation
+    and ``alpha`` (the module docstring gives R in full). Backward:
+    :math:`dX = dY - dY\,R + \mathrm{diag}(w)\,X_c\,(dC + dC^\top)/c`,
+    :math:`dR = -dY^\top X`, and :math:`dC, d\alpha` from dR through the chain of
+    docs/derivations.md, "3. batch_inhib". Statistics (mean, variance, covariance)
     reduce over every axis but ``axis`` (and across ``axis_name``), counting only rows
     where ``mask`` is True; every row is transformed. Cost O(m N²/groups) in matmuls;
     the backward keeps ``x`` and O(N²/groups) per-group matrices.
@@ -272,9 +310,9 @@ def batch_inhib(
       epsilon: added to the variance in the correlation's denominator.
       groups: split the N features into this many contiguous blocks, each inhibited
         only within itself.
-      correlation: ``"pearson"`` (s = std) or ``"variance"`` (the seed's literal s = var,
-        which makes r depend on the scale of x).
-      denominator: ``"signed"`` (Σ g r, the seed's; can cross zero) or ``"abs"`` (Σ g |r|).
+      correlation: ``"pearson"`` (s = std) or ``"variance"`` (the original
+        derivation's literal s = var, which makes r depend on the scale of x).
+      denominator: ``"signed"`` (Σ g r, the original; can cross zero) or ``"abs"`` (Σ g |r|).
       guard: δ in the guarded reciprocal of the denominator D, which keeps y and its
         gradients finite when D crosses zero (uncorrelated or constant features);
         ``None``: 1e-3 (absolute) or 0.5 (relative: Σ_k |R_ik| <= 1).
@@ -283,14 +321,21 @@ def batch_inhib(
         (A_i² floored at τ² = 1e-24), so Σ_k |R_ik| <= 1/(2δ) whatever the scale of g and
         r. R is then invariant to scaling g, so alpha's level no longer fades R out (the
         near-identity alpha init is not near identity in this mode).
+      axis: the feature axis, or a tuple of feature axes: they are flattened (row-major,
+        in increasing axis order) into N = the product of their sizes features, so
+        alpha is (N, N) and the statistics have N entries.
       mask: row mask (x's shape without the feature axis, or with a feature dim of 1).
+        Masked rows are selected away from the statistics (they may hold NaN or inf);
+        they are still transformed, but pass no gradient (dx is 0 there).
       axis_name, axis_index_groups: sum the statistics across the devices of this mapped
         axis; see ``docs/scaling.md``.
       virtual_batch_size: ghost batches: each run of this many examples along the leading
         axis gets its own statistics (it must divide ``x.shape[0]``); the returned
         statistics are the mean over the sub-batches.
-      use_fast_variance: a bool selecting the variance algorithm, as
-        :func:`jax_batchinhib.batch_norm`'s.
+      use_fast_variance: True (default): the covariance in one read of ``x``,
+        ``Σ d dᵀ/n - mean_d mean_dᵀ`` with ``d = x - s`` (``s`` the first valid row); False:
+        the shifted two-pass ``Σ (d - mean_d)(d - mean_d)ᵀ/n``
+        (``docs/derivations.md``, "Numerics").
 
     Returns:
       ``(y, InhibStats(mean, var, cov))``; the statistics are wrapped in
@@ -300,7 +345,7 @@ def batch_inhib(
       >>> import jax, jax.numpy as jnp
       >>> from jax_batchinhib import batch_inhib
       >>> x = jax.random.normal(jax.random.key(0), (32, 4))
-      >>> y, stats = batch_inhib(x, jnp.zeros((4, 4)))
+      >>> y, stats = jax.jit(batch_inhib)(x, jnp.zeros((4, 4)))  # one compile, not one per op
       >>> y.shape, stats.cov.shape
       ((32, 4), (1, 4, 4))
     """
@@ -308,13 +353,13 @@ def batch_inhib(
     S.check_float(fn, "x", x)
     red = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
-    C.flag(fn, "use_fast_variance", use_fast_variance)
-    nfeat = x.shape[red.axis]
+    nfeat = math.prod(red.feature_shape(x.shape))  # several feature axes: flattened
     _check_groups_alpha(fn, nfeat, groups, alpha)
+    fast = S.check_fast_variance(fn, use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
         op = functools.partial(
             batch_inhib, alpha=alpha, axis=red.axis, axis_name=axis_name,
-            axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+            axis_index_groups=axis_index_groups, use_fast_variance=fast,
             **cfg.kwargs(),
         )  # fmt: skip
         return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, red.axis)
@@ -322,14 +367,14 @@ def batch_inhib(
     S.static_count(fn, x.shape, red, mask)
     if mask is not None:
         mask = jnp.broadcast_to(
-            mask, tuple(1 if a == red.axis else s for a, s in enumerate(x.shape))
+            mask, tuple(1 if a in red.axes else s for a, s in enumerate(x.shape))
         )
-        mask = _as_matrix(mask, red.axis)[0]
-    x2, tshape = _as_matrix(x, red.axis)
-    mred = S.Reduce(2, 1, (0,), red.axis_name, red.axis_index_groups)
-    y2, stats = _batch_inhib(cfg, mred, x2, _alpha3(alpha, groups), mask)
+        mask = _as_matrix(mask, red.axes)[0]
+    x2, tshape = _as_matrix(x, red.axes)
+    mred = S.Reduce(2, (1,), (0,), red.axis_name, red.axis_index_groups)
+    y2, stats = _batch_inhib(cfg, mred, fast, x2, _alpha3(alpha, groups), mask)
     stats = jax.tree.map(jax.lax.stop_gradient, stats)
-    return _from_matrix(y2, tshape, red.axis), stats
+    return _from_matrix(y2, tshape, red.axes), stats
 
 
 def _group_major(x2, groups):
@@ -346,61 +391,76 @@ def _feature_major(yg):
     return jnp.transpose(yg, (1, 0, 2)).reshape(m, g * n)
 
 
-def _bi_center(cfg, red, x2, mask):
-    """Group-major (G, M, n) data, shift, centred data, covariance, count."""
+def _bi_center(cfg, red, x2, mask, fast):
+    """Group-major (G, M, n) data, shift, mean of x - shift, var, covariance, count, over
+    the rows where ``mask`` (M, 1) is True (masked rows are selected away, never weighted)."""
     cd = S.compute_dtype(x2.dtype)
     m, nf = x2.shape
     g = cfg.groups
     xf = x2.astype(cd)
-    w = S.weights_array(mask, cd)
-    cnt = S.count(x2.shape, w, red, cd)
-    s, mean_d, var = S.moments(xf, w, red, cnt)
+    mask = S.mask_bool(mask)
+    cnt = S.count(x2.shape, mask, red, cd)
     cnt = jnp.ravel(cnt)[0]  # rows are masked whole: one count for every feature
-    xc = _group_major((xf - s) - mean_d, g)
-    wc = xc if w is None else xc * w.reshape(1, m, 1)
-    cov = red.psum(jnp.einsum("gmi,gmk->gik", wc, xc, precision=S.PRECISION))
-    cov = cov / jnp.maximum(cnt, 1)
-    return _group_major(xf, g), s, mean_d, var, cov, cnt, w
+    nz = jnp.maximum(cnt, 1)
+    if fast:  # one read: Σd and Σ d dᵀ of d = x - shift in the same pass
+        s = S.shift_of(xf, mask, red)
+        d = S.select(xf - s, mask)
+        dg = _group_major(d, g)
+        s1, s2 = red.psum(
+            (jnp.sum(d, axis=0, keepdims=True),
+             jnp.einsum("gmi,gmk->gik", dg, dg, precision=S.PRECISION))
+        )  # fmt: skip
+        mean_d = s1 / nz
+        md = mean_d.reshape(g, nf // g)
+        cov = s2 / nz - md[:, :, None] * md[:, None, :]
+        dia = jnp.diagonal(cov, axis1=-2, axis2=-1)
+        cov = cov + (jnp.maximum(dia, 0) - dia)[..., None] * jnp.eye(nf // g, dtype=cd)
+        var = jnp.maximum(dia, 0).reshape(1, nf)
+    else:  # shifted two-pass
+        s, mean_d, var = S.moments(xf, mask, red, cnt, fast=False)
+        xc = _group_major(S.select((xf - s) - mean_d, mask), g)
+        cov = red.psum(jnp.einsum("gmi,gmk->gik", xc, xc, precision=S.PRECISION)) / nz
+    return _group_major(xf, g), s, mean_d, var, cov, cnt
 
 
-def _bi_forward(cfg, red, x2, alpha3, mask):
-    xg, s, mean_d, var, cov, cnt, w = _bi_center(cfg, red, x2, mask)
+def _bi_forward(cfg, red, fast, x2, alpha3, mask):
+    xg, s, mean_d, var, cov, cnt = _bi_center(cfg, red, x2, mask, fast)
     R = _inhib_matrix(cfg, cov, alpha3)
     yg = xg - jnp.einsum("gml,gil->gmi", xg, R, precision=S.PRECISION)
     stats = InhibStats((s + mean_d)[0], var[0], cov)
     return _feature_major(yg).astype(x2.dtype), stats, (s, mean_d, cov, cnt)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _batch_inhib(cfg, red, x2, alpha3, mask):
-    y, stats, _ = _bi_forward(cfg, red, x2, alpha3, mask)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _batch_inhib(cfg, red, fast, x2, alpha3, mask):
+    y, stats, _ = _bi_forward(cfg, red, fast, x2, alpha3, mask)
     return y, stats
 
 
-def _batch_inhib_fwd(cfg, red, x2, alpha3, mask):
-    y, stats, (s, mean_d, cov, cnt) = _bi_forward(cfg, red, x2, alpha3, mask)
+def _batch_inhib_fwd(cfg, red, fast, x2, alpha3, mask):
+    y, stats, (s, mean_d, cov, cnt) = _bi_forward(cfg, red, fast, x2, alpha3, mask)
     # Residuals: x (input-sized, its own dtype), per-feature shift/mean, (G, n, n) cov.
     return (y, stats), (x2, alpha3, mask, s, mean_d, cov, cnt)
 
 
-def _batch_inhib_bwd(cfg, red, res, cts):
+def _batch_inhib_bwd(cfg, red, fast, res, cts):
     x2, alpha3, mask, s, mean_d, cov, cnt = res
     dy2 = cts[0]  # statistics are stop-gradient in the public wrapper
     cd = cov.dtype
     m, nf = x2.shape
     g = cfg.groups
-    xf = x2.astype(cd)
+    mask = S.mask_bool(mask)
+    # Masked rows are constants to differentiation: their cotangent is selected away, and
+    # so is x there (garbage such as NaN must not reach dR = -dyᵀx: docs/derivations.md).
+    xf = S.select(x2.astype(cd), mask, 0)
     xg = _group_major(xf, g)
-    dyg = _group_major(dy2.astype(cd), g)
+    dyg = _group_major(S.select(dy2.astype(cd), mask), g)
     # Linear in dR: the local dalpha sums to the global one across devices; the x path
     # needs the global dcov.
     dx, dcov, dalpha = _linear_map_bwd(cfg, cov, alpha3, xg, dyg)
     dcov = red.psum(dcov)
     dcs = dcov + jnp.swapaxes(dcov, -1, -2)
-    xc = _group_major((xf - s) - mean_d, g)
-    w = S.weights_array(mask, cd)
-    if w is not None:
-        xc = xc * w.reshape(1, m, 1)
+    xc = _group_major(S.select((xf - s) - mean_d, mask), g)
     dx = dx + jnp.einsum("gmi,gik->gmk", xc, dcs, precision=S.PRECISION) / jnp.maximum(cnt, 1)
     dalpha = S.param_ct(dalpha.astype(alpha3.dtype), alpha3)  # docs/scaling.md
     return _feature_major(dx).astype(x2.dtype), dalpha, None
@@ -433,18 +493,26 @@ def batch_inhib_inference(
     from dR through the same chain as the training form.
 
     Args:
+      x: floating array ``(..., N)``.
+      alpha: the inhibition weights, shape ``alpha_shape(N, groups)``.
       cov: ``(N, N)`` or ``(groups, N/groups, N/groups)`` (e.g. a running covariance).
+      axis: the feature axis.
+      rho, epsilon, groups, correlation, denominator, guard, guard_mode: as in
+        :func:`batch_inhib` (see :class:`InhibOptions`).
+
+    Returns:
+      ``y``, ``x``'s shape and dtype.
     """
     fn = "batch_inhib_inference"
     S.check_float(fn, "x", x)
     red = S.make_reduce(fn, x, axis)
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
-    nfeat = x.shape[red.axis]
+    nfeat = math.prod(red.feature_shape(x.shape))  # several feature axes: flattened
     _check_groups_alpha(fn, nfeat, groups, alpha)
     _check_groups_alpha(fn, nfeat, groups, cov, name="cov")
-    x2, tshape = _as_matrix(x, red.axis)
+    x2, tshape = _as_matrix(x, red.axes)
     y2 = _bi_inf(cfg, x2, _alpha3(alpha, groups), _alpha3(cov, groups))
-    return _from_matrix(y2, tshape, red.axis)
+    return _from_matrix(y2, tshape, red.axes)
 
 
 def _linear_map_bwd(cfg, cov, alpha3, xg, dyg):
@@ -505,7 +573,18 @@ def inhibition_matrix(
 ):
     """The matrix R (groups, n, n) that batch_inhib applies as y = x - x Rᵀ, computed
     from a covariance (plain jnp, differentiable by autodiff). For plots, folding and
-    eval-mode layers."""
+    eval-mode layers.
+
+    Args:
+      cov: ``(N, N)`` or ``(groups, N/groups, N/groups)``, a (running) covariance.
+      alpha: the inhibition weights, shape ``alpha_shape(N, groups)``.
+      rho, epsilon, groups, correlation, denominator, guard, guard_mode: as in
+        :func:`batch_inhib` (see :class:`InhibOptions`).
+
+    Returns:
+      R of shape ``(groups, N/groups, N/groups)`` (``groups=1`` included), zero on the
+      diagonal, in at least float32.
+    """
     fn = "inhibition_matrix"
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     S.check_float(fn, "cov", cov)

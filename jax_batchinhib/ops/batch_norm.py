@@ -21,26 +21,36 @@ Array = jax.Array
 
 
 class BatchStats(NamedTuple):
-    """Per-feature batch statistics: ``mean`` and biased ``var`` (float32 or wider)."""
+    """Per-feature batch statistics (float32 or wider).
+
+    Attributes:
+      mean: ``(N,)`` batch mean.
+      var: ``(N,)`` biased batch variance, or None (:func:`batch_center`).
+    """
 
     mean: Array
     var: Array | None = None
 
 
 def _vec(v, cfg: S.Reduce, dtype):
-    """A per-feature (N,) vector reshaped to broadcast along the feature axis."""
-    return None if v is None else jnp.reshape(v.astype(dtype), cfg.keep_shape(v.shape[0]))
+    """A per-feature vector (shape (N,), or the feature shape) reshaped to broadcast
+    along the feature axes."""
+    if v is None:
+        return None
+    feat = tuple(v.shape) if v.ndim == len(cfg.axes) else (v.shape[0],)
+    return jnp.reshape(v.astype(dtype), cfg.keep_shape(feat))
 
 
 def _squeeze(v, cfg: S.Reduce):
-    return jnp.reshape(v, (v.shape[cfg.axis],))
+    """A keepdims per-feature array as the feature shape ((N,) for one feature axis)."""
+    return jnp.reshape(v, cfg.feature_shape(v.shape))
 
 
 def _grad_vec(g, cfg: S.Reduce, like):
     """Reduce an x-shaped product to a per-feature gradient in the parameter's dtype."""
     if like is None:
         return None
-    return jnp.sum(g, axis=cfg.reduce_axes).astype(like.dtype)
+    return jnp.reshape(jnp.sum(g, axis=cfg.reduce_axes), like.shape).astype(like.dtype)
 
 
 # ============================================================================ batch_norm
@@ -68,7 +78,7 @@ def batch_norm(
         \mu = \tfrac1n\sum_j x_j,\quad \sigma^2 = \tfrac1n\sum_j (x_j-\mu)^2,\quad
         \hat x = (x-\mu)/\sqrt{\sigma^2+\epsilon},\quad y = \gamma\hat x + \beta
 
-    Backward (seed 003's simplified form), with :math:`d\hat x = \gamma\,dy`:
+    Backward (docs/derivations.md, "1. batch_norm"), with :math:`d\hat x = \gamma\,dy`:
 
     .. math::
         dx = \frac{1}{n\sqrt{\sigma^2+\epsilon}}\Big(n\,d\hat x - \sum d\hat x
@@ -76,26 +86,36 @@ def batch_norm(
         d\gamma = \sum dy\,\hat x,\quad d\beta = \sum dy
 
     The statistics are outputs too and gradients flow through them correctly
-    (:math:`dx \mathrel{+}= d\mu/n + 2(x-\mu)\,d\sigma^2/n`). The variance is a shifted
-    two-pass sum accumulated in float32 (or float64), so it survives a large mean.
-    The backward keeps ``x`` and per-feature vectors only.
+    (:math:`dx \mathrel{+}= d\mu/n + 2(x-\mu)\,d\sigma^2/n`). The statistics are
+    accumulated in float32 (or float64) on ``d = x - s``, ``s`` a sample of each feature
+    taken from the data (the first valid one), so they survive a large mean: with
+    ``use_fast_variance`` in one read of ``x`` (``Σd`` and ``Σd²`` together), else in two
+    (``docs/derivations.md``, "Numerics"). The backward keeps ``x`` and per-feature
+    vectors only.
 
     Args:
       x: floating array ``(..., N)``; float16/bfloat16 accumulate in float32 and ``y``
         keeps ``x``'s dtype.
       scale, bias: ``(N,)`` or None (then 1 and 0).
-      axis: the feature axis.
+      axis: the feature axis, or a tuple of feature axes (flax's convention: the
+        statistics reduce over every other axis, and ``scale``, ``bias``, ``mean`` and
+        ``var`` have the feature shape, the sizes along those axes in increasing order).
       epsilon: added to the variance.
       axis_name, axis_index_groups: sum the statistics across the devices of this
         mapped axis (``shard_map``/``pmap``); see ``docs/scaling.md`` for which
         gradients come out summed over devices.
       mask: boolean, x's shape or x's shape without the feature axis; False entries are
-        left out of the statistics and the count (their outputs are still normalized).
+        selected away from the statistics and the count, so they may hold anything
+        (NaN, inf). Their outputs are still normalized (as flax does: NaN stays NaN
+        there), but they are constants to differentiation: a cotangent there reaches
+        no gradient, and dx is 0 there (``docs/derivations.md``, "Masks select").
       virtual_batch_size: ghost batches: normalize each run of this many examples along
         the leading axis with its own statistics (it must divide ``x.shape[0]``); the
         returned statistics are then the mean over the sub-batches of their mean and var.
-      use_fast_variance: a bool selecting the variance algorithm (flax's argument of
-        the same name).
+      use_fast_variance: True (default, as flax): the shifted one-pass variance
+        ``Σd²/n - (Σd/n)²``, one read of ``x`` for the statistics; False: the shifted
+        two-pass ``Σ(d - mean_d)²/n``. Both are accurate to float32 round-off times
+        ``1 + (mean - s)²/var`` (``docs/derivations.md``, "Numerics").
 
     Returns:
       ``(y, BatchStats(mean, var))`` with ``mean``/``var`` of shape ``(N,)``.
@@ -111,30 +131,31 @@ def batch_norm(
     fn = "batch_norm"
     S.check_float(fn, "x", x)
     cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
-    n = x.shape[cfg.axis]
+    n = cfg.feature_shape(x.shape)
     S.check_vector(fn, "scale", scale, n)
     S.check_vector(fn, "bias", bias, n)
     S.check_epsilon(fn, epsilon)
-    C.flag(fn, "use_fast_variance", use_fast_variance)
+    fast = S.check_fast_variance(fn, use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
         op = functools.partial(
             batch_norm, scale=scale, bias=bias, axis=cfg.axis, epsilon=epsilon,
             axis_name=axis_name, axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance,
+            use_fast_variance=fast,
         )  # fmt: skip
         return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, cfg.axis)
     mask = S.mask_weights(fn, mask, x.shape, cfg)
     S.static_count(fn, x.shape, cfg, mask)
-    return _batch_norm(cfg, float(epsilon), x, scale, bias, mask)
+    return _batch_norm(cfg, float(epsilon), fast, x, scale, bias, mask)
 
 
-def _bn_forward(cfg, epsilon, x, scale, bias, mask):
+def _bn_forward(cfg, epsilon, fast, x, scale, bias, mask):
     cd = S.compute_dtype(x.dtype)
     xf = x.astype(cd)
-    w = S.weights_array(mask, cd)
-    n = S.count(x.shape, w, cfg, cd)
-    s, mean_d, var = S.moments(xf, w, cfg, n)
+    mask = S.mask_bool(mask)
+    n = S.count(x.shape, mask, cfg, cd)
+    s, mean_d, var = S.moments(xf, mask, cfg, n, fast)
     inv = jax.lax.rsqrt(var + epsilon)
+    # every position is normalized (as flax does), masked ones too: NaN stays where it was
     xhat = ((xf - s) - mean_d) * inv
     y = xhat
     if scale is not None:
@@ -145,29 +166,32 @@ def _bn_forward(cfg, epsilon, x, scale, bias, mask):
     return y.astype(x.dtype), stats, (s, mean_d, inv, n)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _batch_norm(cfg, epsilon, x, scale, bias, mask):
-    y, stats, _ = _bn_forward(cfg, epsilon, x, scale, bias, mask)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _batch_norm(cfg, epsilon, fast, x, scale, bias, mask):
+    y, stats, _ = _bn_forward(cfg, epsilon, fast, x, scale, bias, mask)
     return y, stats
 
 
-def _batch_norm_fwd(cfg, epsilon, x, scale, bias, mask):
-    y, stats, (s, mean_d, inv, n) = _bn_forward(cfg, epsilon, x, scale, bias, mask)
+def _batch_norm_fwd(cfg, epsilon, fast, x, scale, bias, mask):
+    y, stats, (s, mean_d, inv, n) = _bn_forward(cfg, epsilon, fast, x, scale, bias, mask)
     # Residuals: x (one input-sized array, in its own dtype) and per-feature vectors.
     return (y, stats), (x, scale, bias, mask, s, mean_d, inv, n)
 
 
-def _batch_norm_bwd(cfg, epsilon, res, cts):
+def _batch_norm_bwd(cfg, epsilon, fast, res, cts):
+    # The same rule for both variance algorithms: they are the same function of x.
     x, scale, bias, mask, s, mean_d, inv, n = res
     dy, (dmean, dvar) = cts
     cd = inv.dtype
-    w = S.weights_array(mask, cd)
-    dy = dy.astype(cd)
-    xhat = ((x.astype(cd) - s) - mean_d) * inv
+    mask = S.mask_bool(mask)
+    # Masked outputs are constants to differentiation: their cotangent is selected away,
+    # and so is x there (garbage such as NaN must not reach a sum: docs/derivations.md).
+    dy = S.select(dy.astype(cd), mask)
+    xhat = S.select(((x.astype(cd) - s) - mean_d) * inv, mask)
     red = cfg.reduce_axes
     # Two reductions of the input-sized arrays, shared by dx and the parameter grads:
     # S1 = sum(dxhat) = scale * sum(dy), S2 = sum(dxhat * xhat) = scale * sum(dy * xhat)
-    # (scale is per-feature), so dxhat is never formed (issue 4: 4 reductions -> 2).
+    # (scale is per-feature), so dxhat is never formed (4 reductions -> 2).
     sdy = jnp.sum(dy, axis=red, keepdims=True)
     sdyx = jnp.sum(dy * xhat, axis=red, keepdims=True)
     s1, s2 = cfg.psum((sdy, sdyx))
@@ -175,11 +199,11 @@ def _batch_norm_bwd(cfg, epsilon, res, cts):
     dmean = jnp.reshape(dmean.astype(cd), s1.shape)
     dvar = jnp.reshape(dvar.astype(cd), s1.shape)
     dmean, dvar = cfg.stats_ct((dmean, dvar))  # global cotangents of the statistics
-    # dx = inv*(dxhat - (w/n)(S1 + xhat*S2)) + (w/n)(dmean + 2*(x-mean)*dvar)
-    wn = (1.0 / jnp.maximum(n, 1)) if w is None else w / jnp.maximum(n, 1)
-    dx = a * dy + wn * (dmean - a * s1 + xhat * (2.0 * dvar / inv - a * s2))
-    dscale = None if scale is None else jnp.reshape(sdyx, (-1,)).astype(scale.dtype)
-    dbias = None if bias is None else jnp.reshape(sdy, (-1,)).astype(bias.dtype)
+    # dx = inv*(dxhat - (w/n)(S1 + xhat*S2)) + (w/n)(dmean + 2*(x-mean)*dvar); w = mask
+    wn = 1.0 / jnp.maximum(n, 1)
+    dx = a * dy + S.select(wn * (dmean - a * s1 + xhat * (2.0 * dvar / inv - a * s2)), mask)
+    dscale = None if scale is None else jnp.reshape(sdyx, scale.shape).astype(scale.dtype)
+    dbias = None if bias is None else jnp.reshape(sdy, bias.shape).astype(bias.dtype)
     dscale, dbias = S.param_ct(dscale, scale), S.param_ct(dbias, bias)  # docs/scaling.md
     return dx.astype(x.dtype), dscale, dbias, None
 
@@ -201,14 +225,21 @@ def batch_center(
     virtual_batch_size: int | None = None,
     use_fast_variance: bool = True,
 ):
-    r"""Batch centering (seed 001's mean-only "BN"): :math:`y = x - \mu + b`.
+    r"""Batch centering (a mean-only "BN"): :math:`y = x - \mu + b`.
 
     Backward: :math:`dx = dy - \tfrac1n\sum dy` (only counted rows receive the mean
     term), :math:`db = \sum dy`; the mean output is differentiable
     (:math:`dx \mathrel{+}= d\mu/n`). Keeps nothing input-sized for the backward.
 
-    Returns ``(y, BatchStats(mean, None))``. Arguments as :func:`batch_norm`, including
-    ``virtual_batch_size`` (ghost batches).
+    Args:
+      x: floating array ``(..., N)``; float16/bfloat16 accumulate in float32 and ``y``
+        keeps ``x``'s dtype.
+      bias: ``(N,)`` or None (then 0).
+      axis, axis_name, axis_index_groups, mask, virtual_batch_size, use_fast_variance:
+        as in :func:`batch_norm`.
+
+    Returns:
+      ``(y, BatchStats(mean, None))`` with ``mean`` of shape ``(N,)``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -220,7 +251,9 @@ def batch_center(
     fn = "batch_center"
     S.check_float(fn, "x", x)
     cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
-    S.check_vector(fn, "bias", bias, x.shape[cfg.axis])
+    S.check_vector(fn, "bias", bias, cfg.feature_shape(x.shape))
+    # Batch centering computes no variance: either value gives the same one-read mean;
+    # the flag is validated so that BatchCenter takes BatchNorm's arguments.
     C.flag(fn, "use_fast_variance", use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
         op = functools.partial(
@@ -236,10 +269,10 @@ def batch_center(
 def _bc_forward(cfg, x, bias, mask):
     cd = S.compute_dtype(x.dtype)
     xf = x.astype(cd)
-    w = S.weights_array(mask, cd)
-    n = S.count(x.shape, w, cfg, cd)
-    s = S.shift_of(xf, w, cfg, n)
-    mean_d = cfg.psum(S.wsum(xf - s, w, cfg.reduce_axes)) / jnp.maximum(n, 1)
+    mask = S.mask_bool(mask)
+    n = S.count(x.shape, mask, cfg, cd)
+    s = S.shift_of(xf, mask, cfg)
+    mean_d = cfg.psum(S.wsum(xf - s, mask, cfg.reduce_axes)) / jnp.maximum(n, 1)
     y = (xf - s) - mean_d
     if bias is not None:
         y = y + _vec(bias, cfg, cd)
@@ -261,12 +294,11 @@ def _batch_center_bwd(cfg, res, cts):
     x0, bias, mask, n = res
     dy, (dmean, _) = cts
     cd = n.dtype
-    w = S.weights_array(mask, cd)
-    dyf = dy.astype(cd)
+    mask = S.mask_bool(mask)
+    dyf = S.select(dy.astype(cd), mask)  # masked outputs pass no gradient
     s1 = cfg.psum(jnp.sum(dyf, axis=cfg.reduce_axes, keepdims=True))
     dmean = cfg.stats_ct(jnp.reshape(dmean.astype(cd), s1.shape))
-    wn = (1.0 / jnp.maximum(n, 1)) if w is None else w / jnp.maximum(n, 1)
-    dx = dyf + wn * (dmean - s1)
+    dx = dyf + S.select((dmean - s1) / jnp.maximum(n, 1), mask)
     return dx.astype(x0.dtype), S.param_ct(_grad_vec(dyf, cfg, bias), bias), None
 
 
@@ -280,19 +312,28 @@ def batch_norm_inference(x, scale, bias, mean, var, *, axis: int = -1, epsilon: 
     r"""Batch normalization with given (running) statistics: one affine map per feature.
 
     :math:`y = \gamma (x-\mu_r)/\sqrt{\sigma^2_r+\epsilon} + \beta`
-    (seed 002: :math:`y = \frac{\gamma}{\sqrt{Var+\epsilon}}x + (\beta -
+    (docs/derivations.md, "Inference form":
+    :math:`y = \frac{\gamma}{\sqrt{Var+\epsilon}}x + (\beta -
     \frac{\gamma E[x]}{\sqrt{Var+\epsilon}})`).
 
     Backward: :math:`dx = \gamma\,dy/\sqrt{\sigma^2_r+\epsilon}`,
     :math:`d\gamma = \sum dy\,\hat x`, :math:`d\beta = \sum dy`,
     :math:`d\mu_r = -\sum \gamma\,dy/\sqrt{\sigma_r^2+\epsilon}`,
     :math:`d\sigma^2_r = -\tfrac12\sum \gamma\,dy\,\hat x/(\sigma_r^2+\epsilon)`.
-    Every ``(N,)`` argument may be None except ``mean`` and ``var``.
+    Args:
+      x: floating array ``(..., N)``.
+      scale, bias: ``(N,)`` or None (then 1 and 0).
+      mean, var: ``(N,)``, required: the running statistics.
+      axis: the feature axis.
+      epsilon: added to ``var``.
+
+    Returns:
+      ``y``, ``x``'s shape and dtype.
     """
     fn = "batch_norm_inference"
     S.check_float(fn, "x", x)
     cfg = S.make_reduce(fn, x, axis)
-    n = x.shape[cfg.axis]
+    n = cfg.feature_shape(x.shape)
     S.check_vector(fn, "scale", scale, n)
     S.check_vector(fn, "bias", bias, n)
     S.check_vector(fn, "mean", mean, n)
@@ -351,11 +392,20 @@ def batch_center_inference(x, bias, mean, *, axis: int = -1):
     r"""Batch centering with a given (running) mean: :math:`y = x - \mu_r + b`.
 
     Backward: :math:`dx = dy`, :math:`db = \sum dy`, :math:`d\mu_r = -\sum dy`.
+
+    Args:
+      x: floating array ``(..., N)``.
+      bias: ``(N,)`` or None (then 0).
+      mean: ``(N,)``, required: the running mean.
+      axis: the feature axis.
+
+    Returns:
+      ``y``, ``x``'s shape and dtype.
     """
     fn = "batch_center_inference"
     S.check_float(fn, "x", x)
     cfg = S.make_reduce(fn, x, axis)
-    n = x.shape[cfg.axis]
+    n = cfg.feature_shape(x.shape)
     S.check_vector(fn, "bias", bias, n)
     if mean is None:
         raise ValueError(f"{fn}: mean is required (the running mean)")

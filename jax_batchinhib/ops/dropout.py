@@ -45,6 +45,14 @@ def check_broadcast_dims(fn: str, broadcast_dims, ndim: int) -> tuple[int, ...]:
 
     Raises a ValueError/TypeError naming ``fn`` for a non-sequence, a non-int entry, an
     axis out of ``[-ndim, ndim)`` or the same axis twice (``0`` and ``-ndim`` included).
+
+    Args:
+      fn: the caller's name, for the error.
+      broadcast_dims: the value to check.
+      ndim: the number of dimensions of ``x``.
+
+    Returns:
+      The axes, non-negative and sorted.
     """
     if isinstance(broadcast_dims, int | str) or not hasattr(broadcast_dims, "__iter__"):
         raise TypeError(
@@ -78,7 +86,15 @@ def check_broadcast_dims(fn: str, broadcast_dims, ndim: int) -> tuple[int, ...]:
 
 
 def mask_shape(shape, broadcast_dims=()) -> tuple[int, ...]:
-    """The shape the mask is drawn at: ``shape`` with 1 on ``broadcast_dims``."""
+    """The shape the mask is drawn at: ``shape`` with 1 on ``broadcast_dims``.
+
+    Args:
+      shape: the shape of ``x``.
+      broadcast_dims: non-negative axes that share one mask entry.
+
+    Returns:
+      The mask's shape, a tuple of ints.
+    """
     return tuple(1 if i in broadcast_dims else int(s) for i, s in enumerate(shape))
 
 
@@ -88,6 +104,15 @@ def keep_mask(key, rate: float, shape, broadcast_dims=()):
     Drawn as :class:`flax.linen.Dropout` draws it: ``bernoulli(key, 1 - rate, s)`` with
     ``s`` = ``shape`` with 1 on ``broadcast_dims`` (non-negative axes), so it has shape
     ``s`` and broadcasts against ``shape``.
+
+    Args:
+      key: a PRNG key.
+      rate: the probability of dropping an entry.
+      shape: the shape of the array the mask is for.
+      broadcast_dims: non-negative axes that share one mask entry.
+
+    Returns:
+      A boolean array of shape ``mask_shape(shape, broadcast_dims)``, True where kept.
     """
     return jax.random.bernoulli(key, 1.0 - rate, mask_shape(shape, broadcast_dims))
 

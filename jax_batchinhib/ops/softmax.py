@@ -1,4 +1,7 @@
-"""Softmax and softmax cross-entropy with hand-derived VJPs (seed 001)."""
+"""Softmax and softmax cross-entropy with hand-derived VJPs.
+
+Derivation: docs/derivations.md, "5. softmax and softmax_cross_entropy".
+"""
 
 from __future__ import annotations
 
@@ -14,13 +17,21 @@ from jax_batchinhib.ops import _stats as S
 def softmax(x, axis: int = -1):
     r"""Softmax along ``axis``: :math:`a = e^{x}/\sum e^{x}` (shifted by the max).
 
-    Backward (seed 001): :math:`dx = (da - \langle da, a\rangle) \odot a`. Computed in
+    Backward: :math:`dx = (da - \langle da, a\rangle) \odot a`. Computed in
     float32 for float16/bfloat16 inputs; the output keeps the input dtype.
+
+    Args:
+      x: floating array with at least one dimension.
+      axis: the axis to normalize over.
+
+    Returns:
+      ``a``, ``x``'s shape and dtype, summing to 1 along ``axis``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> from jax_batchinhib import softmax
-      >>> softmax(jnp.array([0.0, jnp.log(3.0)])).round(3).tolist()
+      >>> a = softmax(jnp.array([0.0, jnp.log(3.0)]))
+      >>> [round(v, 3) for v in a.tolist()]
       [0.25, 0.75]
     """
     fn = "softmax"
@@ -64,15 +75,21 @@ def softmax_cross_entropy(logits, labels, axis: int = -1):
 
     Computed as :math:`(\sum_k t_k)\,\mathrm{lse}(z) - \langle t, z\rangle` with a
     max-shifted log-sum-exp, so logits of ±1000 stay finite. Backward:
-    :math:`dz = g\,((\sum_k t_k)\,\mathrm{softmax}(z) - t)` (seed 001's
+    :math:`dz = g\,((\sum_k t_k)\,\mathrm{softmax}(z) - t)` (that is
     :math:`y_B - \hat y_B` for normalized labels), :math:`dt = -g \log\mathrm{softmax}(z)`.
     When only the logits need a gradient (float32/float64 logits), the forward keeps
     :math:`e^{z - \max z}` and :math:`\sum_k t_k / \sum_k e^{z_k - \max z}` (the bytes of the
     logits) and the backward is :math:`g\,(e \cdot \sum t / \sum e - t)`, with no exp;
     otherwise it keeps the logits and the log-sum-exp.
 
-    Returns the loss with ``axis`` removed, in the dtype of ``logits`` (computed in at
-    least float32).
+    Args:
+      logits: floating array ``z``.
+      labels: floating array ``t`` of ``logits``' shape: probabilities over ``axis``.
+      axis: the class axis.
+
+    Returns:
+      The loss with ``axis`` removed, in the dtype of ``logits`` (computed in at least
+      float32).
 
     Example:
       >>> import jax, jax.numpy as jnp

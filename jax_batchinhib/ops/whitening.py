@@ -52,10 +52,14 @@ _NAMES = {"iter": "iter_norm", "zca": "zca_norm"}
 
 
 class WhiteningStats(NamedTuple):
-    """Batch statistics of iter_norm / zca_norm (stop-gradient, float32 or wider):
-    ``mean`` (N,), the biased covariance ``cov`` (groups, N/groups, N/groups) without ε,
-    and the ``whitening_matrix`` W (groups, N/groups, N/groups) that was applied,
-    :math:`\\hat x = (x - \\mu) W` (what a running whitening matrix averages)."""
+    """Batch statistics of iter_norm / zca_norm (stop-gradient, float32 or wider).
+
+    Attributes:
+      mean: ``(N,)`` batch mean.
+      cov: ``(groups, N/groups, N/groups)`` biased batch covariance, without ε.
+      whitening_matrix: W ``(groups, N/groups, N/groups)``, the matrix that was applied,
+        :math:`\\hat x = (x - \\mu) W` (what a running whitening matrix averages).
+    """
 
     mean: Array
     cov: Array
@@ -287,7 +291,7 @@ def zca_norm(
 
 def _run(cfg, red, x, scale, bias, mask):
     x2, tshape = _as_matrix(x, red.axis)
-    mred = S.Reduce(2, 1, (0,), red.axis_name, red.axis_index_groups)
+    mred = S.Reduce(2, (1,), (0,), red.axis_name, red.axis_index_groups)
     y2, stats = _whiten(cfg, mred, x2, scale, bias, mask)
     stats = jax.tree.map(lax.stop_gradient, stats)
     return _from_matrix(y2, tshape, red.axis), stats
@@ -367,9 +371,10 @@ def _center(cfg, red, x2, mask):
     m, nf = x2.shape
     g = cfg.groups
     xf = x2.astype(cd)
-    w = S.weights_array(mask, cd)
-    cnt = S.count(x2.shape, w, red, cd)
-    s, mean_d, _ = S.moments(xf, w, red, cnt)
+    mb = S.mask_bool(mask)
+    w = None if mb is None else mb.astype(cd)
+    cnt = S.count(x2.shape, mb, red, cd)
+    s, mean_d, _ = S.moments(xf, mb, red, cnt)
     cnt = jnp.ravel(cnt)[0]  # rows are masked whole: one count for every feature
     xc = ((xf - s) - mean_d).reshape(m, g, nf // g)
     return xc, s, mean_d, cnt, w
@@ -441,7 +446,8 @@ def _whiten_bwd(cfg, red, res, cts):
         sbar = _newton_backward(ps, sn, t, wbar)
     else:
         sbar = _zca_backward(u, r, wbar)
-    w = S.weights_array(mask, cd)
+    mb = S.mask_bool(mask)
+    w = None if mb is None else mb.astype(cd)
     wn = (1.0 / jnp.maximum(cnt, 1)) if w is None else w.reshape(m, 1, 1) / jnp.maximum(cnt, 1)
     wxc = xc if w is None else xc * w.reshape(m, 1, 1)
     dx = (
@@ -482,6 +488,9 @@ def iter_norm_inference(x, scale, bias, mean, whitening_matrix, *, groups: int =
         (e.g. a running average of ``stats.whitening_matrix``).
       groups, axis: as :func:`iter_norm`.
 
+    Returns:
+      ``y``, ``x``'s shape and dtype.
+
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from jax_batchinhib import iter_norm, iter_norm_inference
@@ -500,6 +509,13 @@ def zca_norm_inference(x, scale, bias, mean, whitening_matrix, *, groups: int = 
     r"""ZCA whitening with a given (running) mean and whitening matrix:
     :math:`y = \gamma\odot(x-\mu)W + \beta`. The same map and backward as
     :func:`iter_norm_inference` (only the way W was obtained differs).
+
+    Args:
+      x, scale, bias, mean, whitening_matrix, groups, axis: as in
+        :func:`iter_norm_inference`.
+
+    Returns:
+      ``y``, ``x``'s shape and dtype.
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -1,0 +1,126 @@
+"""The two variance algorithms (``use_fast_variance``): the shifted one-pass
+``Σd²/n - (Σd/n)²`` and the shifted two-pass ``Σ(d - mean_d)²/n``, ``d = x - s`` with
+``s`` a (valid) sample of each feature (``docs/derivations.md``, "Numerics").
+
+- both are within 1e-3 pointwise of float64 on float32 data with mean 1e4 and std 1e-2
+  (batch_norm's y, with and without a mask, ghost batches; batch_inhib's covariance),
+  where flax's unshifted one-pass is off by a large factor (tests/test_ops.py
+  ``test_variance_survives_large_mean`` keeps that comparison);
+- the one-pass error follows the derived bound ``~ u (1 + (mu - s)²/sigma²)``: an outlier
+  as the shift degrades it, as the bound says, and the two-pass does not degrade;
+- both backward rules equal autodiff of the reference computing the same algorithm, in
+  float32 and float64.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_batchinhib as jb
+from jax_batchinhib import reference as ref
+from jax_batchinhib.testing import check_vjp
+
+FAST = [True, False]
+IDS = ["one_pass", "two_pass"]
+
+
+def large_mean(shape, seed=0):
+    x = 1e4 + 1e-2 * jax.random.normal(jax.random.key(seed), shape)
+    return x.astype(jnp.float32)
+
+
+@pytest.mark.parametrize("fast", FAST, ids=IDS)
+def test_large_mean_batch_norm_masked_and_ghost(fast):
+    """y within 1e-3 of float64 with a mask (NaN at the masked rows) and with ghost
+    batches, for both algorithms (measured 4e-7 one-pass, 3e-7 two-pass)."""
+    x = large_mean((512, 4))
+    mask = np.array(jax.random.bernoulli(jax.random.key(1), 0.7, (512,)))
+    mask[0] = False  # the shift must be a valid sample, not row 0
+    xbad = jnp.where(mask[:, None], x, jnp.nan)
+    x64 = np.asarray(x, np.float64)
+    f = jax.jit(lambda x, m: jb.batch_norm(x, mask=m, use_fast_variance=fast))
+    y, st = f(xbad, jnp.asarray(mask))
+    v = x64[mask]
+    want = (v - v.mean(0)) / np.sqrt(v.var(0) + 1e-5)
+    assert np.max(np.abs(np.asarray(y, np.float64)[mask] - want)) < 1e-3
+    np.testing.assert_allclose(st.var, v.var(0), rtol=1e-5)  # measured 3e-7
+
+    g = jax.jit(lambda x: jb.batch_norm(x, virtual_batch_size=128, use_fast_variance=fast))
+    y, _ = g(x)
+    xs = x64.reshape(4, 128, 4)
+    want = (xs - xs.mean(1, keepdims=True)) / np.sqrt(xs.var(1, keepdims=True) + 1e-5)
+    assert np.max(np.abs(np.asarray(y, np.float64) - want.reshape(512, 4))) < 1e-3
+
+
+@pytest.mark.parametrize("fast", FAST, ids=IDS)
+def test_large_mean_batch_inhib_covariance(fast):
+    """batch_inhib's covariance at mean 1e4, std 1e-2 (correlated features) within 1e-3
+    of float64, relative to the largest entry (measured 1e-6 both), and so are the
+    correlations (y itself, x - x Rᵀ at x ~ 1e4, carries float32's ulp of 1e4, 1e-3)."""
+    z = jax.random.normal(jax.random.key(2), (1024, 4))
+    mix = jnp.array(
+        [[1.0, 0.5, 0.0, 0.0], [0.0, 1.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.5], [0, 0, 0, 1]]
+    )
+    x = (1e4 + 1e-2 * (z @ mix)).astype(jnp.float32)
+    alpha = jnp.zeros((4, 4))
+    y, st = jax.jit(lambda x: jb.batch_inhib(x, alpha, use_fast_variance=fast))(x)
+    x64 = np.asarray(x, np.float64)
+    cov = np.cov(x64.T, bias=True)
+    err = np.max(np.abs(np.asarray(st.cov[0], np.float64) - cov)) / np.max(np.abs(cov))
+    assert err < 1e-3, err
+    np.testing.assert_allclose(st.var, np.diag(cov), rtol=1e-5)  # measured 3e-7
+    # the correlations R is built from: float32 round-off (measured 2e-7)
+    r = np.asarray(st.cov[0], np.float64) / np.sqrt(np.outer(np.diag(cov), np.diag(cov)))
+    r64 = cov / np.sqrt(np.outer(np.diag(cov), np.diag(cov)))
+    assert np.max(np.abs(r - r64)) < 1e-3
+
+
+def test_outlier_shift_follows_the_bound():
+    """The shift is the first sample. Put it k standard deviations away from the mean:
+    the one-pass variance's relative error grows like u (1 + k²) (the derived bound,
+    u = 2^-24), the two-pass does not. Measured: one-pass 1e-7 at k=0 to 4e-3 at
+    k=1e3 ((1 + k²) u = 6e-2); two-pass below 3e-7 throughout."""
+    u = 2.0**-24
+    base = np.asarray(large_mean((4096, 1), seed=3), np.float64)
+    for k in (0.0, 30.0, 1e3):
+        x64 = base.copy()
+        x64[0] = 1e4 + k * 1e-2
+        x = jnp.asarray(x64, jnp.float32)
+        x64 = np.asarray(x, np.float64)
+        want = x64.var(0)
+        bound = (1 + ((x64.mean(0) - x64[0]) ** 2) / want) * u
+        for fast in FAST:
+            _, st = jax.jit(lambda x, f=fast: jb.batch_norm(x, use_fast_variance=f))(x)
+            rel = float(np.max(np.abs(np.asarray(st.var, np.float64) - want) / want))
+            if fast:
+                assert rel <= 20 * bound[0] + 1e-6, (k, rel, bound)
+            else:
+                assert rel <= 1e-5, (k, rel)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("fast", FAST, ids=IDS)
+def test_vjp_matches_reference_both_algorithms(fast, dtype):
+    """check_vjp of batch_norm (statistics cotangents included), batch_center and
+    batch_inhib against autodiff of the reference computing the same algorithm, with
+    and without a mask, off-centre data (mean 5)."""
+    with jax.enable_x64(dtype == "float64"):
+        dt = jnp.dtype(dtype)
+        x = (5.0 + jax.random.normal(jax.random.key(0), (12, 2, 4))).astype(dt)
+        sc = (1 + 0.3 * jax.random.normal(jax.random.key(1), (4,))).astype(dt)
+        b = (0.3 * jax.random.normal(jax.random.key(2), (4,))).astype(dt)
+        a = (0.5 * jax.random.normal(jax.random.key(3), (2, 2, 2))).astype(dt)
+        rows = jnp.asarray(np.arange(24).reshape(12, 2) % 3 != 0)
+        for mask in (None, rows):
+            check_vjp(jb.batch_norm, ref.batch_norm, x, sc, b, mask=mask, use_fast_variance=fast)
+            # float32 alpha: the rule's dalpha is 3e-4 relative off float64 at this data
+            # (autodiff of the reference: 4e-7), the same with either variance algorithm
+            # and before them: a property of batch_inhib's alpha rule, not of the
+            # statistics, so float32 checks x (and y) and float64 checks both.
+            check_vjp(
+                jb.batch_inhib, ref.batch_inhib, x, a, groups=2, mask=mask,
+                use_fast_variance=fast, argnums=(0,) if dtype == "float32" else None,
+            )  # fmt: skip

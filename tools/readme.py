@@ -1,0 +1,176 @@
+"""Regenerate the README's measured blocks from the commands that measure them.
+
+Each block sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in README.md:
+
+- ``verify-table``: ``jax-batchinhib verify --summary`` (every hand-derived VJP against
+  autodiff; fixed seeds, so the same CPU and jax version print the same numbers);
+- ``train-table``: ``jax-batchinhib train`` with its defaults (fixed seeds; the accuracy
+  column repeats on the same CPU and jax version; steps/s is left out, it is a timing).
+
+Usage::
+
+    python tools/readme.py --write            # run the commands, rewrite the blocks
+    python tools/readme.py --check            # run them, exit 1 if README.md differs
+    python tools/readme.py --write --only verify-table
+    python tools/readme.py --write --only train-table --train-json out/train/results.json
+
+``tests/test_readme.py`` checks the parts that do not need the long runs (the op and
+variant lists, the check counts, the tolerances, the run's configuration) on every test
+run; ``--check`` compares everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def block_pattern(name: str) -> re.Pattern:
+    return re.compile(
+        rf"(<!-- BEGIN {re.escape(name)} -->\n)(.*?)(<!-- END {re.escape(name)} -->)", re.S
+    )
+
+
+def read_block(text: str, name: str) -> str:
+    m = block_pattern(name).search(text)
+    if m is None:
+        raise KeyError(f"README.md has no <!-- BEGIN {name} --> ... <!-- END {name} --> block")
+    return m.group(2)
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    read_block(text, name)  # raises if missing
+    return block_pattern(name).sub(lambda m: m.group(1) + body + m.group(3), text)
+
+
+# ------------------------------------------------------------------------------ verify
+
+
+def verify_block(results=None) -> str:
+    """The ``verify --summary`` table, from ``results`` (default: run every check)."""
+    from jax_batchinhib.apps import verify
+
+    if results is None:
+        results = verify.run()
+    return verify.summary(results) + "\n"
+
+
+# ------------------------------------------------------------------------------- train
+
+
+def train_config_line(epochs, seeds, batch_size, lr, n_train, n_test) -> str:
+    return (
+        f"Scikit-learn's digits ({n_train} train / {n_test} test, 8x8 pixels), MLP 64-64, "
+        f"{epochs} epochs, batch {batch_size}, Adam {lr:g}, {seeds} seeds each (vmapped), CPU:"
+    )
+
+
+def variant_description(name: str) -> str:
+    from jax_batchinhib.apps.train import VARIANTS
+
+    return VARIANTS[name][0]
+
+
+def train_table(results: list[dict], seeds: int) -> str:
+    lines = [
+        f"| variant | model | test accuracy (mean ± std, {seeds} seeds) |",
+        "|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| `{r['variant']}` | {variant_description(r['variant'])} | "
+            f"{100 * r['test_acc_mean']:.2f}% ± {100 * r['test_acc_std']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def load_train_json(path) -> list[dict]:
+    """The results of a ``jax-batchinhib train`` run with the default flags, from its
+    ``results.json``; refuses a run with other flags."""
+    from jax_batchinhib.apps import train
+
+    data = json.loads(Path(path).read_text())
+    cfg, d = data["config"], train.DEFAULTS
+    got = {k: cfg[k] for k in ("epochs", "seeds", "batch_size", "lr")}
+    want = {k: d[k] for k in got}
+    variants = tuple(r["variant"] for r in data["results"])
+    if got != want or variants != train.DEFAULT_VARIANTS or cfg.get("devices", 1) != 1:
+        raise SystemExit(f"{path}: not a default `jax-batchinhib train` run ({got}, {variants})")
+    return data["results"]
+
+
+def train_block(results=None) -> str:
+    """Configuration, table and verdicts of ``jax-batchinhib train`` with its defaults."""
+    from jax_batchinhib.apps import train
+    from jax_batchinhib.apps.data import load_digits_split
+
+    d = train.DEFAULTS
+    if results is None:
+        results = train.run(
+            train.DEFAULT_VARIANTS,
+            epochs=d["epochs"],
+            seeds=d["seeds"],
+            batch_size=d["batch_size"],
+            lr=d["lr"],
+            quiet=True,
+        )
+    xtr, _, xte, _ = load_digits_split()
+    cfg = train_config_line(d["epochs"], d["seeds"], d["batch_size"], d["lr"], len(xtr), len(xte))
+    comp = train.comparisons(results, len(xte))
+    return (
+        cfg
+        + "\n\n"
+        + train_table(results, d["seeds"])
+        + "\n\nDifferences of mean test accuracy printed by the run (± standard error over "
+        + "seeds; 'ties' when within two standard errors or two test digits):\n\n"
+        + "".join(f"- {c}\n" for c in comp)
+    )
+
+
+BLOCKS = {"verify-table": verify_block, "train-table": train_block}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--write", action="store_true", help="rewrite README.md's blocks")
+    g.add_argument("--check", action="store_true", help="exit 1 if a block is out of date")
+    p.add_argument("--only", nargs="+", choices=sorted(BLOCKS), default=sorted(BLOCKS))
+    p.add_argument(
+        "--train-json",
+        help="take the train block from this results.json of a default `jax-batchinhib train` "
+        "run instead of training again",
+    )
+    args = p.parse_args(argv)
+    text = README.read_text()
+    new = text
+    for name in args.only:
+        if name == "train-table" and args.train_json:
+            body = train_block(load_train_json(args.train_json))
+        else:
+            body = BLOCKS[name]()
+        new = replace_block(new, name, body)
+    if args.write:
+        if new != text:
+            README.write_text(new)
+        print(f"README.md: {', '.join(args.only)} {'rewritten' if new != text else 'unchanged'}")
+        return 0
+    if new == text:
+        print("README.md is up to date")
+        return 0
+    sys.stdout.writelines(
+        difflib.unified_diff(
+            text.splitlines(True), new.splitlines(True), "README.md", "regenerated"
+        )
+    )
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
