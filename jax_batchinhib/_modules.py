@@ -21,6 +21,7 @@ from jax.nn import initializers
 
 from jax_batchinhib import running
 from jax_batchinhib.ops import _checks as C
+from jax_batchinhib.ops import whitening as _wh
 from jax_batchinhib.ops.batch_inhib import InhibOptions, alpha_shape
 from jax_batchinhib.running import RunningStats
 
@@ -31,7 +32,12 @@ STEPS = {
     "batch_norm": running.batch_norm_step,
     "batch_center": running.batch_center_step,
     "batch_inhib": running.batch_inhib_step,
+    "iter_norm": running.whitening_step,
+    "zca_norm": running.whitening_step,
 }
+
+#: The whitening layers' kinds.
+WHITENING = ("iter_norm", "zca_norm")
 
 
 def near_identity_alpha_init(rho: float = 1.0, value: float = -12.0) -> Initializer:
@@ -145,11 +151,14 @@ def check_input(where: str, x, axis, mask, num_features: int | None = None):
 
 
 def single_axis(where: str, axis, ax) -> int:
-    """Layers whose features interact (BatchInhib) take one feature axis only."""
+    """Layers whose features interact (BatchInhib, IterNorm, ZCANorm) take one feature
+    axis only."""
     if isinstance(ax, tuple):
+        how = "inhibit each other through an N x N alpha"
+        if not where.startswith("BatchInhib"):
+            how = "are whitened together by an N x N matrix"
         raise TypeError(
-            f"{where}: axis must be an int (one feature axis: the features inhibit each "
-            f"other through an N x N alpha); got {axis!r}"
+            f"{where}: axis must be an int (one feature axis: the features {how}); got {axis!r}"
         )
     return ax
 
@@ -171,8 +180,35 @@ def check_common(where: str, mdl) -> float | None:
     if hasattr(mdl, "epsilon"):
         C.epsilon(where, mdl.epsilon)
     C.virtual_batch_size(where, mdl.virtual_batch_size)
-    C.flag(where, "use_fast_variance", mdl.use_fast_variance)
+    if hasattr(mdl, "use_fast_variance"):
+        C.flag(where, "use_fast_variance", mdl.use_fast_variance)
     return C.momentum(where, mdl.momentum)
+
+
+@dataclasses.dataclass(frozen=True)
+class WhitenOptions:
+    """The options of an IterNorm / ZCANorm module, validated with its name."""
+
+    method: str  # "iter" or "zca"
+    groups: int
+    iterations: int
+    epsilon: float
+
+    @classmethod
+    def checked(cls, where: str, kind: str, mdl, n: int | None = None) -> WhitenOptions:
+        """Validate ``groups`` (against N when known), ``iterations`` (IterNorm) and
+        ``epsilon`` (> 0), with errors that name the module."""
+        method = "iter" if kind == "iter_norm" else "zca"
+        iterations = getattr(mdl, "iterations", 1)
+        if method == "iter":
+            _wh._check_iterations(where, iterations)
+        _wh._check_whitening_epsilon(where, mdl.epsilon)
+        groups = mdl.groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"{where}: groups must be an int >= 1; got {groups!r}")
+        if n is not None:
+            _wh._check_groups(where, n, groups)
+        return cls(method, groups, int(iterations), float(mdl.epsilon))
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -184,6 +220,12 @@ def stat_specs(kind: str, n, dtype, momentum, groups: int = 1) -> dict:
     number of features, or the feature shape (several feature axes)."""
     fshape = tuple(n) if isinstance(n, tuple) else (n,)
     specs = {"mean": (fshape, lambda: jnp.zeros(fshape, dtype))}
+    if kind in WHITENING:
+        wshape = (groups, n // groups, n // groups)
+        specs["whitening_matrix"] = (wshape, lambda: identity_cov(wshape, dtype))
+        if momentum is None:
+            specs["count"] = ((), lambda: jnp.zeros((), jnp.int32))
+        return specs
     if kind != "batch_center":
         specs["var"] = (fshape, lambda: jnp.ones(fshape, dtype))
     if kind == "batch_inhib":
@@ -269,7 +311,7 @@ def apply(
     momentum,
     axis_name,
     mask,
-    options: InhibOptions | None = None,
+    options: InhibOptions | WhitenOptions | None = None,
 ):
     """One forward of a layer of either family: the dtype policy, then the running step
     of ``kind`` with the module's attributes. ``params``: (scale, bias), (bias,) or
@@ -287,12 +329,12 @@ def apply(
         axis_index_groups=mdl.axis_index_groups,
         use_autodiff=mdl.use_autodiff,
         virtual_batch_size=mdl.virtual_batch_size,
-        use_fast_variance=mdl.use_fast_variance,
+        use_fast_variance=getattr(mdl, "use_fast_variance", True),
     )
     kw = {"mask": mask}
     if kind == "batch_norm":
         kw["epsilon"] = mdl.epsilon
-    if kind == "batch_inhib":
+    if kind == "batch_inhib" or kind in WHITENING:
         kw["options"] = options
     if isinstance(axis, tuple):
         y, new = _flat_features(kind, where, compute_input(x, out), params, state, step, kw)

@@ -14,6 +14,10 @@ model runs as plain :class:`flax.linen.Dense` / :class:`flax.linen.Conv` layers.
   groups, R from the running covariance). After a layer: :math:`K' = K M`,
   :math:`b' = b M`. Before a layer: :math:`K'_{\dots i o} = \sum_j M_{ij} K_{\dots j o}`
   (exact for Conv with zero padding too: M maps a zero pixel to zero).
+- IterNorm / ZCANorm (eval mode) is :math:`y = \gamma\odot(x-\mu)W + \beta` with W
+  block diagonal over the groups (the running whitening matrix). After a layer:
+  :math:`K' = K\,W\,\mathrm{diag}(\gamma)`,
+  :math:`b' = ((b-\mu) W)\odot\gamma + \beta`.
 
 Every function takes the variables as stored by the modules (linen ``params`` /
 ``batch_stats`` sub-dicts, or NNX ``nnx.state`` values converted with
@@ -50,6 +54,7 @@ __all__ = [
     "fold_batch_inhib_after",
     "fold_batch_inhib_before",
     "fold_batch_norm",
+    "fold_whitening_after",
     "inhib_map",
     "inhib_options",
 ]
@@ -243,4 +248,45 @@ def fold_batch_inhib_before(layer_params, inhib_params, inhib_stats, **options):
     cd = _dtype(k, m)
     new_k = jnp.einsum("ij,...jo->...io", m.astype(cd), k.astype(cd), precision=S.PRECISION)
     new_b = jnp.zeros((k.shape[-1],), cd) if b is None else b.astype(cd)
+    return {"kernel": new_k, "bias": new_b}
+
+
+def fold_whitening_after(layer_params, module_params, batch_stats, *, groups: int = 1):
+    """Merge an eval-mode IterNorm or ZCANorm into the Dense/Conv *before* it
+    (layer -> whitening): with W = blockdiag(``batch_stats['whitening_matrix']``),
+    ``K' = K W diag(scale)``, ``b' = ((b - mean) W) * scale + bias``.
+
+    ``module_params`` may lack ``scale`` / ``bias`` (use_scale / use_bias False);
+    ``groups`` is the module's (W may also be given as ``(N, N)`` with groups=1).
+    """
+    fn = "fold_whitening_after"
+    k, b = _layer(fn, layer_params)
+    n = k.shape[-1]
+    mean = jnp.asarray(batch_stats["mean"])
+    _check_n(fn, "batch_stats['mean']", mean, n)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or n % groups:
+        raise ValueError(
+            f"{fn}: groups must be an int >= 1 dividing the layer's {n} output features; "
+            f"got {groups!r}"
+        )
+    wm = jnp.asarray(batch_stats["whitening_matrix"])
+    g, ng = groups, n // groups
+    if wm.shape not in ((g, ng, ng),) + (((ng, ng),) if g == 1 else ()):
+        raise ValueError(
+            f"{fn}: batch_stats['whitening_matrix'] must have shape {S.shape_str((g, ng, ng))} "
+            f"for {n} features and groups={g}; got {S.shape_str(wm.shape)}"
+        )
+    wm = wm.reshape(g, ng, ng)
+    w = wm[0] if g == 1 else block_diag(*[wm[i] for i in range(g)])
+    scale, bias = module_params.get("scale"), module_params.get("bias")
+    cd = _dtype(k, mean, w)
+    hi = S.PRECISION
+    w = w.astype(cd)
+    if scale is not None:
+        w = w * jnp.asarray(scale).astype(cd)  # W diag(scale): scale each column
+    new_k = jnp.einsum("...j,jo->...o", k.astype(cd), w, precision=hi)
+    c = -mean.astype(cd) if b is None else b.astype(cd) - mean.astype(cd)
+    new_b = jnp.dot(c, w, precision=hi)
+    if bias is not None:
+        new_b = new_b + jnp.asarray(bias).astype(cd)
     return {"kernel": new_k, "bias": new_b}

@@ -1,4 +1,4 @@
-r"""Flax linen modules: BatchNorm, BatchCenter, BatchInhib and Dropout.
+r"""Flax linen modules: BatchNorm, BatchCenter, BatchInhib, IterNorm, ZCANorm and Dropout.
 
 They hold parameters (collection ``params``) and running statistics (collection
 ``batch_stats``); the arithmetic is in the ops (:mod:`jax_batchinhib.ops`, hand-derived
@@ -52,7 +52,15 @@ Array = jax.Array
 Dtype = Any
 Initializer = Any
 
-__all__ = ["BatchCenter", "BatchInhib", "BatchNorm", "Dropout", "near_identity_alpha_init"]
+__all__ = [
+    "BatchCenter",
+    "BatchInhib",
+    "BatchNorm",
+    "Dropout",
+    "IterNorm",
+    "ZCANorm",
+    "near_identity_alpha_init",
+]
 
 near_identity_alpha_init = M.near_identity_alpha_init
 
@@ -300,6 +308,101 @@ class BatchInhib(nn.Module):
         return _run(
             self, "batch_inhib", where, x, use_ra, mask, ax, momentum, lambda: (alpha,), options
         )
+
+
+_WHITEN_DOC = r"""
+
+    Training mode whitens with the batch statistics (per group of ``N/groups``
+    contiguous features, rows masked by ``mask`` not counted) and updates the running
+    mean and the running whitening matrix: as the papers' code keeps them (Huang et al.
+    2018, 2019), the running W is the moving average (float ``momentum``) or the
+    cumulative average (``momentum=None``, with ``batch_stats/count``) of the batch
+    whitening matrices, without an ``m/(m-1)`` correction (these modules have no
+    ``unbiased`` option). Eval mode is one matmul per group,
+    ``y = scale * (x - mean) W + bias``.
+
+    Variables: ``params/scale`` and ``params/bias`` (N,) (``use_scale`` / ``use_bias``);
+    ``batch_stats/mean`` (N,), ``batch_stats/whitening_matrix`` (groups, N/groups,
+    N/groups), initialized to the identity, and with ``momentum=None`` a scalar
+    ``batch_stats/count``. The other attributes are BatchNorm's (``axis``, ``epsilon``
+    (> 0), ``dtype``, ``param_dtype``, ``*_init``, ``axis_name``, ``axis_index_groups``,
+    ``force_float32_reductions``, ``use_autodiff``: the plain-jnp reference instead of
+    the hand-derived VJP, ``virtual_batch_size``: ghost batches). Fold an eval-mode layer
+    into the Dense before it with :func:`jax_batchinhib.fold.fold_whitening_after`.
+    """
+
+
+def _whiten_call(mdl, kind, x, use_running_average, mask):
+    where, use_ra, ax, momentum = _start(mdl, x, use_running_average, mask)
+    ax = M.single_axis(where, mdl.axis, ax)
+    n = x.shape[ax]
+    options = M.WhitenOptions.checked(where, kind, mdl, n)
+
+    def params():
+        use = {"scale": mdl.use_scale, "bias": mdl.use_bias}
+        inits = {"scale": mdl.scale_init, "bias": mdl.bias_init}
+        return tuple(_param(mdl, k, inits[k], (n,), where, n) if use[k] else None for k in use)
+
+    return _run(mdl, kind, where, x, use_ra, mask, ax, momentum, params, options)
+
+
+class IterNorm(nn.Module):
+    __doc__ = (
+        "IterNorm (Huang et al., CVPR 2019): batch whitening by ``iterations`` Newton "
+        "steps (:func:`jax_batchinhib.iter_norm`), with a hand-derived VJP." + _WHITEN_DOC
+    )
+
+    use_running_average: bool | None = None
+    axis: int = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    groups: int = 1
+    iterations: int = 5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    force_float32_reductions: bool = True
+    use_autodiff: bool = False
+    virtual_batch_size: int | None = None
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        """Whiten ``x``; ``mask``: rows (x's shape without the feature axis) counted."""
+        return _whiten_call(self, "iter_norm", x, use_running_average, mask)
+
+
+class ZCANorm(nn.Module):
+    __doc__ = (
+        "ZCA batch whitening, decorrelated batch norm (Huang et al., CVPR 2018; "
+        ":func:`jax_batchinhib.zca_norm`), with a hand-derived VJP." + _WHITEN_DOC
+    )
+
+    use_running_average: bool | None = None
+    axis: int = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    groups: int = 1
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    force_float32_reductions: bool = True
+    use_autodiff: bool = False
+    virtual_batch_size: int | None = None
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        """Whiten ``x``; ``mask``: rows (x's shape without the feature axis) counted."""
+        return _whiten_call(self, "zca_norm", x, use_running_average, mask)
 
 
 class Dropout(nn.Module):

@@ -1,4 +1,4 @@
-"""Flax NNX modules: BatchNorm, BatchCenter, BatchInhib and Dropout.
+"""Flax NNX modules: BatchNorm, BatchCenter, BatchInhib, IterNorm, ZCANorm and Dropout.
 
 They follow :class:`flax.nnx.BatchNorm` / :class:`flax.nnx.Dropout`: the feature count
 first, ``rngs`` keyword, parameters as :class:`nnx.Param`, running statistics as
@@ -57,7 +57,15 @@ Initializer = Any
 PromoteDtypeFn = Callable[..., Any]
 _NO_METADATA = MappingProxyType({})
 
-__all__ = ["BatchCenter", "BatchInhib", "BatchNorm", "Dropout", "near_identity_alpha_init"]
+__all__ = [
+    "BatchCenter",
+    "BatchInhib",
+    "BatchNorm",
+    "Dropout",
+    "IterNorm",
+    "ZCANorm",
+    "near_identity_alpha_init",
+]
 
 near_identity_alpha_init = M.near_identity_alpha_init
 
@@ -147,7 +155,7 @@ class _Stats(nnx.Module):
     def _run(self, x, use_running_average, mask, params: dict, options=None):
         where = type(self).__name__
         ax = M.check_input(where, x, self.axis, mask, self.num_features)
-        if self._kind == "batch_inhib":
+        if self._kind in ("batch_inhib", *M.WHITENING):
             ax = M.single_axis(where, self.axis, ax)
         use_ra = M.first_flag(
             where, "use_running_average", use_running_average, self.use_running_average
@@ -173,7 +181,7 @@ class _Stats(nnx.Module):
     @property
     def _stat_names(self) -> tuple[str, ...]:
         """The running statistics this layer keeps, without the batch count."""
-        return tuple(k for k in ("mean", "var", "cov") if k in vars(self))
+        return tuple(k for k in ("mean", "var", "cov", "whitening_matrix") if k in vars(self))
 
     def set_view(self, use_running_average: bool | None = None):
         """Used by ``nnx.view``."""
@@ -398,6 +406,111 @@ class BatchInhib(_Stats):
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         options = M.inhib_options("BatchInhib", self)
         return self._run(x, use_running_average, mask, {"alpha": self.alpha[...]}, options)
+
+
+class _Whiten(_Stats):
+    """IterNorm / ZCANorm's shared constructor and call."""
+
+    def _build(self, where, num_features, groups, epsilon, iterations, use_scale, use_bias,
+               scale_init, bias_init, param_dtype, rngs, **attrs):  # fmt: skip
+        n = C.num_features(where, num_features)
+        self.groups, self.epsilon = groups, epsilon
+        if iterations is not None:
+            self.iterations = iterations
+        M.WhitenOptions.checked(where, self._kind, self, n)
+        self._setup(where, n, groups, param_dtype=param_dtype, **attrs)
+        self.scale = _param_or_none(use_scale, scale_init, rngs.params, (n,), param_dtype, {})
+        self.bias = _param_or_none(use_bias, bias_init, rngs.params, (n,), param_dtype, {})
+
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        """Whiten ``x``; ``mask``: rows (x's shape without the feature axis) counted."""
+        where = type(self).__name__
+        options = M.WhitenOptions.checked(where, self._kind, self, self.num_features)
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        return self._run(x, use_running_average, mask, {"scale": scale, "bias": bias}, options)
+
+
+class IterNorm(_Whiten):
+    """IterNorm (Huang et al., CVPR 2019): batch whitening by ``iterations`` Newton steps,
+    with a hand-derived VJP. Same options, variables and running statistics as
+    :class:`jax_batchinhib.linen.IterNorm` (running mean and running whitening matrix,
+    the average of the batch ones; eval mode is one matmul per group)."""
+
+    _kind = "iter_norm"
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        groups: int = 1,
+        iterations: int = 5,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = initializers.zeros,
+        scale_init: Initializer = initializers.ones,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        force_float32_reductions: bool = True,
+        use_autodiff: bool = False,
+        virtual_batch_size: int | None = None,
+        promote_dtype: Callable = nnx_dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+    ):
+        self._build(
+            "IterNorm", num_features, groups, epsilon, iterations, use_scale, use_bias,
+            scale_init, bias_init, param_dtype, rngs,
+            use_running_average=use_running_average, axis=axis, momentum=momentum,
+            dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            force_float32_reductions=force_float32_reductions, use_autodiff=use_autodiff,
+            virtual_batch_size=virtual_batch_size, promote_dtype=promote_dtype,
+        )  # fmt: skip
+
+
+class ZCANorm(_Whiten):
+    """ZCA batch whitening, decorrelated batch norm (Huang et al., CVPR 2018), with a
+    hand-derived VJP. Same options, variables and running statistics as
+    :class:`jax_batchinhib.linen.ZCANorm`."""
+
+    _kind = "zca_norm"
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        groups: int = 1,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = initializers.zeros,
+        scale_init: Initializer = initializers.ones,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        force_float32_reductions: bool = True,
+        use_autodiff: bool = False,
+        virtual_batch_size: int | None = None,
+        promote_dtype: Callable = nnx_dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+    ):
+        self._build(
+            "ZCANorm", num_features, groups, epsilon, None, use_scale, use_bias,
+            scale_init, bias_init, param_dtype, rngs,
+            use_running_average=use_running_average, axis=axis, momentum=momentum,
+            dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            force_float32_reductions=force_float32_reductions, use_autodiff=use_autodiff,
+            virtual_batch_size=virtual_batch_size, promote_dtype=promote_dtype,
+        )  # fmt: skip
 
 
 class Dropout(nnx.Module):

@@ -50,7 +50,9 @@ class RunningStats(NamedTuple):
     ``mean`` (N,) always; ``var`` (N,) for BatchNorm and BatchInhib; ``cov`` (alpha's
     shape) for BatchInhib; ``count`` (the number of batches averaged, int32: (N,) per
     feature, or () for BatchInhib, whose masks select whole rows) only with
-    ``momentum=None``. The field names are the stored variable names (linen
+    ``momentum=None``; ``whitening_matrix`` (groups, N/groups, N/groups) for IterNorm and
+    ZCANorm (which keep ``mean``, ``whitening_matrix`` and a scalar ``count``). The field
+    names are the stored variable names (linen
     ``batch_stats/<name>``, NNX attributes), the same as :class:`flax.linen.BatchNorm`'s.
 
     Attributes:
@@ -64,6 +66,7 @@ class RunningStats(NamedTuple):
     var: Array | None = None
     cov: Array | None = None
     count: Array | None = None
+    whitening_matrix: Array | None = None
 
     def items(self):
         """``(name, value)`` of the statistics present (not None)."""
@@ -406,3 +409,39 @@ def batch_inhib_step(
         return y, state
     op = functools.partial(impl.batch_inhib, alpha=alpha, **options.kwargs())
     return _train(where, step, op, x, state, mask, ("mean", "var", "cov"), whole_rows=True)
+
+
+def whitening_step(where: str, x, scale, bias, state: RunningStats, step: Step, *, options, mask):
+    r"""IterNorm / ZCANorm in training mode (batch whitening, running update) or eval mode
+    (one matmul per group, :math:`y = \gamma\odot(x-\mu_r)W_r + \beta`).
+
+    ``options``: the module's ``WhitenOptions`` (method, groups, iterations, epsilon).
+    ``state`` holds ``mean`` (N,), ``whitening_matrix`` (groups, N/groups, N/groups) and,
+    with momentum=None, a scalar ``count``. As the papers' code keeps it (Huang et al.
+    2018, 2019), the running whitening matrix is the moving (or cumulative) average of
+    the batch whitening matrices :math:`W_B`, not a matrix function of a running
+    covariance, and it is not corrected by ``m/(m-1)`` (``step.unbiased`` is ignored):
+    eval mode applies the average of what training applied. The whitening ops mask whole
+    rows, so every feature shares one count. Returns ``(y, new_state)``.
+    """
+    impl = _impl(step.use_autodiff)
+    kw = {"groups": options.groups, "epsilon": options.epsilon}
+    if options.method == "iter":
+        train_op, inf_op = impl.iter_norm, impl.iter_norm_inference
+        kw["iterations"] = options.iterations
+    else:
+        train_op, inf_op = impl.zca_norm, impl.zca_norm_inference
+    if step.use_running_average:
+        wm = state.whitening_matrix
+        y = inf_op(x, scale, bias, state.mean, wm, groups=options.groups, axis=step.axis)
+        return y, state
+
+    def op(xs, *, axis, axis_name, mask, axis_index_groups, use_fast_variance):
+        del use_fast_variance  # the whitening ops have one variance algorithm
+        return train_op(
+            xs, scale, bias, axis=axis, axis_name=axis_name, mask=mask,
+            axis_index_groups=axis_index_groups, **kw,
+        )  # fmt: skip
+
+    step = dataclasses.replace(step, unbiased=False)
+    return _train(where, step, op, x, state, mask, ("mean", "whitening_matrix"), whole_rows=True)

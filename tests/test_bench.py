@@ -99,6 +99,7 @@ def test_main_list_and_unknown_case(capsys):
     assert bench.main(["--list"]) == 0
     out = capsys.readouterr().out
     assert "batch_norm/4096x512/bfloat16" in out and "cnn_train_step/" in out
+    assert "iter_norm/1024x512/float32" in out and "zca_norm/1024x512/g16/float32" in out
     with pytest.raises(SystemExit, match="matched no case"):
         bench.main(["--cases", "nope/*"])
 

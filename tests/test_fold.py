@@ -91,3 +91,27 @@ def test_fold_errors_name_the_function():
         fold.fold_batch_center({"w": 1}, {}, {"mean": jnp.zeros(4)})
     with pytest.raises(ValueError, match=r"fold_batch_inhib_before: the BatchInhib has 4"):
         fold.fold_batch_inhib_before(lp, {"alpha": jnp.zeros((4, 4))}, {"cov": jnp.eye(4)})
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_fold_whitening_into_preceding_layer(kind):
+    """Dense/Conv -> IterNorm/ZCANorm (eval) equals the folded layer: a random running
+    mean, a random non-symmetric block-diagonal W (2 groups), random scale and bias."""
+    layer, x = layers(kind, 4)
+    lp = params_of(layer, x, jax.random.key(1))
+    h = layer.apply({"params": lp}, x)
+    k1, k2 = jax.random.split(jax.random.key(9))
+    st = {
+        "mean": jax.random.normal(k1, (4,)),
+        "whitening_matrix": jnp.eye(2) + 0.5 * jax.random.normal(k2, (2, 2, 2)),
+    }
+    for mdl in (
+        bnn.IterNorm(use_running_average=True, groups=2),
+        bnn.ZCANorm(use_running_average=True, groups=2, use_bias=False),
+    ):
+        mp = params_of(mdl, h, jax.random.key(3))
+        want = mdl.apply({"params": mp, "batch_stats": st}, h)
+        folded = fold.fold_whitening_after(lp, mp, st, groups=2)
+        np.testing.assert_allclose(layer.apply({"params": folded}, x), want, atol=ATOL)
+    with pytest.raises(ValueError, match=r"fold_whitening_after: groups must be .* dividing"):
+        fold.fold_whitening_after(lp, mp, st, groups=3)

@@ -463,6 +463,7 @@ def all_cases(large: bool | None = None) -> list[Case]:
     cases.append(_bi_case((1024, 2048), groups=16))
     if large:
         cases += [_bi_case(shape, groups=g) for shape, g in LARGE_BI]
+    cases += whitening_cases()
     cases.append(_dropout_case((4096, 1000)))
     cases.append(_sce_case((4096, 1000)))
     cases.append(_cnn_case())
@@ -1602,17 +1603,12 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 # ------------------------------------------------------------------ whitening (iter_norm, zca)
 
 
 def whitening_cases(shapes=(((1024, 512), 1), ((1024, 512), 16))) -> list[Case]:
     """iter_norm (T=5) and zca_norm against autodiff of their references: fwd+bwd time
-    and kept bytes at each ``((M, N), groups)``. Self-contained: not in :func:`all_cases`
-    unless added there."""
+    and kept bytes at each ``((M, N), groups)`` (part of :func:`all_cases`)."""
     import jax_batchinhib as jb
     from jax_batchinhib import reference as ref
 
@@ -1648,3 +1644,7 @@ def whitening_cases(shapes=(((1024, 512), 1), ((1024, 512), 16))) -> list[Case]:
                 )
             )
     return out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -291,7 +291,7 @@ def zca_norm(
 
 def _run(cfg, red, x, scale, bias, mask):
     x2, tshape = _as_matrix(x, red.axis)
-    mred = S.Reduce(2, 1, (0,), red.axis_name, red.axis_index_groups)
+    mred = S.Reduce(2, (1,), (0,), red.axis_name, red.axis_index_groups)
     y2, stats = _whiten(cfg, mred, x2, scale, bias, mask)
     stats = jax.tree.map(lax.stop_gradient, stats)
     return _from_matrix(y2, tshape, red.axis), stats
@@ -371,9 +371,10 @@ def _center(cfg, red, x2, mask):
     m, nf = x2.shape
     g = cfg.groups
     xf = x2.astype(cd)
-    w = S.weights_array(mask, cd)
-    cnt = S.count(x2.shape, w, red, cd)
-    s, mean_d, _ = S.moments(xf, w, red, cnt)
+    mb = S.mask_bool(mask)
+    w = None if mb is None else mb.astype(cd)
+    cnt = S.count(x2.shape, mb, red, cd)
+    s, mean_d, _ = S.moments(xf, mb, red, cnt)
     cnt = jnp.ravel(cnt)[0]  # rows are masked whole: one count for every feature
     xc = ((xf - s) - mean_d).reshape(m, g, nf // g)
     return xc, s, mean_d, cnt, w
@@ -445,7 +446,8 @@ def _whiten_bwd(cfg, red, res, cts):
         sbar = _newton_backward(ps, sn, t, wbar)
     else:
         sbar = _zca_backward(u, r, wbar)
-    w = S.weights_array(mask, cd)
+    mb = S.mask_bool(mask)
+    w = None if mb is None else mb.astype(cd)
     wn = (1.0 / jnp.maximum(cnt, 1)) if w is None else w.reshape(m, 1, 1) / jnp.maximum(cnt, 1)
     wxc = xc if w is None else xc * w.reshape(m, 1, 1)
     dx = (
