@@ -123,6 +123,14 @@ def _train_parser(sub):
     s.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
     s.add_argument("--val-seeds", type=int, default=None, help="seeds per grid value")
     s.add_argument("--quick", action="store_true", help="a tiny study (for tests)")
+    s.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="train nothing: merge these results.json files of one task (variants split "
+        "over several runs) into --out, with its tables and plots",
+    )
     p.set_defaults(func=_run_train)
 
 
@@ -132,6 +140,8 @@ def _run_train(args, rest):
 
         if args.out is None:
             args.out = f"out/study-{args.task}"
+        if args.merge:
+            return study.merge_main(args.merge, args.out)
         return study.main(args)
     from jax_batchinhib.apps.train import DEFAULTS, VARIANTS
 

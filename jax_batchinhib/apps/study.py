@@ -753,3 +753,69 @@ def main(args) -> int:
     print(table)
     print("wrote " + ", ".join(written))
     return 0
+
+
+# ------------------------------------------------------------------------ merging runs
+
+
+def merge(studies: Sequence[dict]) -> dict:
+    """One study from several runs of the same task and configuration (e.g. the variants
+    split over several processes): variants are merged per model in order of first
+    appearance; a variant run twice must agree to 1e-6 on every seed (the runs are
+    deterministic) and is kept once; the comparisons with our BatchNorm are recomputed."""
+    if not studies:
+        raise ValueError("study.merge: nothing to merge")
+    task = studies[0]["task"]
+    keys = ("steps", "batch_size", "lrs", "seeds", "val_seeds")
+    cfg0 = {k: studies[0]["config"][k] for k in keys}
+    out = {"task": task, "models": {}, "config": dict(studies[0]["config"])}
+    out["config"]["merged_from"] = []
+    for s in studies:
+        if s["task"] != task or {k: s["config"][k] for k in keys} != cfg0:
+            raise ValueError("study.merge: runs of different tasks or configurations")
+        out["config"]["merged_from"].append(
+            {k: s["config"][k] for k in ("variants", "models", "wall_s", "process_cpu_s")}
+        )
+        for mk, m in s["models"].items():
+            tgt = out["models"].setdefault(mk, {**m, "variants": []})
+            if "heatmap" in m:
+                tgt["heatmap"] = m["heatmap"]
+            have = {r["variant"]: r for r in tgt["variants"]}
+            for r in m["variants"]:
+                if r["variant"] in have:
+                    a = np.asarray(have[r["variant"]]["test_acc_per_seed"])
+                    if np.abs(a - np.asarray(r["test_acc_per_seed"])).max() > 1e-6:
+                        raise ValueError(f"study.merge: {mk} {r['variant']} differs between runs")
+                    continue
+                tgt["variants"].append(r)
+    for m in out["models"].values():
+        by = {r["variant"]: r for r in m["variants"]}
+        for r in m["variants"]:
+            r.pop("vs_bn", None)
+            if BASELINE in by and r["variant"] != BASELINE:
+                r["vs_bn"] = paired_difference(
+                    r["test_acc_per_seed"], by[BASELINE]["test_acc_per_seed"]
+                )
+        order = list(VARIANTS)
+        m["variants"].sort(key=lambda r: order.index(r["variant"]))
+    out["config"]["wall_s"] = sum(x["wall_s"] for x in out["config"]["merged_from"])
+    out["config"]["process_cpu_s"] = sum(x["process_cpu_s"] for x in out["config"]["merged_from"])
+    out["table_markdown"] = format_tables(out)
+    return out
+
+
+def merge_main(paths: Sequence[str], out_dir: str) -> int:
+    """Merge ``results.json`` files (see :func:`merge`) into ``out_dir``: its
+    ``results.json``, ``accuracy.png`` and ``curves.png``."""
+    studies = []
+    for p in paths:
+        with open(p) as f:
+            studies.append(json.load(f))
+    m = merge(studies)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(m, f, indent=1)
+    plot_accuracy(m, os.path.join(out_dir, "accuracy.png"))
+    plot_curves(m, os.path.join(out_dir, "curves.png"))
+    print(m["table_markdown"])
+    return 0
