@@ -3,7 +3,14 @@
 Every op is a ``jax.custom_vjp`` whose backward rule is the derived one (see
 ``docs/derivations.md``), proved against autodiff of the naive forward in
 :mod:`jax_batchinhib.reference`.
+
+The ops are imported here; the submodules (``linen``, ``nnx``, ``reference``, ``fold``,
+``parallel``, ``running``, ``testing``, ``apps``) are attributes loaded on first use
+(PEP 562), so ``jbi.linen.BatchNorm`` works after a plain ``import jax_batchinhib as
+jbi`` and ``import jax_batchinhib`` alone does not import flax.
 """
+
+import importlib as _importlib
 
 from jax_batchinhib.ops import BatchStats as BatchStats
 from jax_batchinhib.ops import InhibStats as InhibStats
@@ -21,6 +28,20 @@ from jax_batchinhib.ops import softmax_cross_entropy as softmax_cross_entropy
 from jax_batchinhib.testing import check_vjp as check_vjp
 
 __version__ = "0.1.0"
+
+#: Submodules loaded on first attribute access.
+_LAZY = ("apps", "fold", "linen", "nnx", "parallel", "reference", "running", "testing")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "BatchStats",

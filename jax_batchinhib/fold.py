@@ -26,7 +26,7 @@ Example:
   >>> dense, bn = nn.Dense(4), bnn.BatchNorm(use_running_average=True)
   >>> dv = dense.init(jax.random.key(1), x)
   >>> bv = bn.init(jax.random.key(2), dense.apply(dv, x))
-  >>> p = fold.fold_batch_norm(dv["params"], bv["params"], bv["batch_stats"])
+  >>> p = fold.fold_batch_norm(dv["params"], bv["params"], bv["batch_stats"], epsilon=bn.epsilon)
   >>> y = bn.apply(bv, dense.apply(dv, x))
   >>> bool(jnp.allclose(nn.Dense(4).apply({"params": p}, x), y, atol=1e-5))
   True
@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import block_diag
 
+from jax_batchinhib import _modules as M
+from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _stats as S
 from jax_batchinhib.ops import inhibition_matrix
 
@@ -75,11 +77,14 @@ def _check_n(fn, what, v, n):
         )
 
 
-def batch_norm_affine(bn_params, bn_stats, *, epsilon: float = 1e-5):
+def batch_norm_affine(bn_params, bn_stats, *, epsilon: float):
     """Eval-mode BatchNorm as ``y = a * x + c`` per feature (seed 002's closed form).
 
     ``bn_params`` may lack ``scale`` / ``bias`` (use_scale / use_bias False).
+    ``epsilon`` is the layer's (``layer.epsilon``); it has no default, so that a fold
+    cannot silently use another value than the layer it replaces.
     """
+    epsilon = C.epsilon("batch_norm_affine", epsilon)
     mean, var = jnp.asarray(bn_stats["mean"]), jnp.asarray(bn_stats["var"])
     cd = _dtype(mean, var)
     inv = jax.lax.rsqrt(var.astype(cd) + epsilon)
@@ -92,9 +97,13 @@ def batch_norm_affine(bn_params, bn_stats, *, epsilon: float = 1e-5):
     return a, c
 
 
-def fold_batch_norm(layer_params, bn_params, bn_stats, *, epsilon: float = 1e-5):
-    """Merge an eval-mode BatchNorm into the Dense/Conv before it: ``{kernel, bias}``."""
+def fold_batch_norm(layer_params, bn_params, bn_stats, *, epsilon: float):
+    """Merge an eval-mode BatchNorm into the Dense/Conv before it: ``{kernel, bias}``.
+
+    ``epsilon``: the BatchNorm layer's own (``bn.epsilon``), required.
+    """
     fn = "fold_batch_norm"
+    epsilon = C.epsilon(fn, epsilon)
     k, b = _layer(fn, layer_params)
     n = k.shape[-1]
     _check_n(fn, "bn_stats['mean']", bn_stats["mean"], n)
@@ -119,12 +128,10 @@ def fold_batch_center(layer_params, bc_params, bc_stats):
 
 
 def inhib_options(module) -> dict:
-    """The op options (rho, epsilon, groups, correlation, denominator, guard, guard_mode) of a linen
-    or NNX BatchInhib module, to pass to :func:`inhib_map` and the fold functions."""
-    return {
-        k: getattr(module, k)
-        for k in ("rho", "epsilon", "groups", "correlation", "denominator", "guard", "guard_mode")
-    }
+    """The op options of a linen or NNX BatchInhib module (its
+    :class:`~jax_batchinhib.ops.batch_inhib.InhibOptions`, validated, guard resolved) as
+    keyword arguments for :func:`inhib_map` and the fold functions."""
+    return M.inhib_options(type(module).__name__, module).kwargs()
 
 
 def inhib_map(inhib_params, inhib_stats, **options):

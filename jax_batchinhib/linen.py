@@ -40,12 +40,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen import dtypes as flax_dtypes
 from jax.nn import initializers
 
-from jax_batchinhib import running
+from jax_batchinhib import _modules as M
 from jax_batchinhib.ops import _stats as S
-from jax_batchinhib.ops.batch_inhib import CORRELATIONS, DENOMINATORS, GUARD_MODES, alpha_shape
+from jax_batchinhib.ops.batch_inhib import alpha_shape
+from jax_batchinhib.running import RunningStats
 
 Array = jax.Array
 Dtype = Any
@@ -53,33 +53,10 @@ Initializer = Any
 
 __all__ = ["BatchCenter", "BatchInhib", "BatchNorm", "Dropout", "near_identity_alpha_init"]
 
+near_identity_alpha_init = M.near_identity_alpha_init
+
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def near_identity_alpha_init(rho: float = 1.0, value: float = -12.0) -> Initializer:
-    r"""BatchInhib's default ``alpha`` initializer: the constant ``value / rho``.
-
-    Why: R is normalized by its denominator, :math:`R_{ik} = g_{ik} r_{ik} / D_i` with
-    :math:`D_i = \sum_{l\ne i} g_{il} r_{il}`, so scaling every :math:`g(\alpha)` by the
-    same factor leaves R unchanged *except* through the guarded reciprocal
-    :math:`h(D) = D/(D^2+\delta^2)` (``guard`` = δ = 1e-3). With a constant small g,
-    :math:`|D_i| \le g \sum_l |r_{il}|` and :math:`|h(D)| \le |D|/\delta^2`, hence
-
-    .. math::
-        \sum_k |R_{ik}| \le (g/\delta)^2 \Big(\sum_{l\ne i} |r_{il}|\Big)^2 :
-
-    the layer starts as the identity up to that. With ``value = -12`` and rho = 1,
-    :math:`g = \mathrm{softplus}(-12) = 6.1\cdot10^{-6}`, :math:`(g/\delta)^2 =
-    3.7\cdot10^{-5}`: rows of R sum to at most 0.4% for 10 features all correlated at
-    0.99, 3.6% for 32 such features (use a more negative value for wider layers). The
-    gradient is small as well (:math:`\partial R/\partial\alpha \approx 2R` in this
-    regime), so an optimizer with normalized steps (Adam: about lr per step and entry)
-    raises alpha where inhibition lowers the loss; plain SGD barely moves it. For
-    full-strength inhibition from the start use ``alpha_init=jax.nn.initializers.zeros``
-    (:math:`g = \log 2` everywhere: R is the row-normalized correlation).
-    """
-    return initializers.constant(value / rho)
 
 
 def _where(mdl) -> str:
@@ -88,125 +65,59 @@ def _where(mdl) -> str:
     return f"{cls} '{name}'" if name else cls
 
 
-def merge_flag(where: str, arg: str, attr, call):
-    """The mode flag given at construction or at call time (flax's merge_param with an
-    error that names the module and the argument)."""
-    if attr is None and call is None:
-        raise ValueError(
-            f"{where}: {arg} was given nowhere; pass it at construction "
-            f"({where.split(' ')[0]}(..., {arg}=True/False)) or at call time "
-            f"(layer(x, {arg}=True/False))"
-        )
-    if attr is not None and call is not None:
-        raise ValueError(
-            f"{where}: {arg} was given both at construction ({arg}={attr!r}) and at call "
-            f"time ({arg}={call!r}); give it in one place only"
-        )
-    return bool(attr if call is None else call)
-
-
-def feature_axis(where: str, axis, x) -> int:
-    """The feature axis as a non-negative int; tuples of axes are not supported."""
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(
-            f"{where}: axis must be an int (one feature axis; the ops normalize over every "
-            f"other axis); got {axis!r}"
-        )
-    if jnp.ndim(x) < 1:
-        raise ValueError(f"{where}: x must have at least one dimension; got a scalar")
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(
-            f"{where}: axis={axis} is out of range for x of shape {S.shape_str(x.shape)}"
-        )
-    return axis % x.ndim
-
-
-def check_float_input(where: str, x) -> None:
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise TypeError(
-            f"{where}: x must be a floating-point array; got dtype {jnp.result_type(x)}"
-        )
-
-
-def out_dtype(dtype, *arrays):
-    """flax's dtype policy: ``dtype`` if given, else the promoted dtype of the inputs and
-    parameters (float32 parameters make a bfloat16 input's output float32)."""
-    return flax_dtypes.canonicalize_dtype(*[a for a in arrays if a is not None], dtype=dtype)
-
-
-def compute_input(x, out):
-    """x in a dtype at least as wide as the output (the op computes in at least
-    float32 and returns its input's dtype)."""
-    return x.astype(jnp.promote_types(x.dtype, out))
-
-
-def check_shape(where: str, what: str, value, want, n: int) -> None:
-    got = tuple(jnp.shape(value))
-    if got != tuple(want):
-        raise ValueError(
-            f"{where}: {what} has shape {S.shape_str(got)}, but x with {n} features needs "
-            f"{S.shape_str(want)}; the variables were made for another input (re-init, or "
-            f"give x with the feature count they were made for)"
-        )
-
-
 def _existing(mdl, col, name, want, where, n):
+    """A variable that exists already must have the shape the input asks for."""
     if mdl.has_variable(col, name):
-        check_shape(where, f"{col}/{name}", mdl.get_variable(col, name), want, n)
+        got = tuple(jnp.shape(mdl.get_variable(col, name)))
+        if got != tuple(want):
+            raise ValueError(
+                f"{where}: {col}/{name} has shape {S.shape_str(got)}, but x with {n} features "
+                f"needs {S.shape_str(want)}; the variables were made for another input "
+                f"(re-init, or give x with the feature count they were made for)"
+            )
 
 
-def _param(mdl, name, init, shape, dtype, where, n):
+def _param(mdl, name, init, shape, where, n):
     _existing(mdl, "params", name, shape, where, n)
-    return mdl.param(name, init, shape, dtype)
+    return mdl.param(name, init, shape, mdl.param_dtype)
 
 
-def _stat(mdl, name, init, shape, where, n):
-    _existing(mdl, "batch_stats", name, shape, where, n)
-    return mdl.variable("batch_stats", name, init)
+def _run(mdl, kind, where, x, use_ra, mask, ax, momentum, make_params, options=None):
+    """The shared body of the statistics layers: the ``batch_stats`` variables, the
+    parameters (``make_params()``), no update during ``init``, the step, and the
+    write-back."""
+    n = x.shape[ax]
+    groups = 1 if options is None else options.groups
+    specs = M.stat_specs(kind, n, M.stats_dtype(mdl), momentum, groups)
+    stats = {}
+    for name, (shape, init_fn) in specs.items():
+        _existing(mdl, "batch_stats", name, shape, where, n)
+        stats[name] = mdl.variable("batch_stats", name, init_fn)
+    params = make_params()
+    init = mdl.is_initializing()
+    axis_name = None if init else mdl.axis_name
+    if init and not use_ra and not M.training_form_ok(x, ax, mask, axis_name):
+        use_ra = True
+    y, new = M.apply(
+        kind, where, mdl, x, params, RunningStats(**{k: v.value for k, v in stats.items()}),
+        axis=ax, use_running_average=use_ra, update_stats=not init, momentum=momentum,
+        axis_name=axis_name, mask=mask, options=options,
+    )  # fmt: skip
+    if not use_ra and not init:
+        for name, value in new.items():
+            stats[name].value = value
+    return y
 
 
-def check_mask_arg(where, mask):
-    if mask is not None and not (
-        jnp.result_type(mask) == jnp.bool_ or jnp.issubdtype(jnp.result_type(mask), jnp.integer)
-    ):
-        raise TypeError(f"{where}: mask must be a boolean array; got dtype {jnp.result_type(mask)}")
-
-
-def check_virtual_batch_size_arg(where, v):
-    """``virtual_batch_size``: None or an int >= 1 (that it divides the batch is checked
-    on the batch, in training mode)."""
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-        raise ValueError(f"{where}: virtual_batch_size must be an int >= 1 or None; got {v!r}")
-    return v
-
-
-def training_form_ok(x, axis, mask, axis_name) -> bool:
-    """During init, a batch of one value per feature gets the inference form (flax's
-    init accepts any batch; our training form refuses a single value)."""
-    return mask is not None or axis_name is not None or running.values_per_feature(x, axis) > 1
-
-
-def check_inhib_options(
-    where, rho, epsilon, groups, correlation, denominator, guard, n, guard_mode="absolute"
-):
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{where}: groups must be an int >= 1; got {groups!r}")
-    if n % groups:
-        raise ValueError(
-            f"{where}: groups={groups} must divide the number of features N={n} of x; "
-            f"choose groups among the divisors of {n}"
-        )
-    if correlation not in CORRELATIONS:
-        raise ValueError(f"{where}: correlation must be one of {CORRELATIONS}; got {correlation!r}")
-    if denominator not in DENOMINATORS:
-        raise ValueError(f"{where}: denominator must be one of {DENOMINATORS}; got {denominator!r}")
-    if isinstance(rho, bool) or not isinstance(rho, int | float) or not rho > 0:
-        raise ValueError(f"{where}: rho must be a float > 0; got {rho!r}")
-    if guard_mode not in GUARD_MODES:
-        raise ValueError(f"{where}: guard_mode must be one of {GUARD_MODES}; got {guard_mode!r}")
-    for arg, v in (("epsilon", epsilon), ("guard", 0.0 if guard is None else guard)):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
-            raise ValueError(f"{where}: {arg} must be a float >= 0; got {v!r}")
+def _start(mdl, x, use_running_average, mask):
+    """Checks every layer does first: returns (where, use_ra, feature axis, momentum)."""
+    where = _where(mdl)
+    ax = M.check_input(where, x, mdl.axis, mask)
+    use_ra = M.merge_flag(
+        where, "use_running_average", mdl.use_running_average, use_running_average
+    )
+    momentum = M.check_common(where, mdl)
+    return where, use_ra, ax, momentum
 
 
 # ------------------------------------------------------------------------------ modules
@@ -233,9 +144,9 @@ class BatchNorm(nn.Module):
       each unbiased with its own count (``m = virtual_batch_size`` times the positions
       per example). Eval mode ignores it. The same attribute on every module.
 
-    ``use_fast_variance`` is accepted for compatibility and ignored: the op always uses
-    the shifted two-pass variance (flax's ``use_fast_variance=False`` up to round-off).
-    Statistics are always accumulated in at least float32.
+    ``use_fast_variance`` selects the op's variance algorithm, as flax's does (passed to
+    :func:`jax_batchinhib.batch_norm`). Statistics are always accumulated in at least
+    float32.
     """
 
     use_running_average: bool | None = None
@@ -266,57 +177,15 @@ class BatchNorm(nn.Module):
           mask: boolean, x's shape or x's shape without the feature axis: positions
             counted in the statistics (and in the count m).
         """
-        where = _where(self)
-        check_float_input(where, x)
-        use_ra = merge_flag(
-            where, "use_running_average", self.use_running_average, use_running_average
-        )
-        ax = feature_axis(where, self.axis, x)
-        momentum = running.check_momentum(where, self.momentum)
-        check_mask_arg(where, mask)
+        where, use_ra, ax, momentum = _start(self, x, use_running_average, mask)
         n = x.shape[ax]
-        sdt = running.stats_dtype(self.param_dtype, self.force_float32_reductions)
-        ra_mean = _stat(self, "mean", lambda: jnp.zeros((n,), sdt), (n,), where, n)
-        ra_var = _stat(self, "var", lambda: jnp.ones((n,), sdt), (n,), where, n)
-        state = {"mean": ra_mean.value, "var": ra_var.value}
-        if momentum is None:
-            ra_count = _stat(self, "count", lambda: jnp.zeros((n,), jnp.int32), (n,), where, n)
-            state["count"] = ra_count.value
-        scale = bias = None
-        if self.use_scale:
-            scale = _param(self, "scale", self.scale_init, (n,), self.param_dtype, where, n)
-        if self.use_bias:
-            bias = _param(self, "bias", self.bias_init, (n,), self.param_dtype, where, n)
 
-        init = self.is_initializing()
-        axis_name = None if init else self.axis_name
-        if init and not use_ra and not training_form_ok(x, ax, mask, axis_name):
-            use_ra = True
-        out = out_dtype(self.dtype, x, scale, bias)
-        y, new = running.batch_norm_step(
-            where,
-            compute_input(x, out),
-            scale,
-            bias,
-            state,
-            use_running_average=use_ra,
-            update_stats=not init,
-            momentum=momentum,
-            unbiased=self.unbiased,
-            epsilon=self.epsilon,
-            axis=ax,
-            axis_name=axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            use_autodiff=self.use_autodiff,
-            virtual_batch_size=check_virtual_batch_size_arg(where, self.virtual_batch_size),
-        )
-        if not use_ra and not init:
-            ra_mean.value = new["mean"]
-            ra_var.value = new["var"]
-            if momentum is None:
-                ra_count.value = new["count"]
-        return jnp.asarray(y, out)
+        def params():
+            use = {"scale": self.use_scale, "bias": self.use_bias}
+            inits = {"scale": self.scale_init, "bias": self.bias_init}
+            return tuple(_param(self, k, inits[k], (n,), where, n) if use[k] else None for k in use)
+
+        return _run(self, "batch_norm", where, x, use_ra, mask, ax, momentum, params)
 
 
 class BatchCenter(nn.Module):
@@ -337,54 +206,21 @@ class BatchCenter(nn.Module):
     axis_name: str | None = None
     axis_index_groups: Any = None
     force_float32_reductions: bool = True
+    use_fast_variance: bool = True
     use_autodiff: bool = False
     virtual_batch_size: int | None = None
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-        where = _where(self)
-        check_float_input(where, x)
-        use_ra = merge_flag(
-            where, "use_running_average", self.use_running_average, use_running_average
-        )
-        ax = feature_axis(where, self.axis, x)
-        momentum = running.check_momentum(where, self.momentum)
-        check_mask_arg(where, mask)
+        where, use_ra, ax, momentum = _start(self, x, use_running_average, mask)
         n = x.shape[ax]
-        sdt = running.stats_dtype(self.param_dtype, self.force_float32_reductions)
-        ra_mean = _stat(self, "mean", lambda: jnp.zeros((n,), sdt), (n,), where, n)
-        state = {"mean": ra_mean.value}
-        if momentum is None:
-            ra_count = _stat(self, "count", lambda: jnp.zeros((n,), jnp.int32), (n,), where, n)
-            state["count"] = ra_count.value
-        bias = None
-        if self.use_bias:
-            bias = _param(self, "bias", self.bias_init, (n,), self.param_dtype, where, n)
-        init = self.is_initializing()
-        axis_name = None if init else self.axis_name
-        if init and not use_ra and not training_form_ok(x, ax, mask, axis_name):
-            use_ra = True
-        out = out_dtype(self.dtype, x, bias)
-        y, new = running.batch_center_step(
-            where,
-            compute_input(x, out),
-            bias,
-            state,
-            use_running_average=use_ra,
-            update_stats=not init,
-            momentum=momentum,
-            axis=ax,
-            axis_name=axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            use_autodiff=self.use_autodiff,
-            virtual_batch_size=check_virtual_batch_size_arg(where, self.virtual_batch_size),
-        )
-        if not use_ra and not init:
-            ra_mean.value = new["mean"]
-            if momentum is None:
-                ra_count.value = new["count"]
-        return jnp.asarray(y, out)
+
+        def params():
+            return (
+                _param(self, "bias", self.bias_init, (n,), where, n) if self.use_bias else None,
+            )
+
+        return _run(self, "batch_center", where, x, use_ra, mask, ax, momentum, params)
 
 
 class BatchInhib(nn.Module):
@@ -419,84 +255,22 @@ class BatchInhib(nn.Module):
     axis_name: str | None = None
     axis_index_groups: Any = None
     force_float32_reductions: bool = True
+    use_fast_variance: bool = True
     unbiased: bool = True
     use_autodiff: bool = False
     virtual_batch_size: int | None = None
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-        where = _where(self)
-        check_float_input(where, x)
-        use_ra = merge_flag(
-            where, "use_running_average", self.use_running_average, use_running_average
-        )
-        ax = feature_axis(where, self.axis, x)
-        momentum = running.check_momentum(where, self.momentum)
-        check_mask_arg(where, mask)
+        where, use_ra, ax, momentum = _start(self, x, use_running_average, mask)
         n = x.shape[ax]
-        check_inhib_options(
-            where, self.rho, self.epsilon, self.groups, self.correlation, self.denominator,
-            self.guard, n, self.guard_mode,
-        )  # fmt: skip
-        ashape = alpha_shape(n, self.groups)
-        init_fn = self.alpha_init or near_identity_alpha_init(self.rho)
-        alpha = _param(self, "alpha", init_fn, ashape, self.param_dtype, where, n)
-        sdt = running.stats_dtype(self.param_dtype, self.force_float32_reductions)
-        ra_mean = _stat(self, "mean", lambda: jnp.zeros((n,), sdt), (n,), where, n)
-        ra_var = _stat(self, "var", lambda: jnp.ones((n,), sdt), (n,), where, n)
-        ra_cov = _stat(self, "cov", lambda: identity_cov(ashape, sdt), ashape, where, n)
-        state = {"mean": ra_mean.value, "var": ra_var.value, "cov": ra_cov.value}
-        if momentum is None:
-            ra_count = _stat(self, "count", lambda: jnp.zeros((), jnp.int32), (), where, n)
-            state["count"] = ra_count.value
-        init = self.is_initializing()
-        axis_name = None if init else self.axis_name
-        if init and not use_ra and not training_form_ok(x, ax, mask, axis_name):
-            use_ra = True
-        out = out_dtype(self.dtype, x, alpha)
-        y, new = running.batch_inhib_step(
-            where,
-            compute_input(x, out),
-            alpha,
-            state,
-            use_running_average=use_ra,
-            update_stats=not init,
-            momentum=momentum,
-            unbiased=self.unbiased,
-            axis=ax,
-            axis_name=axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            use_autodiff=self.use_autodiff,
-            virtual_batch_size=check_virtual_batch_size_arg(where, self.virtual_batch_size),
-            **inhib_options(self),
+        options = M.inhib_options(where, self, n)
+        init_fn = self.alpha_init or near_identity_alpha_init(options.rho)
+        ashape = alpha_shape(n, options.groups)
+        alpha = _param(self, "alpha", init_fn, ashape, where, n)
+        return _run(
+            self, "batch_inhib", where, x, use_ra, mask, ax, momentum, lambda: (alpha,), options
         )
-        if not use_ra and not init:
-            ra_mean.value = new["mean"]
-            ra_var.value = new["var"]
-            ra_cov.value = new["cov"]
-            if momentum is None:
-                ra_count.value = new["count"]
-        return jnp.asarray(y, out)
-
-
-def inhib_options(mdl) -> dict:
-    return dict(
-        rho=float(mdl.rho),
-        epsilon=float(mdl.epsilon),
-        groups=mdl.groups,
-        correlation=mdl.correlation,
-        denominator=mdl.denominator,
-        guard=None if mdl.guard is None else float(mdl.guard),
-        guard_mode=mdl.guard_mode,
-    )
-
-
-def identity_cov(shape, dtype):
-    """The initial running covariance: the identity (per group)."""
-    n = shape[-1]
-    eye = jnp.eye(n, dtype=dtype)
-    return eye if len(shape) == 2 else jnp.broadcast_to(eye, shape)
 
 
 class Dropout(nn.Module):
@@ -517,23 +291,12 @@ class Dropout(nn.Module):
     @nn.compact
     def __call__(self, inputs, deterministic: bool | None = None, rng=None):
         where = _where(self)
-        check_dropout_rate(where, self.rate, self.broadcast_dims)
-        det = merge_flag(where, "deterministic", self.deterministic, deterministic)
+        M.check_dropout(where, self.rate, self.broadcast_dims)
+        det = M.merge_flag(where, "deterministic", self.deterministic, deterministic)
         if self.rate == 0.0 or det:
             return inputs
         if self.rate == 1.0:
             return jnp.zeros_like(inputs)
         if rng is None:
             rng = self.make_rng(self.rng_collection)
-        return running._impl(self.use_autodiff).dropout(inputs, float(self.rate), rng)
-
-
-def check_dropout_rate(where, rate, broadcast_dims=()):
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
-        raise ValueError(f"{where}: rate must be a float in [0, 1]; got {rate!r}")
-    if tuple(broadcast_dims):
-        raise ValueError(
-            f"{where}: broadcast_dims must be () (the hand-derived dropout draws one mask "
-            f"entry per element); got {tuple(broadcast_dims)!r}. Use flax.linen.Dropout "
-            f"for shared masks."
-        )
+        return M.dropout(where, self.rate, self.use_autodiff, inputs, rng)

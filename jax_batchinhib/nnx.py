@@ -34,44 +34,18 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.nn import initializers
 
-from jax_batchinhib import linen as _L
-from jax_batchinhib import running
+from jax_batchinhib import _modules as M
+from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops.batch_inhib import alpha_shape
+from jax_batchinhib.running import RunningStats
 
 Array = jax.Array
 Dtype = Any
 Initializer = Any
 
-__all__ = ["BatchCenter", "BatchInhib", "BatchNorm", "Dropout"]
+__all__ = ["BatchCenter", "BatchInhib", "BatchNorm", "Dropout", "near_identity_alpha_init"]
 
-
-def _first(where: str, arg: str, call, attr):
-    """Call-time value if given, else the attribute (flax.nnx's precedence)."""
-    if call is not None:
-        return bool(call)
-    if attr is not None:
-        return bool(attr)
-    raise ValueError(
-        f"{where}: {arg} was given nowhere; pass it at construction "
-        f"({where}(..., {arg}=True/False)), at call time (layer(x, {arg}=True/False)), or "
-        f"set the mode with model.train() / model.eval()"
-    )
-
-
-def _check_features(where: str, num_features, x, axis) -> int:
-    ax = _L.feature_axis(where, axis, x)
-    if x.shape[ax] != num_features:
-        raise ValueError(
-            f"{where}: x has {x.shape[ax]} features on axis {axis} (shape {tuple(x.shape)}), "
-            f"but the layer was built with num_features={num_features}"
-        )
-    return ax
-
-
-def _check_num_features(where: str, num_features) -> int:
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"{where}: num_features must be an int >= 1; got {num_features!r}")
-    return num_features
+near_identity_alpha_init = M.near_identity_alpha_init
 
 
 def _param_or_none(use, init, key_fn, shape, dtype):
@@ -81,21 +55,44 @@ def _param_or_none(use, init, key_fn, shape, dtype):
 
 
 class _Stats(nnx.Module):
-    """Shared plumbing: read and write the running statistics as a dict."""
+    """The statistics layers' shared body: attributes, statistics, the step."""
 
-    _stat_names: tuple[str, ...] = ()
+    _kind = ""
 
-    def _state(self) -> dict:
-        st = {k: getattr(self, k)[...] for k in self._stat_names}
-        if self.momentum is None:
-            st["count"] = self.count[...]
-        return st
+    def _setup(self, where, num_features, groups=1, **attrs):
+        """Store the attributes, check them, create the running statistics; returns N."""
+        n = C.num_features(where, num_features)
+        self.num_features = n
+        for k, v in attrs.items():
+            setattr(self, k, v)
+        self.momentum = M.check_common(where, self)
+        specs = M.stat_specs(self._kind, n, M.stats_dtype(self), self.momentum, groups)
+        for name, (_, init_fn) in specs.items():
+            setattr(self, name, nnx.BatchStat(init_fn()))
+        return n
 
-    def _write(self, new: dict) -> None:
-        for k in self._stat_names:
-            getattr(self, k)[...] = new[k]
-        if self.momentum is None:
-            self.count[...] = new["count"]
+    def _run(self, x, use_running_average, mask, params, options=None):
+        where = type(self).__name__
+        ax = M.check_input(where, x, self.axis, mask, self.num_features)
+        use_ra = M.first_flag(
+            where, "use_running_average", use_running_average, self.use_running_average
+        )
+        names = [k for k in RunningStats._fields if k in vars(self)]
+        state = RunningStats(**{k: getattr(self, k)[...] for k in names})
+        y, new = M.apply(
+            self._kind, where, self, x, params, state, axis=ax, use_running_average=use_ra,
+            update_stats=True, momentum=self.momentum, axis_name=self.axis_name, mask=mask,
+            options=options,
+        )  # fmt: skip
+        if not use_ra:
+            for name, value in new.items():
+                getattr(self, name)[...] = value
+        return y
+
+    @property
+    def _stat_names(self) -> tuple[str, ...]:
+        """The running statistics this layer keeps, without the batch count."""
+        return tuple(k for k in ("mean", "var", "cov") if k in vars(self))
 
     def set_view(self, use_running_average: bool | None = None):
         """Used by ``nnx.view``."""
@@ -111,10 +108,10 @@ class BatchNorm(_Stats):
     variance, like PyTorch; False: flax's), ``force_float32_reductions`` (statistics
     dtype, as linen), ``use_autodiff`` and ``virtual_batch_size`` (ghost batches, as
     :class:`jax_batchinhib.linen.BatchNorm`; also on BatchCenter and BatchInhib).
-    ``use_fast_variance`` is accepted and ignored (the op's variance is two-pass).
+    ``use_fast_variance`` selects the op's variance algorithm (as flax's).
     """
 
-    _stat_names = ("mean", "var")
+    _kind = "batch_norm"
 
     def __init__(
         self,
@@ -139,68 +136,27 @@ class BatchNorm(_Stats):
         virtual_batch_size: int | None = None,
         rngs: nnx.Rngs,
     ):
-        where = "BatchNorm"
-        n = _check_num_features(where, num_features)
-        self.momentum = running.check_momentum(where, momentum)
-        sdt = running.stats_dtype(param_dtype, force_float32_reductions)
-        self.mean = nnx.BatchStat(jnp.zeros((n,), sdt))
-        self.var = nnx.BatchStat(jnp.ones((n,), sdt))
-        if self.momentum is None:
-            self.count = nnx.BatchStat(jnp.zeros((n,), jnp.int32))
+        n = self._setup(
+            "BatchNorm", num_features, use_running_average=use_running_average, axis=axis,
+            momentum=momentum, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+            use_bias=use_bias, use_scale=use_scale, axis_name=axis_name,
+            axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+            force_float32_reductions=force_float32_reductions, unbiased=unbiased,
+            use_autodiff=use_autodiff, virtual_batch_size=virtual_batch_size,
+        )  # fmt: skip
         self.scale = _param_or_none(use_scale, scale_init, rngs.params, (n,), param_dtype)
         self.bias = _param_or_none(use_bias, bias_init, rngs.params, (n,), param_dtype)
-        self.num_features = n
-        self.use_running_average = use_running_average
-        self.axis = axis
-        self.epsilon = epsilon
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.use_scale = use_scale
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.force_float32_reductions = force_float32_reductions
-        self.unbiased = unbiased
-        self.use_autodiff = use_autodiff
-        self.virtual_batch_size = _L.check_virtual_batch_size_arg(where, virtual_batch_size)
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-        where = "BatchNorm"
-        _L.check_float_input(where, x)
-        use_ra = _first(where, "use_running_average", use_running_average, self.use_running_average)
-        ax = _check_features(where, self.num_features, x, self.axis)
-        _L.check_mask_arg(where, mask)
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
-        out = _L.out_dtype(self.dtype, x, scale, bias)
-        y, new = running.batch_norm_step(
-            where,
-            _L.compute_input(x, out),
-            scale,
-            bias,
-            self._state(),
-            use_running_average=use_ra,
-            update_stats=True,
-            momentum=self.momentum,
-            unbiased=self.unbiased,
-            epsilon=self.epsilon,
-            axis=ax,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            use_autodiff=self.use_autodiff,
-            virtual_batch_size=self.virtual_batch_size,
-        )
-        if not use_ra:
-            self._write(new)
-        return jnp.asarray(y, out)
+        return self._run(x, use_running_average, mask, (scale, bias))
 
 
 class BatchCenter(_Stats):
     """Batch centering ``y = x - mean + bias`` with a running mean (seed 001)."""
 
-    _stat_names = ("mean",)
+    _kind = "batch_center"
 
     def __init__(
         self,
@@ -216,56 +172,24 @@ class BatchCenter(_Stats):
         axis_name: str | None = None,
         axis_index_groups: Any = None,
         force_float32_reductions: bool = True,
+        use_fast_variance: bool = True,
         use_autodiff: bool = False,
         virtual_batch_size: int | None = None,
         rngs: nnx.Rngs,
     ):
-        where = "BatchCenter"
-        n = _check_num_features(where, num_features)
-        self.momentum = running.check_momentum(where, momentum)
-        sdt = running.stats_dtype(param_dtype, force_float32_reductions)
-        self.mean = nnx.BatchStat(jnp.zeros((n,), sdt))
-        if self.momentum is None:
-            self.count = nnx.BatchStat(jnp.zeros((n,), jnp.int32))
+        n = self._setup(
+            "BatchCenter", num_features, use_running_average=use_running_average, axis=axis,
+            momentum=momentum, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
+            axis_name=axis_name, axis_index_groups=axis_index_groups,
+            force_float32_reductions=force_float32_reductions,
+            use_fast_variance=use_fast_variance, use_autodiff=use_autodiff,
+            virtual_batch_size=virtual_batch_size,
+        )  # fmt: skip
         self.bias = _param_or_none(use_bias, bias_init, rngs.params, (n,), param_dtype)
-        self.num_features = n
-        self.use_running_average = use_running_average
-        self.axis = axis
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = use_bias
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.force_float32_reductions = force_float32_reductions
-        self.use_autodiff = use_autodiff
-        self.virtual_batch_size = _L.check_virtual_batch_size_arg(where, virtual_batch_size)
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-        where = "BatchCenter"
-        _L.check_float_input(where, x)
-        use_ra = _first(where, "use_running_average", use_running_average, self.use_running_average)
-        ax = _check_features(where, self.num_features, x, self.axis)
-        _L.check_mask_arg(where, mask)
         bias = None if self.bias is None else self.bias[...]
-        out = _L.out_dtype(self.dtype, x, bias)
-        y, new = running.batch_center_step(
-            where,
-            _L.compute_input(x, out),
-            bias,
-            self._state(),
-            use_running_average=use_ra,
-            update_stats=True,
-            momentum=self.momentum,
-            axis=ax,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            use_autodiff=self.use_autodiff,
-            virtual_batch_size=self.virtual_batch_size,
-        )
-        if not use_ra:
-            self._write(new)
-        return jnp.asarray(y, out)
+        return self._run(x, use_running_average, mask, (bias,))
 
 
 class BatchInhib(_Stats):
@@ -273,12 +197,12 @@ class BatchInhib(_Stats):
 
     Same options and variables as :class:`jax_batchinhib.linen.BatchInhib`: parameter
     ``alpha`` (N, N) or (groups, N/groups, N/groups), initialized by
-    :func:`jax_batchinhib.linen.near_identity_alpha_init` unless ``alpha_init`` is
+    :func:`near_identity_alpha_init` unless ``alpha_init`` is
     given; statistics ``mean``, ``var``, ``cov`` (and ``count`` with momentum=None).
     Eval mode is the fixed linear map ``y = x (I - R^T)`` from the running covariance.
     """
 
-    _stat_names = ("mean", "var", "cov")
+    _kind = "batch_inhib"
 
     def __init__(
         self,
@@ -300,73 +224,32 @@ class BatchInhib(_Stats):
         axis_name: str | None = None,
         axis_index_groups: Any = None,
         force_float32_reductions: bool = True,
+        use_fast_variance: bool = True,
         unbiased: bool = True,
         use_autodiff: bool = False,
         virtual_batch_size: int | None = None,
         rngs: nnx.Rngs,
     ):
         where = "BatchInhib"
-        n = _check_num_features(where, num_features)
-        _L.check_inhib_options(
-            where, rho, epsilon, groups, correlation, denominator, guard, n, guard_mode
-        )
-        self.momentum = running.check_momentum(where, momentum)
-        ashape = alpha_shape(n, groups)
-        sdt = running.stats_dtype(param_dtype, force_float32_reductions)
-        self.mean = nnx.BatchStat(jnp.zeros((n,), sdt))
-        self.var = nnx.BatchStat(jnp.ones((n,), sdt))
-        self.cov = nnx.BatchStat(_L.identity_cov(ashape, sdt))
-        if self.momentum is None:
-            self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        init = alpha_init or _L.near_identity_alpha_init(rho)
-        self.alpha = nnx.Param(init(rngs.params(), ashape, param_dtype))
-        self.num_features = n
-        self.use_running_average = use_running_average
-        self.axis = axis
-        self.epsilon = epsilon
-        self.rho = rho
-        self.groups = groups
-        self.correlation = correlation
-        self.denominator = denominator
-        self.guard = guard
-        self.guard_mode = guard_mode
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.force_float32_reductions = force_float32_reductions
-        self.unbiased = unbiased
-        self.use_autodiff = use_autodiff
-        self.virtual_batch_size = _L.check_virtual_batch_size_arg(where, virtual_batch_size)
+        n = C.num_features(where, num_features)
+        self.rho, self.epsilon, self.groups = rho, epsilon, groups
+        self.correlation, self.denominator = correlation, denominator
+        self.guard, self.guard_mode = guard, guard_mode
+        options = M.inhib_options(where, self, n)
+        self._setup(
+            where, n, options.groups, use_running_average=use_running_average, axis=axis,
+            momentum=momentum, dtype=dtype, param_dtype=param_dtype, axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            force_float32_reductions=force_float32_reductions,
+            use_fast_variance=use_fast_variance, unbiased=unbiased, use_autodiff=use_autodiff,
+            virtual_batch_size=virtual_batch_size,
+        )  # fmt: skip
+        init = alpha_init or near_identity_alpha_init(options.rho)
+        self.alpha = nnx.Param(init(rngs.params(), alpha_shape(n, groups), param_dtype))
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-        where = "BatchInhib"
-        _L.check_float_input(where, x)
-        use_ra = _first(where, "use_running_average", use_running_average, self.use_running_average)
-        ax = _check_features(where, self.num_features, x, self.axis)
-        _L.check_mask_arg(where, mask)
-        alpha = self.alpha[...]
-        out = _L.out_dtype(self.dtype, x, alpha)
-        y, new = running.batch_inhib_step(
-            where,
-            _L.compute_input(x, out),
-            alpha,
-            self._state(),
-            use_running_average=use_ra,
-            update_stats=True,
-            momentum=self.momentum,
-            unbiased=self.unbiased,
-            axis=ax,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            use_autodiff=self.use_autodiff,
-            virtual_batch_size=self.virtual_batch_size,
-            **_L.inhib_options(self),
-        )
-        if not use_ra:
-            self._write(new)
-        return jnp.asarray(y, out)
+        options = M.inhib_options("BatchInhib", self)
+        return self._run(x, use_running_average, mask, (self.alpha[...],), options)
 
 
 class Dropout(nnx.Module):
@@ -387,7 +270,7 @@ class Dropout(nnx.Module):
         use_autodiff: bool = False,
         rngs: nnx.Rngs | nnx.RngStream | None = None,
     ):
-        _L.check_dropout_rate("Dropout", rate, broadcast_dims)
+        M.check_dropout("Dropout", rate, broadcast_dims)
         self.rate = rate
         self.broadcast_dims = tuple(broadcast_dims)
         self.deterministic = deterministic
@@ -404,7 +287,7 @@ class Dropout(nnx.Module):
 
     def __call__(self, inputs, *, deterministic: bool | None = None, rngs=None):
         where = "Dropout"
-        det = _first(where, "deterministic", deterministic, self.deterministic)
+        det = M.first_flag(where, "deterministic", deterministic, self.deterministic)
         if self.rate == 0.0 or det:
             return inputs
         if self.rate == 1.0:
@@ -425,7 +308,7 @@ class Dropout(nnx.Module):
             raise TypeError(
                 f"{where}: rngs must be nnx.Rngs, nnx.RngStream or a key; got {type(rngs)}"
             )
-        return running._impl(self.use_autodiff).dropout(inputs, float(self.rate), key)
+        return M.dropout(where, self.rate, self.use_autodiff, inputs, key)
 
     def set_view(self, deterministic: bool | None = None):
         """Used by ``nnx.view``."""

@@ -7,7 +7,9 @@ derivation states them, one line per equation, in at least float32. They are als
 what a module uses with ``use_autodiff=True`` (forward-mode autodiff, ``jax.jvp``,
 ``jax.hessian``, works through these and not through a ``custom_vjp``).
 
-Same signatures and return values as the ops.
+Same signatures and return values as the ops (``virtual_batch_size`` included: the
+reference is ``jax.vmap``-ed over the ghost batches); the references do not validate
+their arguments.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_batchinhib.ops.batch_inhib import GUARD_DEFAULTS, RELATIVE_GUARD_FLOOR, InhibStats
+from jax_batchinhib.ops.batch_inhib import RELATIVE_GUARD_FLOOR, InhibOptions, InhibStats
 from jax_batchinhib.ops.batch_norm import BatchStats
 
 #: Full-precision matmuls: on GPUs the default float32 matmul may run in TF32 (10-bit
@@ -50,6 +52,20 @@ def _weights(x, mask, axis, dtype):
     return mask.astype(dtype)
 
 
+def _ghost_batches(op, x, mask, v):
+    """Ghost batches in plain JAX: ``op(xs, mask)`` on each run of ``v`` rows of the
+    leading axis (``jax.vmap`` over the sub-batches), the statistics averaged."""
+    b = x.shape[0]
+    xg = x.reshape((b // v, v) + tuple(x.shape[1:]))
+    if mask is None:
+        y, stats = jax.vmap(lambda xs: op(xs, None))(xg)
+    else:
+        mask = jnp.asarray(mask)
+        mask = jnp.broadcast_to(mask, (b,) + tuple(mask.shape[1:]))
+        y, stats = jax.vmap(op)(xg, mask.reshape((b // v, v) + tuple(mask.shape[1:])))
+    return y.reshape(x.shape), jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+
+
 def batch_norm(
     x,
     scale=None,
@@ -60,8 +76,19 @@ def batch_norm(
     axis_name=None,
     axis_index_groups=None,
     mask=None,
+    virtual_batch_size=None,
+    use_fast_variance=True,
 ):
     """Reference batch norm: mean, biased variance, normalize, scale and shift."""
+    if virtual_batch_size is not None:
+
+        def op(xs, ms):
+            return batch_norm(
+                xs, scale, bias, axis=axis % x.ndim, epsilon=epsilon, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, mask=ms, use_fast_variance=use_fast_variance,
+            )  # fmt: skip
+
+        return _ghost_batches(op, x, mask, virtual_batch_size)
     cd = _f32(x.dtype)
     axis, red = _axes(x, axis)
     xf = x.astype(cd)
@@ -80,8 +107,27 @@ def batch_norm(
     return y.astype(x.dtype), BatchStats(mean.reshape(-1), var.reshape(-1))
 
 
-def batch_center(x, bias=None, *, axis=-1, axis_name=None, axis_index_groups=None, mask=None):
+def batch_center(
+    x,
+    bias=None,
+    *,
+    axis=-1,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+    virtual_batch_size=None,
+    use_fast_variance=True,
+):
     """Reference batch centering: y = x - mean + bias."""
+    if virtual_batch_size is not None:
+
+        def op(xs, ms):
+            return batch_center(
+                xs, bias, axis=axis % x.ndim, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, mask=ms, use_fast_variance=use_fast_variance,
+            )  # fmt: skip
+
+        return _ghost_batches(op, x, mask, virtual_batch_size)
     cd = _f32(x.dtype)
     axis, red = _axes(x, axis)
     xf = x.astype(cd)
@@ -118,9 +164,10 @@ def batch_center_inference(x, bias, mean, *, axis=-1):
     return y.astype(x.dtype)
 
 
-def _inhibition(cov, alpha, rho, epsilon, correlation, denominator, guard, guard_mode="absolute"):
+def _inhibition(cov, alpha, opts: InhibOptions):
     """Seed 000 eqs 1.2-1.4 from a covariance (G, n, n): R (G, n, n)."""
-    guard = GUARD_DEFAULTS[guard_mode] if guard is None else guard
+    rho, epsilon, guard = opts.rho, opts.epsilon, opts.guard
+    correlation, denominator, guard_mode = opts.correlation, opts.denominator, opts.guard_mode
     n = cov.shape[-1]
     var = jnp.diagonal(cov, axis1=-2, axis2=-1)
     sigma = jnp.sqrt(var + epsilon) if correlation == "pearson" else var + epsilon  # (1.2)
@@ -150,8 +197,21 @@ def batch_inhib(
     denominator="signed",
     guard=None,
     guard_mode="absolute",
+    virtual_batch_size=None,
+    use_fast_variance=True,
 ):
     """Reference BatchInhib (seed 000 eqs 1.1-1.5), statistics stop-gradient."""
+    opts = InhibOptions(rho, epsilon, groups, correlation, denominator, guard, guard_mode)
+    if virtual_batch_size is not None:
+
+        def op(xs, ms):
+            return batch_inhib(
+                xs, alpha, axis=axis % x.ndim, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, mask=ms,
+                use_fast_variance=use_fast_variance, **opts.kwargs(),
+            )  # fmt: skip
+
+        return _ghost_batches(op, x, mask, virtual_batch_size)
     cd = _f32(x.dtype)
     axis = axis % x.ndim
     xt = jnp.moveaxis(x, axis, -1)
@@ -177,7 +237,7 @@ def batch_inhib(
         / n
     )
     a3 = alpha[None] if groups == 1 else alpha
-    R = _inhibition(cov, a3.astype(cd), rho, epsilon, correlation, denominator, guard, guard_mode)
+    R = _inhibition(cov, a3.astype(cd), opts)
     Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R, precision=_HIGHEST)  # (1.5)
     y = jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
     var = jnp.diagonal(cov, axis1=-2, axis2=-1).reshape(-1)
@@ -200,6 +260,7 @@ def batch_inhib_inference(
     guard_mode="absolute",
 ):
     """Reference BatchInhib with a given covariance: y = x (I - R^T)."""
+    opts = InhibOptions(rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     cd = _f32(jnp.result_type(x.dtype, cov.dtype))
     axis = axis % x.ndim
     xt = jnp.moveaxis(x, axis, -1)
@@ -207,9 +268,7 @@ def batch_inhib_inference(
     Xg = xt.reshape(-1, groups, N // groups).astype(cd)
     a3 = alpha[None] if groups == 1 else alpha
     c3 = cov[None] if groups == 1 else cov
-    R = _inhibition(
-        c3.astype(cd), a3.astype(cd), rho, epsilon, correlation, denominator, guard, guard_mode
-    )
+    R = _inhibition(c3.astype(cd), a3.astype(cd), opts)
     Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R, precision=_HIGHEST)
     return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
 
@@ -237,4 +296,4 @@ def softmax_cross_entropy(logits, labels, axis=-1):
     z = logits.astype(cd)
     m = lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
     logp = z - m - jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True))
-    return (-jnp.sum(labels.astype(cd) * logp, axis=axis)).astype(jnp.result_type(logits, labels))
+    return (-jnp.sum(labels.astype(cd) * logp, axis=axis)).astype(logits.dtype)

@@ -27,33 +27,43 @@ not something the loss is differentiated through.
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _ghost
 from jax_batchinhib.ops import _stats as S
+from jax_batchinhib.ops.batch_inhib import InhibOptions
 
 Array = jax.Array
 
 
+class RunningStats(NamedTuple):
+    """The running statistics a normalization module keeps (a pytree).
+
+    ``mean`` (N,) always; ``var`` (N,) for BatchNorm and BatchInhib; ``cov`` (alpha's
+    shape) for BatchInhib; ``count`` (the number of batches averaged, int32: (N,) per
+    feature, or () for BatchInhib, whose masks select whole rows) only with
+    ``momentum=None``. The field names are the stored variable names (linen
+    ``batch_stats/<name>``, NNX attributes), the same as :class:`flax.linen.BatchNorm`'s.
+    """
+
+    mean: Array
+    var: Array | None = None
+    cov: Array | None = None
+    count: Array | None = None
+
+    def items(self):
+        """``(name, value)`` of the statistics present (not None)."""
+        return [(k, v) for k, v in zip(self._fields, self, strict=True) if v is not None]
+
+
 def check_momentum(where: str, momentum) -> float | None:
     """``momentum`` must be None (cumulative average) or a float in [0, 1]."""
-    if momentum is None:
-        return None
-    if isinstance(momentum, bool) or not isinstance(momentum, int | float):
-        raise TypeError(
-            f"{where}: momentum must be a float in [0, 1] or None (cumulative average); "
-            f"got {momentum!r}"
-        )
-    if not (math.isfinite(momentum) and 0.0 <= momentum <= 1.0):
-        raise ValueError(
-            f"{where}: momentum must be a float in [0, 1] or None (cumulative average); "
-            f"got {momentum!r}. Note: PyTorch's momentum p is our 1 - p."
-        )
-    return float(momentum)
+    return C.momentum(where, momentum)
 
 
 def stats_dtype(param_dtype, force_float32_reductions: bool = True):
@@ -203,16 +213,19 @@ def _per_batch(where, one, x, mask, virtual_batch_size, axis):
     return _ghost.ghost_batches(where, one, x, mask, virtual_batch_size, axis % x.ndim)
 
 
-def _update_running(state: dict, batch: dict, *, momentum, valid) -> dict:
+def _update_running(state: RunningStats, batch: dict, *, momentum, valid) -> RunningStats:
     """New running state: each ``batch`` statistic folded into ``state`` (EMA or
     cumulative), and the batch count advanced when ``momentum`` is None."""
-    count = state.get("count")
-    new = dict(state)
-    for name, b in batch.items():
-        new[name] = update(state[name], b, momentum=momentum, count=count, valid=valid)
+    count = state.count
+    new = {
+        name: update(getattr(state, name), b, momentum=momentum, count=count, valid=valid)
+        for name, b in batch.items()
+    }
     if momentum is None:
+        if count is None:
+            raise ValueError("running: momentum=None needs the count statistic in the state")
         new["count"] = update_count(count, valid)
-    return new
+    return state._replace(**new)
 
 
 def batch_norm_step(
@@ -220,7 +233,7 @@ def batch_norm_step(
     x,
     scale,
     bias,
-    state: dict,
+    state: RunningStats,
     *,
     use_running_average: bool,
     update_stats: bool,
@@ -233,6 +246,7 @@ def batch_norm_step(
     mask=None,
     use_autodiff: bool = False,
     virtual_batch_size: int | None = None,
+    use_fast_variance: bool = True,
 ):
     """Batch norm in training mode (batch statistics, running update) or eval mode
     (running statistics). ``state`` holds ``mean``, ``var`` and, with momentum=None,
@@ -241,7 +255,7 @@ def batch_norm_step(
     impl = _impl(use_autodiff)
     if use_running_average:
         y = impl.batch_norm_inference(
-            x, scale, bias, state["mean"], state["var"], axis=axis, epsilon=epsilon
+            x, scale, bias, state.mean, state.var, axis=axis, epsilon=epsilon
         )
         return y, state
 
@@ -255,6 +269,7 @@ def batch_norm_step(
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
             mask=mask,
+            use_fast_variance=use_fast_variance,
         )
         mean_b = lax.stop_gradient(st.mean)
         var_b = lax.stop_gradient(st.var)
@@ -273,7 +288,7 @@ def batch_center_step(
     where: str,
     x,
     bias,
-    state: dict,
+    state: RunningStats,
     *,
     use_running_average: bool,
     update_stats: bool,
@@ -284,13 +299,14 @@ def batch_center_step(
     mask=None,
     use_autodiff: bool = False,
     virtual_batch_size: int | None = None,
+    use_fast_variance: bool = True,
 ):
     """Batch centering in training or eval mode; ``state`` holds ``mean`` (and
     ``count``); ``virtual_batch_size`` as :func:`batch_norm_step`. Returns
     ``(y, new_state)``."""
     impl = _impl(use_autodiff)
     if use_running_average:
-        return impl.batch_center_inference(x, bias, state["mean"], axis=axis), state
+        return impl.batch_center_inference(x, bias, state.mean, axis=axis), state
 
     def one(xs, *, mask):
         y, st = impl.batch_center(
@@ -300,6 +316,7 @@ def batch_center_step(
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
             mask=mask,
+            use_fast_variance=use_fast_variance,
         )
         return y, lax.stop_gradient(st.mean)
 
@@ -314,7 +331,7 @@ def batch_inhib_step(
     where: str,
     x,
     alpha,
-    state: dict,
+    state: RunningStats,
     *,
     use_running_average: bool,
     update_stats: bool,
@@ -326,21 +343,23 @@ def batch_inhib_step(
     mask=None,
     use_autodiff: bool = False,
     virtual_batch_size: int | None = None,
-    **inhib,
+    use_fast_variance: bool = True,
+    options: InhibOptions | None = None,
 ):
     """BatchInhib in training mode (batch covariance, running update) or eval mode (the
     fixed linear map ``y = x (I - R^T)`` with R from the running covariance).
 
     ``state`` holds ``mean`` (N,), ``var`` (N,), ``cov`` (alpha's shape) and, with
-    momentum=None, a scalar ``count``. ``inhib`` are the op's options (rho, epsilon,
-    groups, correlation, denominator, guard). The unbiased factor applies to the
-    variance and the covariance alike (Pearson correlations do not depend on it, up to
-    epsilon). ``virtual_batch_size``: ghost batches in training mode, as
-    :func:`batch_norm_step`. Returns ``(y, new_state)``.
+    momentum=None, a scalar ``count``. ``options``: the op's options
+    (:class:`~jax_batchinhib.ops.batch_inhib.InhibOptions`; None: the defaults). The
+    unbiased factor applies to the variance and the covariance alike (Pearson
+    correlations do not depend on it, up to epsilon). ``virtual_batch_size``: ghost
+    batches in training mode, as :func:`batch_norm_step`. Returns ``(y, new_state)``.
     """
     impl = _impl(use_autodiff)
+    inhib = (InhibOptions() if options is None else options).kwargs()
     if use_running_average:
-        y = impl.batch_inhib_inference(x, alpha, state["cov"], axis=axis, **inhib)
+        y = impl.batch_inhib_inference(x, alpha, state.cov, axis=axis, **inhib)
         return y, state
 
     def one(xs, *, mask):
@@ -351,6 +370,7 @@ def batch_inhib_step(
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
             mask=mask,
+            use_fast_variance=use_fast_variance,
             **inhib,
         )
         mean_b = lax.stop_gradient(st.mean)
@@ -365,7 +385,7 @@ def batch_inhib_step(
     y, (mean_b, var_b, cov_b) = _per_batch(where, one, x, mask, virtual_batch_size, axis)
     if not update_stats:
         return y, state
-    cov_b = jnp.reshape(cov_b, state["cov"].shape)
+    cov_b = jnp.reshape(cov_b, state.cov.shape)
     valid_s = _valid(where, x, axis, mask, axis_name, axis_index_groups)
     valid_s = None if valid_s is None else valid_s[0]
     batch = {"mean": mean_b, "var": var_b, "cov": cov_b}

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_batchinhib.ops import _checks as C
+
 #: Default relative tolerance per dtype: ``max|ours - autodiff| / max|autodiff|``.
 #: float64 and float32 are the project's targets (issue 2); float16 and bfloat16 are two
 #: units of their round-off (2**-10, 2**-7 relative), since both sides compute in float32
@@ -45,6 +47,11 @@ class VJPMismatch(AssertionError):
 
 def tolerance(dtype) -> float:
     return TOLERANCES.get(jnp.dtype(dtype), 1e-4)
+
+
+def _tol(rtol, dtype) -> float:
+    """``rtol`` as given (0.0 included), or the dtype's default when None."""
+    return tolerance(dtype) if rtol is None else rtol
 
 
 def _is_diff(a) -> bool:
@@ -102,7 +109,8 @@ def check_vjp(
       *args: positional arguments; floating arrays among them are differentiated
         (or those at ``argnums``).
       key: an int seed (default 0) or a PRNG key for the random cotangents.
-      rtol: relative tolerance; default by the input's dtype (:data:`TOLERANCES`).
+      rtol: relative tolerance, a float >= 0 (0.0 asks for exact agreement); None: by
+        the input's dtype (:data:`TOLERANCES`).
       raise_on_error: raise :class:`VJPMismatch` with a table when over tolerance.
       compiler_options: XLA options for the compiled comparison, e.g.
         ``{"xla_backend_optimization_level": 0}`` to compile faster on CPU.
@@ -111,6 +119,8 @@ def check_vjp(
     Returns:
       ``dict`` name -> :class:`VJPError`, names taken from ``reference``'s signature.
     """
+    if rtol is not None:
+        rtol = C.epsilon("check_vjp", rtol, "rtol")
     if argnums is None:
         argnums = tuple(i for i, a in enumerate(args) if _is_diff(a))
     argnums = tuple(argnums)
@@ -160,11 +170,11 @@ def check_vjp(
     for a, b in zip(jax.tree.leaves(out_op), jax.tree.leaves(out_ref), strict=True):
         ea, er = _err(a, b)
         oa, orl = max(oa, ea), max(orl, er)
-    errors["output"] = VJPError(oa, orl, rtol or tolerance(out_dtype), str(out_dtype))
+    errors["output"] = VJPError(oa, orl, _tol(rtol, out_dtype), str(out_dtype))
     for name, a, b, x in zip(names, g_op, g_ref, dargs, strict=True):
         ea, er = _err(a, b)
         dt = jnp.result_type(x)
-        errors[name] = VJPError(ea, er, rtol or tolerance(dt), str(dt))
+        errors[name] = VJPError(ea, er, _tol(rtol, dt), str(dt))
     if raise_on_error and not all(e.ok for e in errors.values()):
         op_name = getattr(op, "__name__", repr(op))
         raise VJPMismatch(

@@ -86,7 +86,7 @@ def test_fold_batch_inhib_before_and_after_a_layer(kind):
 def test_fold_errors_name_the_function():
     lp = {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}
     with pytest.raises(ValueError, match=r"fold_batch_norm: bn_stats\['mean'\] must have shape"):
-        fold.fold_batch_norm(lp, {}, {"mean": jnp.zeros(5), "var": jnp.ones(5)})
+        fold.fold_batch_norm(lp, {}, {"mean": jnp.zeros(5), "var": jnp.ones(5)}, epsilon=1e-5)
     with pytest.raises(ValueError, match=r"fold_batch_center: layer_params must hold 'kernel'"):
         fold.fold_batch_center({"w": 1}, {}, {"mean": jnp.zeros(4)})
     with pytest.raises(ValueError, match=r"fold_batch_inhib_before: the BatchInhib has 4"):

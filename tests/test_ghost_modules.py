@@ -277,6 +277,6 @@ def test_errors_name_the_module_and_the_argument():
             m(x)
         with pytest.raises(ValueError, match=rf"{kind}: virtual_batch_size must be an int"):
             getattr(bx, kind)(N, virtual_batch_size=0, rngs=nnx.Rngs(0))
-        with pytest.raises(ValueError, match=rf"{kind}: virtual_batch_size must be an int"):
+        with pytest.raises(TypeError, match=rf"{kind}: virtual_batch_size must be an int"):
             mdl = getattr(bl, kind)(virtual_batch_size=2.0)
             mdl.init(jax.random.key(0), x, use_running_average=False)

@@ -64,6 +64,17 @@ def check_norm(where: str, norm: str) -> None:
         raise ValueError(f"{where}: norm must be one of {NORMS}; got {norm!r}")
 
 
+def _flax_momentum(where: str, momentum) -> float:
+    """flax's BatchNorm keeps an EMA only: it needs a float momentum."""
+    if momentum is None:
+        raise ValueError(
+            f"{where}: norm='flax_batchnorm' needs a float momentum (flax's BatchNorm has no "
+            f"cumulative average); got momentum=None. Pass a float such as 0.99, or use "
+            f"norm='batchnorm' (ours keeps the cumulative average with momentum=None)."
+        )
+    return momentum
+
+
 def norm_layers(
     norm: str,
     *,
@@ -87,7 +98,7 @@ def norm_layers(
         layers.append(
             nn.BatchNorm(
                 use_running_average=ura,
-                momentum=0.99 if momentum is None else momentum,
+                momentum=_flax_momentum("models.norm_layers", momentum),
                 use_fast_variance=False,
                 name=f"bn{index}",
             )
@@ -259,7 +270,7 @@ def nnx_norm_layers(
         layers.append(
             nnx.BatchNorm(
                 num_features,
-                momentum=0.99 if momentum is None else momentum,
+                momentum=_flax_momentum("models.nnx_norm_layers", momentum),
                 use_fast_variance=False,
                 rngs=rngs,
             )

@@ -19,11 +19,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jax_batchinhib.ops import _checks as C
+
 
 def check_virtual_batch_size(fn: str, x, axis: int, v) -> int:
     """Validate ``virtual_batch_size`` against ``x`` (``axis`` normalized); return it."""
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{fn}: virtual_batch_size must be an int >= 1 or None; got {v!r}")
+    C.virtual_batch_size(fn, v)
     if x.ndim < 2 or axis == 0:
         raise ValueError(
             f"{fn}: virtual_batch_size splits the leading (batch) axis, which must not be the "

@@ -8,13 +8,14 @@ rules on arrays; nothing here carries a custom rule of its own.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jax_batchinhib.ops import _checks as C
 
 Array = jax.Array
 
@@ -106,49 +107,26 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def shape_str(shape) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + (",)" if len(shape) == 1 else ")")
-
-
 # ----------------------------------------------------------------------------- checks
+# The argument validators live in ``ops/_checks.py``; these names are kept for the ops.
+
+shape_str = C.shape_str
 
 
 def check_float(fn: str, name: str, x) -> None:
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"{fn}: {name} must be a floating-point array (float16, bfloat16, float32 or "
-            f"float64); got dtype {dtype}. Cast it first, e.g. {name}.astype(jnp.float32)."
-        )
+    C.float_array(fn, name, x)
 
 
 def normalize_axis(fn: str, axis, ndim: int) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"{fn}: axis must be an int; got {axis!r}")
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"{fn}: axis {axis} is out of range for x with {ndim} dimensions; "
-            f"expected an int in [{-ndim}, {ndim - 1}]"
-        )
-    return axis % ndim
+    return C.axis(fn, axis, ndim)
 
 
 def check_vector(fn: str, name: str, v, n: int) -> None:
-    if v is None:
-        return
-    check_float(fn, name, v)
-    shape = jnp.shape(v)
-    if shape != (n,):
-        raise ValueError(
-            f"{fn}: {name} must have shape ({n},) for x with {n} features; got {shape_str(shape)}"
-        )
+    C.vector(fn, name, v, n)
 
 
 def check_epsilon(fn: str, epsilon, name: str = "epsilon") -> None:
-    if isinstance(epsilon, jax.core.Tracer):
-        raise TypeError(f"{fn}: {name} must be a Python float known at trace time; got a tracer")
-    if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon >= 0):
-        raise ValueError(f"{fn}: {name} must be a finite float >= 0; got {epsilon!r}")
+    C.epsilon(fn, epsilon, name)
 
 
 def check_axis_name(fn: str, axis_name) -> None:
@@ -174,9 +152,7 @@ def as_groups(axis_index_groups) -> tuple[tuple[int, ...], ...] | None:
 
 def make_reduce(fn: str, x, axis, axis_name=None, axis_index_groups=None) -> Reduce:
     ndim = jnp.ndim(x)
-    if ndim < 1:
-        raise ValueError(f"{fn}: x must have at least one dimension; got a scalar")
-    ax = normalize_axis(fn, axis, ndim)
+    ax = C.axis(fn, axis, ndim)
     check_axis_name(fn, axis_name)
     if axis_index_groups is not None and is_typed(axis_name):
         raise NotImplementedError(
@@ -219,9 +195,7 @@ def mask_weights(fn: str, mask, x_shape: Sequence[int], cfg: Reduce, *, rows_onl
             f"of shape {shape_str(row_shape)} or a feature dimension of 1; got "
             f"{shape_str(mshape)}"
         )
-    dtype = jnp.result_type(mask)
-    if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
-        raise TypeError(f"{fn}: mask must be a boolean array; got dtype {dtype}")
+    C.mask_dtype(fn, mask)
     return mask
 
 

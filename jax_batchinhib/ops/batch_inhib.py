@@ -33,6 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _ghost
 from jax_batchinhib.ops import _stats as S
 
@@ -58,14 +59,69 @@ class InhibStats(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class InhibConfig:
-    rho: float
-    epsilon: float
-    groups: int
-    correlation: str
-    denominator: str
-    guard: float
+class InhibOptions:
+    """BatchInhib's options, validated, with the guard default resolved.
+
+    The one spelling of the options shared by :func:`batch_inhib`,
+    :func:`batch_inhib_inference`, :func:`inhibition_matrix`, their references, the
+    linen and NNX modules and :mod:`jax_batchinhib.fold`. Frozen and hashable (it is a
+    static argument of the custom rules). ``guard=None`` becomes the guard mode's
+    default (:data:`GUARD_DEFAULTS`). Construct it directly (errors name
+    ``InhibOptions``) or with :meth:`checked` (errors name the caller).
+
+    Example:
+      >>> from jax_batchinhib.ops.batch_inhib import InhibOptions
+      >>> InhibOptions(guard_mode="relative").guard
+      0.5
+    """
+
+    rho: float = 1.0
+    epsilon: float = 1e-5
+    groups: int = 1
+    correlation: str = "pearson"
+    denominator: str = "signed"
+    guard: float | None = None
     guard_mode: str = "absolute"
+
+    def __post_init__(self):
+        for k, v in _validate("InhibOptions", **self.kwargs()).items():
+            object.__setattr__(self, k, v)
+
+    @classmethod
+    def checked(cls, fn: str, **options) -> InhibOptions:
+        """Validate ``options`` with ``fn``'s name in the errors, then construct."""
+        return cls(**_validate(fn, **options))
+
+    def kwargs(self) -> dict:
+        """The options as the ops' keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def check_features(self, fn: str, n: int) -> None:
+        """``groups`` must divide the number of features ``n``."""
+        C.groups(fn, self.groups, n)
+
+
+def _validate(
+    fn,
+    rho=1.0,
+    epsilon=1e-5,
+    groups=1,
+    correlation="pearson",
+    denominator="signed",
+    guard=None,
+    guard_mode="absolute",
+) -> dict:
+    """Every BatchInhib option through its validator; returns the resolved values."""
+    guard_mode = C.choice(fn, "guard_mode", guard_mode, GUARD_MODES)
+    return dict(
+        rho=C.rho(fn, rho),
+        epsilon=C.epsilon(fn, epsilon),
+        groups=C.groups(fn, groups),
+        correlation=C.choice(fn, "correlation", correlation, CORRELATIONS),
+        denominator=C.choice(fn, "denominator", denominator, DENOMINATORS),
+        guard=C.guard(fn, guard, GUARD_DEFAULTS[guard_mode]),
+        guard_mode=guard_mode,
+    )
 
 
 # ------------------------------------------------------------------- R from covariance
@@ -75,7 +131,7 @@ def _g(alpha, rho):
     return jax.nn.softplus(rho * alpha) / rho
 
 
-def _inhib_parts(cfg: InhibConfig, cov, alpha):
+def _inhib_parts(cfg: InhibOptions, cov, alpha):
     """Everything R needs from the covariance ``cov`` (G, n, n) and ``alpha``."""
     n = cov.shape[-1]
     v = jnp.diagonal(cov, axis1=-2, axis2=-1)
@@ -103,11 +159,11 @@ def _matrix_of(parts):
     return gm * r * h[..., None]
 
 
-def _inhib_matrix(cfg: InhibConfig, cov, alpha):
+def _inhib_matrix(cfg: InhibOptions, cov, alpha):
     return _matrix_of(_inhib_parts(cfg, cov, alpha))
 
 
-def _inhib_matrix_bwd(cfg: InhibConfig, alpha, parts, dR):
+def _inhib_matrix_bwd(cfg: InhibOptions, alpha, parts, dR):
     """VJP of R(cov, alpha), given ``_inhib_parts(cfg, cov, alpha)``: returns
     (dcov, dalpha). Linear in dR."""
     sd, r, gm, d, h, a, s = parts
@@ -139,25 +195,10 @@ def _inhib_matrix_bwd(cfg: InhibConfig, alpha, parts, dR):
 
 
 def _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode):
-    if isinstance(rho, jax.core.Tracer) or not isinstance(rho, int | float) or not rho > 0:
-        raise ValueError(f"{fn}: rho must be a Python float > 0; got {rho!r}")
-    if guard_mode not in GUARD_MODES:
-        raise ValueError(f"{fn}: guard_mode must be one of {GUARD_MODES}; got {guard_mode!r}")
-    if guard is None:
-        guard = GUARD_DEFAULTS[guard_mode]
-    S.check_epsilon(fn, epsilon)
-    S.check_epsilon(fn, guard, "guard")
-    if guard <= 0:
-        raise ValueError(f"{fn}: guard must be > 0 (it bounds 1/denominator); got {guard!r}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{fn}: groups must be an int >= 1; got {groups!r}")
-    if correlation not in CORRELATIONS:
-        raise ValueError(f"{fn}: correlation must be one of {CORRELATIONS}; got {correlation!r}")
-    if denominator not in DENOMINATORS:
-        raise ValueError(f"{fn}: denominator must be one of {DENOMINATORS}; got {denominator!r}")
-    return InhibConfig(
-        float(rho), float(epsilon), groups, correlation, denominator, float(guard), guard_mode
-    )
+    return InhibOptions.checked(
+        fn, rho=rho, epsilon=epsilon, groups=groups, correlation=correlation,
+        denominator=denominator, guard=guard, guard_mode=guard_mode,
+    )  # fmt: skip
 
 
 def alpha_shape(num_features: int, groups: int = 1) -> tuple[int, ...]:
@@ -167,11 +208,7 @@ def alpha_shape(num_features: int, groups: int = 1) -> tuple[int, ...]:
 
 
 def _check_groups_alpha(fn, nfeat, groups, alpha, name="alpha"):
-    if nfeat % groups:
-        raise ValueError(
-            f"{fn}: groups={groups} must divide the number of features N={nfeat}; "
-            f"choose groups among the divisors of {nfeat}"
-        )
+    C.groups(fn, groups, nfeat)
     S.check_float(fn, name, alpha)
     want = alpha_shape(nfeat, groups)
     got = tuple(jnp.shape(alpha))
@@ -219,6 +256,7 @@ def batch_inhib(
     guard: float | None = None,
     guard_mode: str = "absolute",
     virtual_batch_size: int | None = None,
+    use_fast_variance: bool = True,
 ):
     r"""BatchInhib with a hand-derived VJP for ``x`` and ``alpha``.
 
@@ -251,6 +289,8 @@ def batch_inhib(
       virtual_batch_size: ghost batches: each run of this many examples along the leading
         axis gets its own statistics (it must divide ``x.shape[0]``); the returned
         statistics are the mean over the sub-batches.
+      use_fast_variance: a bool selecting the variance algorithm, as
+        :func:`jax_batchinhib.batch_norm`'s.
 
     Returns:
       ``(y, InhibStats(mean, var, cov))``; the statistics are wrapped in
@@ -268,14 +308,14 @@ def batch_inhib(
     S.check_float(fn, "x", x)
     red = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
+    C.flag(fn, "use_fast_variance", use_fast_variance)
     nfeat = x.shape[red.axis]
     _check_groups_alpha(fn, nfeat, groups, alpha)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
         op = functools.partial(
-            batch_inhib, alpha=alpha, rho=rho, epsilon=epsilon, axis=red.axis,
-            axis_name=axis_name, axis_index_groups=axis_index_groups, groups=groups,
-            correlation=correlation, denominator=denominator, guard=guard,
-            guard_mode=guard_mode,
+            batch_inhib, alpha=alpha, axis=red.axis, axis_name=axis_name,
+            axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+            **cfg.kwargs(),
         )  # fmt: skip
         return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, red.axis)
     mask = S.mask_weights(fn, mask, x.shape, red, rows_only=True)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _ghost
 from jax_batchinhib.ops import _stats as S
 
@@ -56,6 +57,7 @@ def batch_norm(
     axis_index_groups=None,
     mask=None,
     virtual_batch_size: int | None = None,
+    use_fast_variance: bool = True,
 ):
     r"""Batch normalization with a hand-derived VJP.
 
@@ -92,6 +94,8 @@ def batch_norm(
       virtual_batch_size: ghost batches: normalize each run of this many examples along
         the leading axis with its own statistics (it must divide ``x.shape[0]``); the
         returned statistics are then the mean over the sub-batches of their mean and var.
+      use_fast_variance: a bool selecting the variance algorithm (flax's argument of
+        the same name).
 
     Returns:
       ``(y, BatchStats(mean, var))`` with ``mean``/``var`` of shape ``(N,)``.
@@ -111,10 +115,12 @@ def batch_norm(
     S.check_vector(fn, "scale", scale, n)
     S.check_vector(fn, "bias", bias, n)
     S.check_epsilon(fn, epsilon)
+    C.flag(fn, "use_fast_variance", use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
         op = functools.partial(
             batch_norm, scale=scale, bias=bias, axis=cfg.axis, epsilon=epsilon,
             axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
         )  # fmt: skip
         return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, cfg.axis)
     mask = S.mask_weights(fn, mask, x.shape, cfg)
@@ -193,6 +199,7 @@ def batch_center(
     axis_index_groups=None,
     mask=None,
     virtual_batch_size: int | None = None,
+    use_fast_variance: bool = True,
 ):
     r"""Batch centering (seed 001's mean-only "BN"): :math:`y = x - \mu + b`.
 
@@ -214,10 +221,11 @@ def batch_center(
     S.check_float(fn, "x", x)
     cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
     S.check_vector(fn, "bias", bias, x.shape[cfg.axis])
+    C.flag(fn, "use_fast_variance", use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
         op = functools.partial(
             batch_center, bias=bias, axis=cfg.axis, axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
+            axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
         )  # fmt: skip
         return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, cfg.axis)
     mask = S.mask_weights(fn, mask, x.shape, cfg)

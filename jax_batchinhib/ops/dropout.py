@@ -7,18 +7,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _stats as S
 
 
 def _check_rate(fn, rate):
-    if isinstance(rate, jax.core.Tracer):
-        raise TypeError(
-            f"{fn}: rate must be a Python float known at trace time (it selects the rule); "
-            f"got a tracer. Close over it or mark it static in jax.jit."
-        )
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
-        raise ValueError(f"{fn}: rate must be a float in [0, 1]; got {rate!r}")
-    return float(rate)
+    return C.rate(fn, rate)
 
 
 def _check_key(fn, key):

@@ -109,12 +109,12 @@ def _sce_parts(axis, logits, labels):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sce(axis, logits, labels):
     z, t, lse = _sce_parts(axis, logits, labels)
-    return jnp.sum(t * (lse - z), axis=axis).astype(jnp.result_type(logits, labels))
+    return jnp.sum(t * (lse - z), axis=axis).astype(logits.dtype)
 
 
 def _sce_fwd(axis, logits, labels):
     z, t, lse = _sce_parts(axis, logits, labels)
-    loss = jnp.sum(t * (lse - z), axis=axis).astype(jnp.result_type(logits, labels))
+    loss = jnp.sum(t * (lse - z), axis=axis).astype(logits.dtype)
     return loss, (logits, labels, lse)
 
 
