@@ -245,13 +245,14 @@ def train_lanes(
     eval_every: int,
     progress: Callable[[int], None] | None = None,
     keep_states: bool = False,
+    score_train: bool = True,
 ) -> dict:
     """Train one lane per ``(lr, seed)`` pair on ``data``'s train part; every
     ``eval_every`` steps score every lane on ``data``'s test part. Returns numpy curves
     ``(L, evals)``: ``steps``, ``train_loss``, ``train_acc`` (batch means over the last
-    ``eval_every`` steps), ``eval_loss``, ``eval_acc``; the final accuracy on the whole
-    train part ``final_train_acc`` (L,), ``eval_acc`` at the last step ``final_eval_acc``;
-    ``seconds``; with ``keep_states`` the final states."""
+    ``eval_every`` steps), ``eval_loss``, ``eval_acc``; with ``score_train`` the final
+    accuracy on the whole train part ``final_train_acc`` (L,); ``eval_acc`` at the last
+    step ``final_eval_acc``; ``seconds``; with ``keep_states`` the final states."""
     if len(lrs) != len(seeds):
         raise ValueError("train_lanes: lrs and seeds must have the same length")
     chunk, evaluate = compiled(structural(model))
@@ -274,10 +275,10 @@ def train_lanes(
         curves["steps"].append(done)
         if progress is not None:
             progress(k)
-    _, tr_acc = evaluate(states, xtr, ytr)
     out = {k: np.stack(v, axis=1) for k, v in curves.items() if k != "steps"}
     out["steps"] = np.asarray(curves["steps"])
-    out["final_train_acc"] = np.asarray(tr_acc, np.float64)
+    if score_train:
+        out["final_train_acc"] = np.asarray(evaluate(states, xtr, ytr)[1], np.float64)
     out["final_eval_acc"] = out["eval_acc"][:, -1]
     out["seconds"] = time.perf_counter() - t0
     if keep_states:
@@ -343,7 +344,9 @@ def run_variant(
     lrs, vs = list(cfg["lrs"]), cfg["val_seeds"]
     lane_lrs = [lr for lr in lrs for _ in range(vs)]
     lane_seeds = [1000 + s for _ in lrs for s in range(vs)]  # not the test seeds
-    g = train_lanes(model, val, lane_lrs, lane_seeds, progress=progress, **common)
+    g = train_lanes(
+        model, val, lane_lrs, lane_seeds, progress=progress, score_train=False, **common
+    )
     val_acc = g["final_eval_acc"].reshape(len(lrs), vs)
     ok = np.isfinite(val_acc).all(axis=1)
     score = np.where(ok, val_acc.mean(axis=1), -np.inf)
@@ -387,10 +390,17 @@ def run_variant(
     return out
 
 
-def load_task(task: str, model_kind: str, quick: bool) -> Split:
+def load_task(task: str, quick: bool) -> Split:
     if task == "digits":
         return Split(*load_digits_split())
-    return load_mnist1d(1000 if quick else 5000, channels=model_kind == "cnn")
+    return load_mnist1d(1000 if quick else 5000)
+
+
+def for_model(data: Split, model_kind: str) -> Split:
+    """``(B, L)`` signals as ``(B, L, 1)`` for the CNN (channels last)."""
+    if model_kind != "cnn" or data.x_train.ndim != 2:
+        return data
+    return data._replace(x_train=data.x_train[..., None], x_test=data.x_test[..., None])
 
 
 HEATMAP_VARIANT = "bn+bi_abs_abs_a0"
@@ -420,9 +430,9 @@ def run_study(
         except ImportError:  # pragma: no cover - tqdm is in the [examples] extra
             bar = None
     out = {"task": task, "models": {}}
-    base = {}
+    data = load_task(task, quick)
     for mk in models:
-        full = base.setdefault(mk if task == "mnist1d" else "", load_task(task, mk, quick))
+        full = for_model(data, mk)
         val = validation_split(full, 0.25, seed=0)
         res = []
         for v in variants_for(mk, names):
