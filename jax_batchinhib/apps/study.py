@@ -500,9 +500,8 @@ def plot_accuracy(study: dict, path: str) -> None:
     plt = _plt()
     models = list(study["models"])
     nmax = max(len(study["models"][m]["variants"]) for m in models)
-    fig, axes = plt.subplots(
-        1, len(models), figsize=(6.2 * len(models), 0.34 * nmax + 1.6), squeeze=False
-    )
+    height = 0.34 * nmax + 2.2
+    fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), height), squeeze=False)
     for ax, mk in zip(axes[0], models, strict=True):
         res = study["models"][mk]["variants"]
         for i, r in enumerate(res):
@@ -526,7 +525,7 @@ def plot_accuracy(study: dict, path: str) -> None:
     ]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False,
                title="paired difference from our BatchNorm (95% CI)", title_fontsize=8)  # fmt: skip
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.75 / height, 1, 1))  # 0.75 inch for the legend
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
