@@ -76,7 +76,10 @@ def test_models_match_the_mnist1d_repository_sizes():
     m = Mnist1dCNN(norm="inhib+batchnorm", inhib=InhibOptions(groups=5, alpha_init=0.0))
     v = jax.eval_shape(lambda: m.init(jax.random.key(0), x, train=False))
     assert v["params"]["norm0"]["inhib0"]["alpha"].shape == (5, 5, 5)
-    assert "bias" in v["params"]["conv0"]  # BatchInhib comes first: the conv keeps its bias
+    # a BatchNorm follows (BatchInhib is linear in x): the conv's bias would be redundant
+    assert "bias" not in v["params"]["conv0"]
+    v = jax.eval_shape(lambda: Mnist1dMLP(norm="inhib").init(jax.random.key(0), x, train=False))
+    assert "bias" in v["params"]["dense0"]
 
 
 def test_paired_difference_verdicts():
