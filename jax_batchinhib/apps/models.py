@@ -33,6 +33,7 @@ and the same parameters as the linen models.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -443,3 +444,173 @@ class NnxTwoBranch(nnx.Module):
         ya = self.fc2a(self.dropout(jnp.sin(self.fc1a(x))))
         xbn = self.center(self.fc1b(x))
         return self.fc2b(jnp.concatenate([nnx.relu(xbn), ya], axis=-1))
+
+
+# ============================================================ MNIST-1D models (linen)
+#
+# The two baselines of the MNIST-1D repository (Greydanus, "Scaling down deep learning",
+# 2020), channels last, with a normalization chain between each linear map and its
+# activation. A chain is a "+"-separated string of steps applied in order:
+#
+#   "batchnorm"        our BatchNorm                 "flax_batchnorm"  flax's BatchNorm
+#   "inhib"            our BatchInhib (options: :class:`InhibOptions`)
+#   "relu"             the block's activation (appended at the end when absent)
+#
+# e.g. "none" (just the ReLU), "batchnorm+inhib" (BatchInhib after BatchNorm, before the
+# ReLU), "inhib+batchnorm" (before BatchNorm), "batchnorm+relu+inhib" (after the ReLU).
+
+CHAIN_STEPS = ("batchnorm", "flax_batchnorm", "inhib", "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class InhibOptions:
+    """The BatchInhib options a study sweeps (see :class:`jax_batchinhib.linen.BatchInhib`).
+
+    ``alpha_init``: a constant for every ``alpha`` (0.0: full-strength inhibition from the
+    first step), or None for the module's default
+    (:func:`jax_batchinhib.linen.near_identity_alpha_init`).
+    ``guard``: None for the module's default of the ``guard_mode``."""
+
+    denominator: str = "signed"
+    guard_mode: str = "absolute"
+    alpha_init: float | None = None
+    rho: float = 1.0
+    groups: int = 1
+    guard: float | None = None
+
+    def structural(self) -> InhibOptions:
+        """The same options without ``alpha_init``: what the training program depends on
+        (``alpha_init`` only changes the initial parameters)."""
+        return dataclasses.replace(self, alpha_init=None)
+
+
+def parse_chain(where: str, norm: str) -> tuple[str, ...]:
+    """``norm`` as a tuple of steps, ending with the activation ("relu" appended if absent)."""
+    if not isinstance(norm, str) or not norm:
+        raise ValueError(f"{where}: norm must be a non-empty string; got {norm!r}")
+    steps = () if norm == "none" else tuple(norm.split("+"))
+    bad = [s for s in steps if s not in CHAIN_STEPS]
+    if bad:
+        raise ValueError(
+            f"{where}: norm must be 'none' or '+'-separated steps among {CHAIN_STEPS}; "
+            f"got {norm!r} (unknown {bad})"
+        )
+    if steps.count("relu") > 1:
+        raise ValueError(f"{where}: norm may name 'relu' at most once; got {norm!r}")
+    return steps if "relu" in steps else steps + ("relu",)
+
+
+def chain_bias(steps: Sequence[str]) -> bool:
+    """``use_bias`` of the layer feeding ``steps``: False when a BatchNorm comes before
+    anything else that is not a BatchInhib (its bias would have an exactly zero gradient)."""
+    for s in steps:
+        if s in ("batchnorm", "flax_batchnorm"):
+            return False
+        if s != "inhib":
+            return True
+    return True
+
+
+class NormChain(nn.Module):
+    """Applies a parsed ``norm`` chain (see :func:`parse_chain`). Layers are named
+    ``bn{index}``, ``inhib{index}``; with ``sow=True`` the input and output of the
+    BatchInhib are sown into the ``intermediates`` collection (``inhib_in``,
+    ``inhib_out``) for plots."""
+
+    steps: tuple
+    index: int
+    inhib: InhibOptions = InhibOptions()
+    momentum: float | None = 0.9
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        ura = not train
+        for s in self.steps:
+            if s == "relu":
+                x = nn.relu(x)
+            elif s == "batchnorm":
+                x = bl.BatchNorm(
+                    use_running_average=ura, momentum=self.momentum, name=f"bn{self.index}"
+                )(x)
+            elif s == "flax_batchnorm":
+                x = nn.BatchNorm(
+                    use_running_average=ura,
+                    momentum=0.99 if self.momentum is None else self.momentum,
+                    use_fast_variance=False,
+                    name=f"bn{self.index}",
+                )(x)
+            else:  # inhib
+                o = self.inhib
+                self.sow("intermediates", f"inhib_in{self.index}", x)
+                x = bl.BatchInhib(
+                    use_running_average=ura,
+                    momentum=self.momentum,
+                    rho=o.rho,
+                    groups=o.groups,
+                    denominator=o.denominator,
+                    guard_mode=o.guard_mode,
+                    guard=o.guard,
+                    alpha_init=None
+                    if o.alpha_init is None
+                    else nn.initializers.constant(o.alpha_init),
+                    name=f"inhib{self.index}",
+                )(x)
+                self.sow("intermediates", f"inhib_out{self.index}", x)
+        return x
+
+
+class Mnist1dMLP(nn.Module):
+    """The MNIST-1D repository's MLP: ``h = act(dense0(x))``, ``h = h + act(dense1(h))``
+    (a residual second layer, as in the original), ``head(h)``; 40-100-100-10 by default
+    (15,210 parameters without normalization). ``act`` is the ``norm`` chain ending in a
+    ReLU. ``residual=False`` gives a plain MLP (e.g. 64-64 on digits)."""
+
+    features: Sequence[int] = (100, 100)
+    num_classes: int = 10
+    norm: str = "none"
+    inhib: InhibOptions = InhibOptions()
+    residual: bool = True
+    momentum: float | None = 0.9
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        steps = parse_chain("Mnist1dMLP", self.norm)
+        x = x.reshape(x.shape[0], -1)
+        for i, f in enumerate(self.features):
+            h = nn.Dense(f, use_bias=chain_bias(steps), name=f"dense{i}")(x)
+            h = NormChain(steps, i, self.inhib, self.momentum, name=f"norm{i}")(h, train=train)
+            x = x + h if self.residual and i > 0 and x.shape[-1] == f else h
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+class Mnist1dCNN(nn.Module):
+    """The MNIST-1D repository's small 1-D CNN, channels last: three convolutions of
+    ``channels`` (25) channels, kernel 5 then 3 and 3, stride 2, padding 1 (length
+    40 -> 19 -> 10 -> 5), each followed by the ``norm`` chain (ending in a ReLU); flatten
+    (5 x 25 = 125) and a Dense head: 5,210 parameters without normalization. Input
+    ``(B, L, 1)`` (or ``(B, L)``, given a channel axis)."""
+
+    channels: int = 25
+    num_classes: int = 10
+    norm: str = "none"
+    inhib: InhibOptions = InhibOptions()
+    momentum: float | None = 0.9
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        steps = parse_chain("Mnist1dCNN", self.norm)
+        if x.ndim == 2:
+            x = x[..., None]
+        if x.ndim != 3:
+            raise ValueError(f"Mnist1dCNN: x must be (B, L, 1) or (B, L); got shape {x.shape}")
+        for i, k in enumerate((5, 3, 3)):
+            x = nn.Conv(
+                self.channels,
+                (k,),
+                strides=(2,),
+                padding=((1, 1),),
+                use_bias=chain_bias(steps),
+                name=f"conv{i}",
+            )(x)
+            x = NormChain(steps, i, self.inhib, self.momentum, name=f"norm{i}")(x, train=train)
+        return nn.Dense(self.num_classes, name="head")(x.reshape(x.shape[0], -1))

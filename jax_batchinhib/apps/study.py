@@ -1,0 +1,830 @@
+"""``jax-batchinhib train --task mnist1d`` (and ``--task digits --study``): does BatchInhib
+help, in which configuration, against what -- under a fair protocol.
+
+Protocol, for every variant (a normalization chain of :mod:`jax_batchinhib.apps.models`):
+
+1. Learning rate: Adam at each value of a grid (``--lrs``, at least 4 values) is trained
+   on the training set minus a validation split (25% of the training set, never the
+   test set) for ``val_seeds`` seeds, and scored on the validation split after the last
+   step; the value with the best mean validation accuracy is chosen.
+2. ``--seeds`` seeds are then trained at that learning rate on the whole training set
+   and scored on the test set (inference mode, running statistics) after the last step.
+3. Each variant is compared with our BatchNorm: the mean over seeds of the per-seed
+   difference of test accuracy, with a 95% Student-t confidence interval. Seed ``s``
+   of every variant shares its initial weights (the Dense/Conv kernels are drawn from
+   the same key by layer name) and its batch order, so the differences are paired by
+   seed. The interval is over training randomness (initialisation and batch order) on
+   this fixed test set. 'helps' / 'hurts' when the interval excludes 0, else 'ties'.
+
+Speed: one compiled program per variant shape trains all the lanes at once (the grid's
+learning rates x seeds, or the final seeds: a ``jax.vmap`` axis, the learning rate an
+array argument), scanning ``eval_every`` steps per call (``jax.lax.scan``); variants
+that differ only by their initial ``alpha`` share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jax_batchinhib.apps.data import Split, load_digits_split, load_mnist1d, validation_split
+from jax_batchinhib.apps.models import InhibOptions, Mnist1dCNN, Mnist1dMLP
+from jax_batchinhib.ops import softmax_cross_entropy
+
+# ------------------------------------------------------------------------ variants
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A normalization chain (``norm``, see :func:`jax_batchinhib.apps.models.parse_chain`)
+    and its BatchInhib options; ``cnn_only`` variants are skipped on the MLPs."""
+
+    name: str
+    description: str
+    norm: str
+    inhib: InhibOptions = InhibOptions()
+    cnn_only: bool = False
+
+
+NEAR = None  # the module's near-identity alpha init
+A0 = 0.0  # full strength from the first step
+
+
+def _bi(name, desc, denominator, guard_mode, alpha_init, norm="batchnorm+inhib", **kw):
+    return Variant(name, desc, norm, InhibOptions(denominator, guard_mode, alpha_init, **kw))
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant("none", "no normalization", "none"),
+        Variant("flax_bn", "flax.linen.BatchNorm", "flax_batchnorm"),
+        Variant("bn", "our BatchNorm", "batchnorm"),
+        # BatchNorm + BatchInhib (before the ReLU): denominator x guard x alpha init
+        _bi("bn+bi_signed_abs_near", "BN+BI signed, absolute guard, near-identity (default)",
+            "signed", "absolute", NEAR),
+        _bi("bn+bi_signed_abs_a0", "BN+BI signed, absolute guard, alpha 0", "signed",
+            "absolute", A0),
+        _bi("bn+bi_signed_rel_near", "BN+BI signed, relative guard, near-identity", "signed",
+            "relative", NEAR),
+        _bi("bn+bi_signed_rel_a0", "BN+BI signed, relative guard, alpha 0", "signed",
+            "relative", A0),
+        _bi("bn+bi_abs_abs_near", "BN+BI |D|, absolute guard, near-identity", "abs",
+            "absolute", NEAR),
+        _bi("bn+bi_abs_abs_a0", "BN+BI |D|, absolute guard, alpha 0", "abs", "absolute", A0),
+        _bi("bn+bi_abs_rel_near", "BN+BI |D|, relative guard, near-identity", "abs",
+            "relative", NEAR),
+        _bi("bn+bi_abs_rel_a0", "BN+BI |D|, relative guard, alpha 0", "abs", "relative", A0),
+        # rho, groups
+        _bi("bn+bi_abs_abs_a0_rho4", "BN+BI |D|, absolute guard, alpha 0, rho 4", "abs",
+            "absolute", A0, rho=4.0),
+        Variant("bn+bi_abs_abs_a0_g5", "BN+BI |D|, absolute guard, alpha 0, 5 groups",
+                "batchnorm+inhib", InhibOptions("abs", "absolute", A0, groups=5), cnn_only=True),
+        # BatchInhib alone; placements
+        _bi("bi_abs_abs_a0", "BI alone |D|, absolute guard, alpha 0", "abs", "absolute", A0,
+            norm="inhib"),
+        _bi("bi+bn_abs_abs_a0", "BI before BN |D|, absolute guard, alpha 0", "abs",
+            "absolute", A0, norm="inhib+batchnorm"),
+        _bi("bn+relu+bi_abs_abs_a0", "BI after the ReLU |D|, absolute guard, alpha 0", "abs",
+            "absolute", A0, norm="batchnorm+relu+inhib"),
+    ]
+}  # fmt: skip
+
+#: what a full study runs (every variant; ``cnn_only`` ones on the CNN only)
+DEFAULT_VARIANTS = tuple(VARIANTS)
+#: what ``--quick`` runs
+QUICK_VARIANTS = ("none", "bn", "bn+bi_abs_abs_a0")
+
+#: the variant every other one is compared with
+BASELINE = "bn"
+
+#: the defaults of a full study (``jax-batchinhib train --task mnist1d``)
+DEFAULTS = {
+    "mnist1d": {
+        "models": ("mlp", "cnn"),
+        "steps": 2000,
+        "batch_size": 100,
+        "eval_every": 250,
+        "lrs": (1e-3, 3e-3, 1e-2, 3e-2),
+        "val_seeds": 1,
+        "seeds": 5,
+    },
+    "digits": {
+        "models": ("mlp",),
+        "steps": 600,
+        "batch_size": 64,
+        "eval_every": 100,
+        "lrs": (1e-3, 3e-3, 1e-2, 3e-2),
+        "val_seeds": 1,
+        "seeds": 5,
+    },
+}
+
+QUICK = {"steps": 40, "eval_every": 20, "lrs": (3e-3, 1e-2, 3e-2, 1e-1), "val_seeds": 1, "seeds": 4}
+
+#: published MNIST-1D test accuracy (Greydanus 2020, the repository's README), percent
+PUBLISHED = {"logistic regression": 32, "MLP": 68, "CNN": 94, "GRU": 91}
+
+
+def make_model(task: str, model: str, v: Variant) -> nn.Module:
+    if model == "cnn":
+        return Mnist1dCNN(norm=v.norm, inhib=v.inhib)
+    if task == "digits":
+        return Mnist1dMLP(features=(64, 64), norm=v.norm, inhib=v.inhib, residual=False)
+    return Mnist1dMLP(norm=v.norm, inhib=v.inhib)
+
+
+def variants_for(model: str, names: Sequence[str]) -> list[Variant]:
+    return [VARIANTS[n] for n in names if model == "cnn" or not VARIANTS[n].cnn_only]
+
+
+# ------------------------------------------------------------------------ engine
+
+
+class State(NamedTuple):
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+TX = optax.scale_by_adam()  # Adam's direction; the learning rate is a per-lane array
+
+
+def _forward(model, params, stats, x, train):
+    v = {"params": params, "batch_stats": stats} if stats else {"params": params}
+    if train:
+        return model.apply(v, x, train=True, mutable=["batch_stats"])
+    return model.apply(v, x, train=False), None
+
+
+def _step(model, state: State, lr, x, y):
+    def loss_fn(p):
+        logits, new = _forward(model, p, state.batch_stats, x, True)
+        loss = jnp.mean(softmax_cross_entropy(logits, jax.nn.one_hot(y, 10)))
+        return loss, (logits, new.get("batch_stats", {}))
+
+    (loss, (logits, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    upd, opt = TX.update(g, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p - lr * u, state.params, upd)
+    return State(params, stats, opt), (loss, jnp.mean(jnp.argmax(logits, -1) == y))
+
+
+@functools.cache
+def compiled(model: nn.Module):
+    """``(chunk, evaluate)`` for ``model``, jitted, lanes vmapped; cached by the model's
+    structure (variants that differ by ``alpha_init`` only share them).
+
+    ``chunk(states, lr (L,), idx (L, k, B), x, y)`` runs k steps per lane (batch rows
+    ``idx`` of the shared ``x``, ``y``) and returns the states and each lane's mean
+    training loss and accuracy over the k steps. ``evaluate(states, x, y)``: each lane's
+    loss and accuracy in inference mode."""
+
+    def lane(state, lr, idx, x, y):
+        def body(s, i):
+            return _step(model, s, lr, x[i], y[i])
+
+        state, (loss, acc) = jax.lax.scan(body, state, idx)
+        return state, jnp.mean(loss), jnp.mean(acc)
+
+    def ev(state, x, y):
+        logits, _ = _forward(model, state.params, state.batch_stats, x, False)
+        loss = jnp.mean(softmax_cross_entropy(logits, jax.nn.one_hot(y, 10)))
+        return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+
+    chunk = jax.jit(jax.vmap(lane, in_axes=(0, 0, 0, None, None)), donate_argnums=0)
+    evaluate = jax.jit(jax.vmap(ev, in_axes=(0, None, None)))
+    return chunk, evaluate
+
+
+def structural(model: nn.Module) -> nn.Module:
+    return model.clone(inhib=model.inhib.structural(), parent=None)
+
+
+def init_states(model: nn.Module, seeds: Sequence[int], x_example) -> State:
+    """Each lane's initial parameters from ``jax.random.key(seed)``: the same seed gives
+    the same Dense/Conv kernels in every variant (flax draws them by layer name)."""
+    keys = jnp.stack([jax.random.key(s) for s in seeds])
+
+    def one(k):
+        v = model.init(k, x_example, train=False)
+        return State(v["params"], v.get("batch_stats", {}), TX.init(v["params"]))
+
+    return jax.vmap(one)(keys)  # eager: compiling a flax init costs more than running it
+
+
+def batch_order(seed: int, n: int, steps: int, batch_size: int) -> np.ndarray:
+    """``(steps, batch_size)`` row indices: a fresh permutation of the n rows per epoch
+    (the last partial batch of each epoch dropped), from numpy's generator at ``seed``."""
+    rng = np.random.default_rng(seed)
+    per = n // batch_size
+    epochs = -(-steps // per)
+    idx = np.concatenate([rng.permutation(n)[: per * batch_size] for _ in range(epochs)])
+    return idx.reshape(-1, batch_size)[:steps].astype(np.int32)
+
+
+def train_lanes(
+    model: nn.Module,
+    data: Split,
+    lrs: Sequence[float],
+    seeds: Sequence[int],
+    *,
+    steps: int,
+    batch_size: int,
+    eval_every: int,
+    progress: Callable[[int], None] | None = None,
+    keep_states: bool = False,
+    score_train: bool = True,
+) -> dict:
+    """Train one lane per ``(lr, seed)`` pair on ``data``'s train part; every
+    ``eval_every`` steps score every lane on ``data``'s test part. Returns numpy curves
+    ``(L, evals)``: ``steps``, ``train_loss``, ``train_acc`` (batch means over the last
+    ``eval_every`` steps), ``eval_loss``, ``eval_acc``; with ``score_train`` the final
+    accuracy on the whole train part ``final_train_acc`` (L,); ``eval_acc`` at the last
+    step ``final_eval_acc``; ``seconds``; with ``keep_states`` the final states."""
+    if len(lrs) != len(seeds):
+        raise ValueError("train_lanes: lrs and seeds must have the same length")
+    chunk, evaluate = compiled(structural(model))
+    xtr, ytr = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    xev, yev = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+    states = init_states(model, seeds, xtr[:batch_size])
+    order = np.stack([batch_order(s, len(data.y_train), steps, batch_size) for s in seeds])
+    lr = jnp.asarray(lrs, jnp.float32)
+    curves = {k: [] for k in ("steps", "train_loss", "train_acc", "eval_loss", "eval_acc")}
+    t0 = time.perf_counter()
+    done = 0
+    while done < steps:
+        k = min(eval_every, steps - done)
+        states, tl, ta = chunk(states, lr, jnp.asarray(order[:, done : done + k]), xtr, ytr)
+        done += k
+        el, ea = evaluate(states, xev, yev)
+        names = ("train_loss", "train_acc", "eval_loss", "eval_acc")
+        for key, val in zip(names, (tl, ta, el, ea), strict=True):
+            curves[key].append(np.asarray(val, np.float64))
+        curves["steps"].append(done)
+        if progress is not None:
+            progress(k)
+    out = {k: np.stack(v, axis=1) for k, v in curves.items() if k != "steps"}
+    out["steps"] = np.asarray(curves["steps"])
+    if score_train:
+        out["final_train_acc"] = np.asarray(evaluate(states, xtr, ytr)[1], np.float64)
+    out["final_eval_acc"] = out["eval_acc"][:, -1]
+    out["seconds"] = time.perf_counter() - t0
+    if keep_states:
+        out["states"] = states
+    return out
+
+
+# ------------------------------------------------------------------------ statistics
+
+# two-sided 95% Student-t quantiles t_{0.975, df}
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
+         16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042,
+         40: 2.021, 60: 2.000, 120: 1.980}  # fmt: skip
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (from a table; the
+    next smaller tabulated df above 20, which errs on the wide side; 1.96 past 120)."""
+    if df < 1:
+        return math.inf
+    if df in _T975:
+        return _T975[df]
+    below = [d for d in _T975 if d < df]
+    return 1.96 if df > 120 else _T975[max(below)]
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t interval."""
+    v = np.asarray(values, np.float64)
+    if v.size < 2:
+        return float(v.mean()), math.inf
+    return float(v.mean()), t975(v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """``a - b`` paired by seed: mean difference, its 95% t interval and the verdict
+    'helps' (interval above 0) / 'hurts' (below 0) / 'ties'."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    m, h = mean_ci(d)
+    word = "helps" if m - h > 0 else "hurts" if m + h < 0 else "ties"
+    return {"diff": m, "ci_low": m - h, "ci_high": m + h, "verdict": word, "paired": True}
+
+
+# ------------------------------------------------------------------------ protocol
+
+
+def run_variant(
+    task: str,
+    model_kind: str,
+    v: Variant,
+    full: Split,
+    val: Split,
+    cfg: dict,
+    *,
+    progress=None,
+    keep_states: bool = False,
+) -> dict:
+    """The protocol for one variant: choose the learning rate on ``val``, then train
+    ``cfg['seeds']`` seeds on ``full`` and score them on its test part."""
+    model = make_model(task, model_kind, v)
+    common = dict(steps=cfg["steps"], batch_size=cfg["batch_size"], eval_every=cfg["eval_every"])
+    lrs, vs = list(cfg["lrs"]), cfg["val_seeds"]
+    lane_lrs = [lr for lr in lrs for _ in range(vs)]
+    lane_seeds = [1000 + s for _ in lrs for s in range(vs)]  # not the test seeds
+    g = train_lanes(
+        model, val, lane_lrs, lane_seeds, progress=progress, score_train=False, **common
+    )
+    val_acc = g["final_eval_acc"].reshape(len(lrs), vs)
+    ok = np.isfinite(val_acc).all(axis=1)
+    score = np.where(ok, val_acc.mean(axis=1), -np.inf)
+    best = int(np.argmax(score))
+    lr = lrs[best]
+    seeds = list(range(cfg["seeds"]))
+    f = train_lanes(
+        model, full, [lr] * len(seeds), seeds, progress=progress, keep_states=keep_states, **common
+    )
+    test = f["final_eval_acc"]
+    train = f["final_train_acc"]
+    out = {
+        "variant": v.name,
+        "description": v.description,
+        "norm": v.norm,
+        "inhib": dataclasses.asdict(v.inhib) if "inhib" in v.norm else None,
+        "lr_grid": lrs,
+        "val_acc_per_lr": val_acc.mean(axis=1).tolist(),
+        "val_acc_per_lr_seed": val_acc.tolist(),
+        "lr": lr,
+        "val_acc": float(val_acc[best].mean()),
+        "seeds": seeds,
+        "test_acc_per_seed": test.tolist(),
+        "train_acc_per_seed": train.tolist(),
+        "test_acc_mean": float(test.mean()),
+        "test_acc_std": float(test.std(ddof=1)) if len(seeds) > 1 else 0.0,
+        "test_acc_ci95": mean_ci(test)[1],
+        "train_acc_mean": float(train.mean()),
+        "train_acc_std": float(train.std(ddof=1)) if len(seeds) > 1 else 0.0,
+        "curves": {
+            "steps": f["steps"].tolist(),
+            "test_acc": f["eval_acc"].mean(0).tolist(),
+            "train_batch_acc": f["train_acc"].mean(0).tolist(),
+            "train_loss": f["train_loss"].mean(0).tolist(),
+            "val_acc_chosen_lr": g["eval_acc"].reshape(len(lrs), vs, -1)[best].mean(0).tolist(),
+        },
+        "seconds": {"lr_search": g["seconds"], "final": f["seconds"]},
+    }
+    if keep_states:
+        out["_states"] = f["states"]
+    return out
+
+
+def load_task(task: str, quick: bool) -> Split:
+    if task == "digits":
+        return Split(*load_digits_split())
+    return load_mnist1d(1000 if quick else 5000)
+
+
+def for_model(data: Split, model_kind: str) -> Split:
+    """``(B, L)`` signals as ``(B, L, 1)`` for the CNN (channels last)."""
+    if model_kind != "cnn" or data.x_train.ndim != 2:
+        return data
+    return data._replace(x_train=data.x_train[..., None], x_test=data.x_test[..., None])
+
+
+HEATMAP_VARIANT = "bn+bi_abs_abs_a0"
+
+
+def run_study(
+    task: str,
+    models: Sequence[str],
+    names: Sequence[str],
+    cfg: dict,
+    *,
+    quick: bool = False,
+    quiet: bool = False,
+    partial_path: str | None = None,
+) -> dict:
+    """Every variant of ``names`` on every model of ``models`` for ``task``; returns the
+    results dictionary written to ``results.json`` (states of the heatmap variant under
+    the private key ``_heatmap``)."""
+    bar = None
+    per_variant = cfg["steps"] * 2
+    total = sum(len(variants_for(m, names)) for m in models) * per_variant
+    if not quiet:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=f"{task} study", unit="step")
+        except ImportError:  # pragma: no cover - tqdm is in the [examples] extra
+            bar = None
+    out = {"task": task, "models": {}}
+    data = load_task(task, quick)
+    for mk in models:
+        full = for_model(data, mk)
+        val = validation_split(full, 0.25, seed=0)
+        res = []
+        for v in variants_for(mk, names):
+            if bar is not None:
+                bar.set_postfix_str(f"{mk} {v.name}")
+            keep = v.name == HEATMAP_VARIANT
+            r = run_variant(
+                task,
+                mk,
+                v,
+                full,
+                val,
+                cfg,
+                progress=None if bar is None else bar.update,
+                keep_states=keep,
+            )
+            if keep:
+                out.setdefault("_heatmap", {})[mk] = (
+                    make_model(task, mk, v),
+                    r.pop("_states"),
+                    full,
+                )
+            res.append(r)
+            if partial_path is not None:  # what is done so far, in case the run is cut off
+                with open(partial_path, "w") as f:
+                    json.dump({"task": task, "model": mk, "cfg": cfg, "variants": res}, f)
+        by = {r["variant"]: r for r in res}
+        if BASELINE in by:
+            for r in res:
+                if r["variant"] != BASELINE:
+                    r["vs_bn"] = paired_difference(
+                        r["test_acc_per_seed"], by[BASELINE]["test_acc_per_seed"]
+                    )
+        out["models"][mk] = {
+            "n_train": int(full.x_train.shape[0]),
+            "n_val": int(val.x_test.shape[0]),
+            "n_test": int(full.x_test.shape[0]),
+            "variants": res,
+        }
+    if bar is not None:
+        bar.close()
+    return out
+
+
+# ------------------------------------------------------------------------ plots
+
+#: Okabe & Ito's colour-blind-safe palette
+OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00",
+             "#CC79A7")  # fmt: skip
+VERDICT_COLOUR = {"helps": "#009E73", "hurts": "#D55E00", "ties": "#0072B2", "baseline": "#000000"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(study: dict, path: str) -> None:
+    """Test accuracy per variant: mean and 95% interval over seeds (a row per variant,
+    coloured by the verdict against our BatchNorm), one panel per model."""
+    plt = _plt()
+    models = list(study["models"])
+    nmax = max(len(study["models"][m]["variants"]) for m in models)
+    height = 0.34 * nmax + 2.2
+    fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), height), squeeze=False)
+    for ax, mk in zip(axes[0], models, strict=True):
+        res = study["models"][mk]["variants"]
+        for i, r in enumerate(res):
+            m, h = 100 * r["test_acc_mean"], 100 * r["test_acc_ci95"]
+            word = r.get("vs_bn", {}).get("verdict", "baseline")
+            c = VERDICT_COLOUR[word]
+            ax.errorbar(m, i, xerr=h, fmt="o", color=c, ms=5, capsize=3)
+            ax.plot(100 * np.asarray(r["test_acc_per_seed"]), [i] * len(r["seeds"]), "|",
+                    color=c, alpha=0.5, ms=7)  # fmt: skip
+        base = next((r for r in res if r["variant"] == BASELINE), None)
+        if base is not None:
+            ax.axvline(100 * base["test_acc_mean"], color="#000000", lw=0.8, ls=":")
+        ax.set_yticks(range(len(res)), [f"{r['variant']}  (lr {r['lr']:g})" for r in res],
+                      fontsize=8)  # fmt: skip
+        ax.invert_yaxis()
+        ax.set_xlabel("test accuracy (%): mean, 95% CI over seeds, ticks = seeds")
+        ax.set_title(f"{study['task']} {mk.upper()}")
+        ax.grid(axis="x", alpha=0.3)
+    handles = [
+        plt.Line2D([], [], color=c, marker="o", ls="", label=w) for w, c in VERDICT_COLOUR.items()
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False,
+               title="paired difference from our BatchNorm (95% CI)", title_fontsize=8)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.75 / height, 1, 1))  # 0.75 inch for the legend
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(study: dict, path: str) -> None:
+    """Learning curves at the chosen learning rate (mean over seeds): test accuracy and
+    training batch accuracy per variant, a row per model. Colours from Okabe & Ito's
+    palette, cycled with line styles so every variant has its own line."""
+    plt = _plt()
+    models = list(study["models"])
+    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.3 * len(models)), squeeze=False)
+    styles = ("-", "--", ":", "-.")
+    for row, mk in zip(axes, models, strict=True):
+        res = study["models"][mk]["variants"]
+        for i, r in enumerate(res):
+            c = OKABE_ITO[i % len(OKABE_ITO)]
+            ls = styles[(i // len(OKABE_ITO)) % len(styles)]
+            s = r["curves"]["steps"]
+            row[0].plot(s, 100 * np.asarray(r["curves"]["test_acc"]), color=c, ls=ls,
+                        label=r["variant"])  # fmt: skip
+            row[1].plot(s, 100 * np.asarray(r["curves"]["train_batch_acc"]), color=c, ls=ls)
+        row[0].set_title(f"{study['task']} {mk.upper()}: test accuracy (chosen lr)")
+        row[1].set_title(f"{study['task']} {mk.upper()}: training batch accuracy")
+        for ax in row:
+            ax.set_xlabel("step")
+            ax.set_ylabel("%")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def inhib_heatmap_data(model: nn.Module, states: State, data: Split, lane: int = 0) -> dict:
+    """For the first BatchInhib layer of ``model`` (lane ``lane`` of ``states``), in
+    inference mode on ``data``'s test part: the correlation of the features going in
+    and coming out, and R from the layer's running covariance."""
+    from jax_batchinhib.ops import inhibition_matrix
+
+    st = jax.tree.map(lambda a: a[lane], states)
+    v = {"params": st.params, "batch_stats": st.batch_stats}
+    _, inter = model.apply(v, jnp.asarray(data.x_test), train=False, mutable=["intermediates"])
+    layer = inter["intermediates"]["norm0"]
+    xin = np.asarray(layer["inhib_in0"][0]).reshape(-1, layer["inhib_in0"][0].shape[-1])
+    xout = np.asarray(layer["inhib_out0"][0]).reshape(xin.shape)
+    o = model.inhib
+    R = inhibition_matrix(
+        st.batch_stats["norm0"]["inhib0"]["cov"],
+        st.params["norm0"]["inhib0"]["alpha"],
+        rho=o.rho,
+        groups=o.groups,
+        denominator=o.denominator,
+        guard=o.guard,
+        guard_mode=o.guard_mode,
+    )
+    R = np.asarray(R)
+    if R.shape[0] == 1:
+        R = R[0]
+    else:  # block-diagonal
+        n = R.shape[0] * R.shape[1]
+        full = np.zeros((n, n))
+        for g in range(R.shape[0]):
+            sl = slice(g * R.shape[1], (g + 1) * R.shape[1])
+            full[sl, sl] = R[g]
+        R = full
+
+    def corr(a):
+        c = np.corrcoef(a, rowvar=False)
+        return np.nan_to_num(c)
+
+    cin, cout = corr(xin), corr(xout)
+    off = ~np.eye(cin.shape[0], dtype=bool)
+    return {
+        "corr_in": cin,
+        "corr_out": cout,
+        "R": R,
+        "mean_abs_offdiag_corr_in": float(np.abs(cin[off]).mean()),
+        "mean_abs_offdiag_corr_out": float(np.abs(cout[off]).mean()),
+    }
+
+
+def plot_heatmaps(h: dict, title: str, path: str) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    panels = [
+        (h["corr_in"], f"correlation in (mean |off-diag| {h['mean_abs_offdiag_corr_in']:.3f})"),
+        (h["corr_out"], f"correlation out (mean |off-diag| {h['mean_abs_offdiag_corr_out']:.3f})"),
+        (h["R"], "R (y = x - x R^T), running covariance"),
+    ]
+    for ax, (m, t) in zip(axes, panels, strict=True):
+        lim = float(np.abs(m).max()) or 1.0
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)  # diverging, colour-blind safe
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("feature")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------ report
+
+
+def format_tables(study: dict) -> str:
+    lines = []
+    for mk, m in study["models"].items():
+        res = m["variants"]
+        n = len(res[0]["seeds"])
+        lines += [
+            f"**{study['task']} {mk.upper()}** ({m['n_train']} train / {m['n_test']} test; "
+            f"learning rate chosen on {m['n_val']} validation rows; {n} seeds)",
+            "",
+            "| variant | lr (val acc) | test acc, mean ± std | train acc | vs our BatchNorm "
+            "(paired, 95% CI) | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in res:
+            c = r.get("vs_bn")
+            vs = (
+                f"{100 * c['diff']:+.2f} [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}]"
+                if c
+                else "—"
+            )
+            lines.append(
+                f"| `{r['variant']}` | {r['lr']:g} ({100 * r['val_acc']:.1f}%) | "
+                f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} | "
+                f"{100 * r['train_acc_mean']:.1f} | {vs} | {c['verdict'] if c else 'baseline'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _jsonable(study: dict) -> dict:
+    return {k: v for k, v in study.items() if not k.startswith("_")}
+
+
+def main(args) -> int:
+    """``jax-batchinhib train --task mnist1d`` (or ``--task digits --study``)."""
+    import resource
+
+    task = args.task
+    cfg = dict(DEFAULTS[task])
+    if args.quick:
+        cfg.update(QUICK)
+    for flag in ("steps", "batch_size", "eval_every", "seeds", "val_seeds"):
+        val = getattr(args, flag, None)
+        if val is not None:
+            if val < 1:
+                raise SystemExit(f"train: --{flag.replace('_', '-')} must be >= 1")
+            cfg[flag] = val
+    if args.lrs:
+        if len(args.lrs) < 2 or min(args.lrs) <= 0:
+            raise SystemExit("train: --lrs needs at least 2 positive values")
+        cfg["lrs"] = tuple(args.lrs)
+    models = args.model or (("mlp",) if args.quick and task == "digits" else cfg["models"])
+    if task == "digits" and "cnn" in models:
+        raise SystemExit("train: --task digits has the MLP only (--model mlp)")
+    names = args.variants or (QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(
+            f"train: unknown --variants {unknown} for --task {task}; known: {list(VARIANTS)}"
+        )
+    if BASELINE not in names:
+        names = [BASELINE, *names]
+    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    os.makedirs(args.out, exist_ok=True)
+    partial = os.path.join(args.out, "results.partial.json")
+    study = run_study(
+        task, models, names, cfg, quick=args.quick, quiet=args.quiet, partial_path=partial
+    )
+    if os.path.exists(partial):
+        os.remove(partial)
+    c1 = resource.getrusage(resource.RUSAGE_SELF)
+    wall = time.perf_counter() - t0
+    cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+    study["config"] = {
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "models": list(models),
+        "variants": list(names),
+        "quick": bool(args.quick),
+        "optimizer": "Adam (optax.scale_by_adam, default betas), constant learning rate",
+        "validation": "25% of the training set (validation_split seed 0); lr chosen by the "
+        "mean validation accuracy after the last step over val_seeds seeds",
+        "ci": "95% Student-t interval of the per-seed difference (paired by seed: same "
+        "initial kernels and batch order)",
+        "published_mnist1d_test_acc_percent": PUBLISHED,
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "wall_s": wall,
+        "process_cpu_s": cpu,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    written = [os.path.join(args.out, "results.json")]
+    heat = study.pop("_heatmap", {})
+    study["table_markdown"] = format_tables(study)
+
+    def dump():
+        with open(written[0], "w") as f:
+            json.dump(_jsonable(study), f, indent=1)
+
+    dump()  # the numbers first: a plotting failure must not lose them
+    if not args.no_plot:
+        plot_accuracy(study, os.path.join(args.out, "accuracy.png"))
+        plot_curves(study, os.path.join(args.out, "curves.png"))
+        written += [os.path.join(args.out, p) for p in ("accuracy.png", "curves.png")]
+        for mk, (model, states, data) in heat.items():
+            h = inhib_heatmap_data(model, states, data)
+            study["models"][mk]["heatmap"] = {
+                "variant": HEATMAP_VARIANT,
+                "layer": "first BatchInhib (after the first BatchNorm), seed 0, test set",
+                "mean_abs_offdiag_corr_in": h["mean_abs_offdiag_corr_in"],
+                "mean_abs_offdiag_corr_out": h["mean_abs_offdiag_corr_out"],
+            }
+            p = os.path.join(args.out, f"inhib_{mk}.png")
+            plot_heatmaps(
+                h,
+                f"{task} {mk.upper()} `{HEATMAP_VARIANT}`: first BatchInhib layer, seed 0, "
+                "inference mode on the test set",
+                p,
+            )
+            written.append(p)
+        dump()
+    table = study["table_markdown"]
+    print()
+    print(
+        f"{task}: Adam, batch {cfg['batch_size']}, {cfg['steps']} steps, lr grid "
+        f"{list(cfg['lrs'])} ({cfg['val_seeds']} seed(s) each, on the validation split), "
+        f"then {cfg['seeds']} seeds; {jax.default_backend()}, {wall:.0f} s wall, "
+        f"{cpu:.0f} s process CPU"
+    )
+    print(table)
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+# ------------------------------------------------------------------------ merging runs
+
+
+def merge(studies: Sequence[dict]) -> dict:
+    """One study from several runs of the same task and configuration (e.g. the variants
+    split over several processes): variants are merged per model in order of first
+    appearance; a variant run twice must agree to 1e-6 on every seed (the runs are
+    deterministic) and is kept once; the comparisons with our BatchNorm are recomputed."""
+    if not studies:
+        raise ValueError("study.merge: nothing to merge")
+    task = studies[0]["task"]
+    keys = ("steps", "batch_size", "lrs", "seeds", "val_seeds")
+    cfg0 = {k: studies[0]["config"][k] for k in keys}
+    out = {"task": task, "models": {}, "config": dict(studies[0]["config"])}
+    out["config"]["merged_from"] = []
+    for s in studies:
+        if s["task"] != task or {k: s["config"][k] for k in keys} != cfg0:
+            raise ValueError("study.merge: runs of different tasks or configurations")
+        out["config"]["merged_from"].append(
+            {k: s["config"][k] for k in ("variants", "models", "wall_s", "process_cpu_s")}
+        )
+        for mk, m in s["models"].items():
+            tgt = out["models"].setdefault(mk, {**m, "variants": []})
+            if "heatmap" in m:
+                tgt["heatmap"] = m["heatmap"]
+            have = {r["variant"]: r for r in tgt["variants"]}
+            for r in m["variants"]:
+                if r["variant"] in have:
+                    a = np.asarray(have[r["variant"]]["test_acc_per_seed"])
+                    if np.abs(a - np.asarray(r["test_acc_per_seed"])).max() > 1e-6:
+                        raise ValueError(f"study.merge: {mk} {r['variant']} differs between runs")
+                    continue
+                tgt["variants"].append(r)
+    for m in out["models"].values():
+        by = {r["variant"]: r for r in m["variants"]}
+        for r in m["variants"]:
+            r.pop("vs_bn", None)
+            if BASELINE in by and r["variant"] != BASELINE:
+                r["vs_bn"] = paired_difference(
+                    r["test_acc_per_seed"], by[BASELINE]["test_acc_per_seed"]
+                )
+        order = list(VARIANTS)
+        m["variants"].sort(key=lambda r: order.index(r["variant"]))
+    out["config"]["wall_s"] = sum(x["wall_s"] for x in out["config"]["merged_from"])
+    out["config"]["process_cpu_s"] = sum(x["process_cpu_s"] for x in out["config"]["merged_from"])
+    out["table_markdown"] = format_tables(out)
+    return out
+
+
+def merge_main(paths: Sequence[str], out_dir: str) -> int:
+    """Merge ``results.json`` files (see :func:`merge`) into ``out_dir``: its
+    ``results.json``, ``accuracy.png`` and ``curves.png``."""
+    studies = []
+    for p in paths:
+        with open(p) as f:
+            studies.append(json.load(f))
+    m = merge(studies)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(m, f, indent=1)
+    plot_accuracy(m, os.path.join(out_dir, "accuracy.png"))
+    plot_curves(m, os.path.join(out_dir, "curves.png"))
+    print(m["table_markdown"])
+    return 0
