@@ -291,7 +291,7 @@ class BatchInhib(nn.Module):
     axis_name: str | None = None
     axis_index_groups: Any = None
     force_float32_reductions: bool = True
-    use_fast_variance: bool = True
+    use_fast_variance: bool = False  # two-pass covariance: see ops.batch_inhib
     unbiased: bool = True
     use_autodiff: bool = False
     virtual_batch_size: int | None = None

@@ -273,7 +273,7 @@ def batch_inhib(
     guard=None,
     guard_mode="absolute",
     virtual_batch_size=None,
-    use_fast_variance=True,
+    use_fast_variance=False,
 ):
     """Reference BatchInhib (docs/derivations.md, "3. batch_inhib"), statistics stop-gradient."""
     opts = InhibOptions(rho, epsilon, groups, correlation, denominator, guard, guard_mode)
