@@ -109,7 +109,11 @@ def feature_axes(where: str, axis, ndim: int):
     """``axis`` as the layers take it: one int (returned as a non-negative int), or a
     tuple/list of ints, flax's several feature axes (returned sorted, non-negative, as a
     tuple of at least two; a one-element tuple is its int)."""
-    if not isinstance(axis, tuple | list):
+    many = isinstance(axis, tuple | list)
+    for a in tuple(axis) if many else (axis,):
+        if isinstance(a, bool) or not isinstance(a, int):  # the ops' words
+            raise TypeError(f"{where}: axis must be an int or a tuple of ints; got {axis!r}")
+    if not many:
         return C.axis(where, axis, ndim)
     axes = tuple(C.axis(where, a, ndim) for a in axis)
     if not axes:
@@ -151,14 +155,11 @@ def check_input(where: str, x, axis, mask, num_features: int | None = None):
 
 
 def single_axis(where: str, axis, ax) -> int:
-    """Layers whose features interact (BatchInhib, IterNorm, ZCANorm) take one feature
-    axis only."""
+    """The whitening layers (IterNorm, ZCANorm) take one feature axis only."""
     if isinstance(ax, tuple):
-        how = "inhibit each other through an N x N alpha"
-        if not where.startswith("BatchInhib"):
-            how = "are whitened together by an N x N matrix"
         raise TypeError(
-            f"{where}: axis must be an int (one feature axis: the features {how}); got {axis!r}"
+            f"{where}: axis must be an int (one feature axis: the features are whitened "
+            f"together by an N x N matrix); got {axis!r}"
         )
     return ax
 
@@ -275,7 +276,10 @@ def _flat_features(kind, where, x, params, state, step, kw):
     and flattened into one (a transpose when they are not already trailing), which
     normalizes per feature position over every other axis exactly as flax's tuple
     ``axis``; parameters and statistics (feature-shaped or flat) are flattened for the
-    op and the new statistics get their stored shapes back."""
+    op and the new statistics get their stored shapes back. BatchInhib's N features are
+    the flattened feature positions (the op's tuple ``axis`` flattens them in the same
+    order): its alpha and cov (N, N) / (G, N/G, N/G) and its scalar count pass as they
+    are; its mean and var are stored flat (N,)."""
     axes = step.axis
     other = tuple(a for a in range(x.ndim) if a not in axes)
     perm = other + axes
@@ -287,10 +291,19 @@ def _flat_features(kind, where, x, params, state, step, kw):
     xt = jnp.transpose(x, perm)
     xf = jnp.reshape(xt, (*xt.shape[: len(other)], -1))
     mask = kw["mask"]
-    if mask is not None and tuple(jnp.shape(mask)) == tuple(x.shape):
-        mask = jnp.reshape(jnp.transpose(mask, perm), xf.shape)
-    flat = tuple(None if p is None else jnp.reshape(p, (-1,)) for p in params)
-    state_f = RunningStats(**{k: jnp.reshape(v, (-1,)) for k, v in state.items()})
+    if mask is not None and jnp.ndim(mask) == x.ndim:
+        # x's shape, or x's with feature dims of 1: the feature dims are flattened too
+        ms = tuple(jnp.shape(mask))
+        fd = tuple(ms[a] for a in axes)
+        if fd == tuple(x.shape[a] for a in axes) or set(fd) == {1}:
+            mask = jnp.reshape(jnp.transpose(mask, perm), (*(ms[a] for a in other), -1))
+    if kind == "batch_inhib":
+        flat, keep = params, ("cov", "count")
+    else:
+        flat, keep = tuple(None if p is None else jnp.reshape(p, (-1,)) for p in params), ()
+    state_f = RunningStats(
+        **{k: v if k in keep else jnp.reshape(v, (-1,)) for k, v in state.items()}
+    )
     step_f = dataclasses.replace(step, axis=xf.ndim - 1)
     y, new = STEPS[kind](where, xf, *flat, state_f, step_f, **{**kw, "mask": mask})
     y = jnp.transpose(jnp.reshape(y, xt.shape), tuple(perm.index(a) for a in range(x.ndim)))

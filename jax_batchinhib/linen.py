@@ -96,7 +96,8 @@ def _run(mdl, kind, where, x, use_ra, mask, ax, momentum, make_params, options=N
     parameters (``make_params()``), no update during ``init``, the step, and the
     write-back."""
     fshape = M.feature_shape(x, ax)
-    n = fshape[0] if len(fshape) == 1 else fshape
+    # BatchInhib keeps flat (N,) statistics with N the product of the feature axes' sizes
+    n = math.prod(fshape) if len(fshape) == 1 or kind == "batch_inhib" else fshape
     groups = 1 if options is None else options.groups
     specs = M.stat_specs(kind, n, M.stats_dtype(mdl), momentum, groups)
     stats = {}
@@ -143,7 +144,8 @@ class BatchNorm(nn.Module):
 
     - ``axis``: one feature axis, or a tuple of them as flax's (statistics per feature
       position over every other axis; ``scale``, ``bias`` and the statistics take the
-      shape of those axes, e.g. ``(H, C)``). Also on BatchCenter; BatchInhib takes one.
+      shape of those axes, e.g. ``(H, C)``). Also on BatchCenter, and on BatchInhib,
+      which flattens them into N features (alpha (N, N), flat statistics).
     - ``momentum``: a float (EMA, flax's meaning) or None (cumulative average over all
       batches, with ``batch_stats/count``).
     - ``unbiased``: store m/(m-1) times the batch variance (True, PyTorch's and Ioffe &
@@ -265,6 +267,13 @@ class BatchInhib(nn.Module):
     identity, which makes R = 0 before any statistics are seen) and, with
     ``momentum=None``, ``count`` ().
 
+    ``axis``: one feature axis (N its size), or a tuple of them (e.g. ``(1, 3)``): the
+    feature axes are moved last and flattened, in increasing axis order, into
+    N = the product of their sizes features that all inhibit each other, as
+    ``batch_inhib(x, alpha, axis=(1, 3))``; alpha stays (N, N) (or grouped) and
+    ``mean``, ``var`` stay flat (N,). ``mask``: x's shape without the feature axes
+    (whole rows), as for one axis.
+
     Attributes:
       rho, epsilon, groups, correlation, denominator, guard, guard_mode: the op's
         options (:func:`jax_batchinhib.batch_inhib`), validated once as an
@@ -276,7 +285,7 @@ class BatchInhib(nn.Module):
     """
 
     use_running_average: bool | None = None
-    axis: int = -1
+    axis: int | tuple[int, ...] = -1
     momentum: float | None = 0.99
     epsilon: float = 1e-5
     rho: float = 1.0
@@ -299,8 +308,7 @@ class BatchInhib(nn.Module):
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         where, use_ra, ax, momentum = _start(self, x, use_running_average, mask)
-        ax = M.single_axis(where, self.axis, ax)
-        n = x.shape[ax]
+        n = math.prod(M.feature_shape(x, ax))
         options = M.inhib_options(where, self, n)
         init_fn = self.alpha_init or near_identity_alpha_init(options.rho)
         ashape = alpha_shape(n, options.groups)

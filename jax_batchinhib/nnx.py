@@ -155,7 +155,7 @@ class _Stats(nnx.Module):
     def _run(self, x, use_running_average, mask, params: dict, options=None):
         where = type(self).__name__
         ax = M.check_input(where, x, self.axis, mask, self.num_features)
-        if self._kind in ("batch_inhib", *M.WHITENING):
+        if self._kind in M.WHITENING:
             ax = M.single_axis(where, self.axis, ax)
         use_ra = M.first_flag(
             where, "use_running_average", use_running_average, self.use_running_average
@@ -202,7 +202,8 @@ class BatchNorm(_Stats):
     ``axis`` may be a tuple of feature axes, as flax's: ``num_features`` is then the
     product of their sizes and the parameters and statistics are flat vectors of that
     length (flax.nnx's layout), normalized per feature position over every other axis
-    (BatchCenter too; BatchInhib takes one axis).
+    (BatchCenter too; BatchInhib flattens them into N features that inhibit each other,
+    alpha (N, N)).
 
     ``promote_dtype`` (flax's meaning): called as
     ``promote_dtype((x, mean, var, scale, bias), dtype=dtype)`` before the computation
@@ -344,8 +345,13 @@ class BatchInhib(_Stats):
     dtype=dtype)`` (as :class:`BatchNorm`); ``alpha_metadata`` is given to alpha's
     :class:`nnx.Param`. Complex ``x`` is refused with a TypeError.
 
+    ``axis`` may be a tuple of feature axes, as in
+    :class:`jax_batchinhib.linen.BatchInhib`: they are flattened (in increasing axis
+    order) into N features, alpha is (N, N) and ``mean``, ``var`` are (N,).
+
     Args:
-      num_features: N, the size of the feature axis.
+      num_features: N, the size of the feature axis (with a tuple ``axis``, the product
+        of the feature axes' sizes).
       rho, epsilon, groups, correlation, denominator, guard, guard_mode, alpha_init: as
         in :class:`jax_batchinhib.linen.BatchInhib`.
       use_running_average, axis, momentum, dtype, param_dtype, axis_name,
@@ -362,7 +368,7 @@ class BatchInhib(_Stats):
         num_features: int,
         *,
         use_running_average: bool | None = False,
-        axis: int = -1,
+        axis: int | tuple[int, ...] = -1,
         momentum: float | None = 0.99,
         epsilon: float = 1e-5,
         rho: float = 1.0,

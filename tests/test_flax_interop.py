@@ -457,9 +457,9 @@ def test_tuple_axis_errors():
         ours(12, axis=(1, 3), rngs=nnx.Rngs(0))(x)
     with pytest.raises(ValueError, match=r"BatchNorm: x has 12 features on axis \(1, 2\)"):
         ours(4, axis=(1, 2), rngs=nnx.Rngs(0))(x)
-    with pytest.raises(TypeError, match=r"BatchInhib: axis must be an int \(one feature axis"):
-        bnx.BatchInhib(12, axis=(1, 2), rngs=nnx.Rngs(0))(x)
-    with pytest.raises(TypeError, match=r"BatchInhib: axis must be an int \(one feature axis"):
-        bnn.BatchInhib(axis=(1, 2)).init(jax.random.key(0), x, use_running_average=False)
+    with pytest.raises(TypeError, match=r"IterNorm: axis must be an int \(one feature axis"):
+        bnx.IterNorm(12, axis=(1, 2), rngs=nnx.Rngs(0))(x)
+    with pytest.raises(TypeError, match=r"ZCANorm: axis must be an int \(one feature axis"):
+        bnn.ZCANorm(axis=(1, 2)).init(jax.random.key(0), x, use_running_average=False)
     with pytest.raises(ValueError, match=r"BatchNorm: virtual_batch_size splits the leading"):
         ours(24, axis=(0, 1), virtual_batch_size=4, rngs=nnx.Rngs(0))(x)
