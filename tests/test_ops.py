@@ -343,9 +343,12 @@ def test_second_order_finite_differences(name):
     """grad of grad by finite differences (float64), through the custom rules."""
     with jax.enable_x64(True):
         f, args = _second_order_cases()[name]
-        # float64 central differences with eps=1e-4: truncation error ~eps^2 = 1e-8, so
-        # 1e-7 is ten times it (jax's check_grads compares with atol + rtol * |expected|)
-        check_grads(jax.jit(f), args, order=2, modes=["rev"], atol=1e-7, rtol=1e-7, eps=1e-4)
+        # float64 central differences with eps=1e-4: truncation error ~eps^2 times the third
+        # derivative: ~1e-8 for most ops, so 1e-7 is ten times it; BatchInhib's guarded 1/D
+        # has a larger third derivative (measured 2.2e-6 relative on batch_inhib), so 2e-5
+        # there (jax's check_grads compares with atol + rtol * |expected|)
+        tol = 2e-5 if name.startswith("batch_inhib") else 1e-7
+        check_grads(jax.jit(f), args, order=2, modes=["rev"], atol=tol, rtol=tol, eps=1e-4)
 
 
 def test_hessian_vector_product_matches_reference():
