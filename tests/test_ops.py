@@ -695,7 +695,7 @@ def test_inference_takes_the_training_covariance():
     c = np.asarray(st.cov[0], np.float64)
     sd = np.sqrt(np.diag(c) + 1e-5)
     r = c / np.outer(sd, sd)
-    g = np.log1p(np.exp(np.asarray(alpha, np.float64)[0])) * (1 - np.eye(5))
+    g = np.log1p(np.exp(np.asarray(alpha, np.float64))) * (1 - np.eye(5))
     d = (g * r).sum(1, keepdims=True)
     want = g * r * d / (d**2 + 1e-3**2)
     for cov in (st.cov, st.cov[0]):  # (1, N, N) and (N, N) give the same (1, N, N) R
