@@ -80,7 +80,12 @@ def make_mesh(n_devices: int | None = None, axis_name: str = DATA_AXIS) -> Mesh:
     devices = jax.devices()
     if n_devices is None:
         n_devices = len(devices)
-    if isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1:
+    if isinstance(n_devices, bool) or not isinstance(n_devices, int):
+        raise TypeError(
+            f"make_mesh: n_devices must be an int >= 1 or None; got {n_devices!r} "
+            f"({type(n_devices).__name__})"
+        )
+    if n_devices < 1:
         raise ValueError(f"make_mesh: n_devices must be an int >= 1; got {n_devices!r}")
     if n_devices > len(devices):
         raise ValueError(
@@ -182,21 +187,20 @@ def data_parallel(
     rep, bat = replicated(mesh), batch_sharding(mesh, batch_axis)
     n = mesh.devices.size
 
-    def checked(*args):
-        for i in batch_argnums:
-            for leaf in jax.tree.leaves(args[i]):
-                _check_divisible("data_parallel", jnp.shape(leaf), batch_axis, n)
-        return step(*args)
-
     # One jitted function per number of arguments (the shardings depend on it).
     cache: dict[int, Callable] = {}
 
     def call(*args):
+        # checked here, before jit applies the shardings: an indivisible batch would
+        # otherwise fail inside JAX with a message naming neither this function nor it
+        for i in batch_argnums:
+            for leaf in jax.tree.leaves(args[i] if i < len(args) else ()):
+                _check_divisible("data_parallel", jnp.shape(leaf), batch_axis, n)
         k = len(args)
         if k not in cache:
             shard = tuple(bat if i in batch_argnums else rep for i in range(k))
             cache[k] = jax.jit(
-                checked,
+                step,
                 in_shardings=shard,
                 out_shardings=rep,
                 donate_argnums=(0,) if donate else (),

@@ -195,24 +195,12 @@ def test_bad_value_is_refused_by_name(case):
     assert type(info.value) is exc  # not a subclass (e.g. JAX's own errors)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="make_mesh refuses a bool or float n_devices with ValueError, where the "
-    "library's convention (tests/test_errors.py) is TypeError for a wrong type",
-)
 @pytest.mark.parametrize("bad", [True, 2.0])
 def test_make_mesh_wrong_type_is_a_type_error(bad):
     with pytest.raises(TypeError, match=r"make_mesh: n_devices must be an int >= 1"):
         parallel.make_mesh(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data_parallel's own divisibility check runs inside jit after in_shardings "
-    "are applied, so an indivisible batch reaches JAX first and fails with its "
-    "IndivisibleError (a message about a NamedSharding, naming neither data_parallel "
-    "nor the batch size)",
-)
 def test_data_parallel_indivisible_batch_is_refused_by_name():
     step = parallel.data_parallel(lambda s, x, y: (s, jnp.sum(x)), parallel.make_mesh(8))
     with pytest.raises(ValueError, match=r"data_parallel: the batch axis 0 .*\(6, 4\)"):

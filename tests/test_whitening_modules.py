@@ -257,3 +257,30 @@ def test_shard_map_axis_name_equals_one_device():
     (y1, s1), (y8, s8) = run0(both, x)
     close(y1, y8, atol=1e-5)
     jax.tree.map(functools.partial(close, atol=1e-5), s1, s8)
+
+
+def test_singular_covariance_running_w_amplifies_null_directions():
+    """A layer fed by a Dense with fewer inputs (2) than its features (4) sees a rank-2
+    covariance. ZCA's W = U (Lambda + eps)^(-1/2) U^T then has norm eps^(-1/2) along the
+    null directions (316 at eps = 1e-5; measured 316.2), so at eval any input with a
+    component off the training subspace is amplified 316-fold. IterNorm's T Newton steps
+    grow a null direction by at most 1.5 per step: norm <= 1.5^T / sqrt(tr Sigma)
+    (measured 2.1e-5 below that bound at T = 5: a null direction's eigenvalue eps/tr is
+    almost 0, so each step multiplies it by almost exactly 1.5). docs/derivations.md ("Singular covariance in
+    eval mode") states this; the study's models group their features so that no group is
+    wider than the layer's fan-in."""
+    x = jax.random.normal(jax.random.key(0), (64, 2)) @ jax.random.normal(
+        jax.random.key(1), (2, N)
+    )
+    norms = {}
+    for kind in ("zca", "iter"):
+        layer = LINEN[kind](
+            use_running_average=False, momentum=None, use_scale=False, use_bias=False
+        )
+        _, upd = layer.apply(layer.init(jax.random.key(2), x), x, mutable=["batch_stats"])
+        w = np.asarray(upd["batch_stats"]["whitening_matrix"][0], np.float64)
+        norms[kind] = np.linalg.norm(w, 2)
+    _, stats = ops.iter_norm(x)
+    tr = float(np.trace(np.asarray(stats.cov[0], np.float64)) + N * 1e-5)
+    assert norms["zca"] == pytest.approx(1e-5**-0.5, rel=1e-2), norms
+    assert norms["iter"] <= 1.5**5 / np.sqrt(tr) * (1 + 1e-5), (norms, 1.5**5 / np.sqrt(tr))

@@ -232,6 +232,7 @@ def _bn_case(shape, dtype) -> Case:
             "autodiff": lambda x, s, b: ref.batch_norm(x, s, b)[0],
             "flax": flax_f(True),
             "flax_2pass": flax_f(False),
+            "ours_2pass": lambda x, s, b: jb.batch_norm(x, s, b, use_fast_variance=False)[0],
         }
         cs = _contenders(fwds, (x, scale, bias), (), ct)
         copy = jax.jit(lambda a, b: (a + 1, b + 1))  # same bytes as read x, dy; write y, dx
@@ -1182,7 +1183,73 @@ def run(
             part = _results(info, settings, results, t0)
             part["partial"] = i < len(cases)
             on_case(part)
-    return _results(info, settings, results, t0)
+    out = _results(info, settings, results, t0)
+    if any(c.family == "batch_norm" for c in cases):  # flax's fast variance, kept in view
+        out["accuracy"] = large_mean_accuracy()
+        log("\n".join(render_accuracy(out["accuracy"])))
+    return out
+
+
+def large_mean_accuracy(shape=(4096, 8), mean=1e4, std=1e-2) -> dict:
+    """batch_norm's forward on float32 data with a large mean and a small spread, against
+    float64: the max pointwise error of the normalized output and the worst ratio of the
+    batch variance to float64's, for ours (one-pass shifted, two-pass) and flax's
+    (``use_fast_variance`` True: E[x^2] - E[x]^2; False: two-pass). Deterministic: the
+    same numbers on every run of the same machine."""
+    import flax.linen as nn
+
+    import jax_batchinhib as jb
+
+    x64 = np.asarray(mean + std * jax.random.normal(jax.random.key(0), shape), np.float64)
+    x32 = jnp.asarray(x64.astype(np.float32))
+    xt = np.asarray(x32, np.float64)  # the float32 data, exactly, in float64
+    mu = xt.mean(0)
+    var = xt.var(0)
+    y64 = (xt - mu) / np.sqrt(var + 1e-5)
+
+    def flax_bn(fast):
+        bn = nn.BatchNorm(use_running_average=False, epsilon=1e-5, use_fast_variance=fast,
+                          use_scale=False, use_bias=False, momentum=0.0)  # fmt: skip
+        y, upd = bn.apply({"batch_stats": bn.init(jax.random.key(0), x32)["batch_stats"]}, x32,
+                          mutable=["batch_stats"])  # fmt: skip
+        # momentum 0: the running var after one step is the batch variance itself
+        return y, np.asarray(upd["batch_stats"]["var"], np.float64)
+
+    def ours(fast):
+        y, st = jb.batch_norm(x32, use_fast_variance=fast, epsilon=1e-5)
+        return y, np.asarray(st.var, np.float64)
+
+    out = {"shape": list(shape), "mean": mean, "std": std, "float64_var": float(var.mean())}
+    runs = {"ours": (ours, True), "ours_2pass": (ours, False), "flax": (flax_bn, True),
+            "flax_2pass": (flax_bn, False)}  # fmt: skip
+    for name, (f, fast) in runs.items():
+        y, v = f(fast)
+        r = v / var
+        out[name] = {
+            "max_abs_err_y": float(np.max(np.abs(np.asarray(y, np.float64) - y64))),
+            "var_ratio_min": float(r.min()),
+            "var_ratio_max": float(r.max()),
+        }
+    return out
+
+
+def render_accuracy(acc: dict) -> list[str]:
+    """The large-mean accuracy comparison as markdown."""
+    out = [
+        f"batch_norm forward in float32 on data with mean {acc['mean']:g} and std "
+        f"{acc['std']:g} ({'x'.join(map(str, acc['shape']))}), against float64 of the same "
+        "float32 data (target: ours within 1e-3 pointwise):",
+        "",
+        "| contender | max abs error of y | batch var / float64 var |",
+        "| --- | --- | --- |",
+    ]
+    for k in ("ours", "ours_2pass", "flax", "flax_2pass"):
+        a = acc[k]
+        out.append(
+            f"| {k} | {a['max_abs_err_y']:.2g} | {a['var_ratio_min']:.6g} to "
+            f"{a['var_ratio_max']:.6g} |"
+        )
+    return out + [""]
 
 
 def _results(info, settings, results, t0) -> dict:
@@ -1386,8 +1453,10 @@ def _render_one(res: dict) -> list[str]:
             f"| {name} | {_fmt_t(o.get('median_s'))} | {_fmt_t(a.get('median_s'))} | "
             f"{other_t} | {ratio('ours/autodiff')} | {other_r} | {kept} | {temp} | {ls} |"
         )
+    out.append("")
+    if res.get("accuracy"):
+        out += render_accuracy(res["accuracy"])
     out += [
-        "",
         "Byte counts: batch_norm moves at least `read x, dy; write y, dx` = 4 x size x "
         "itemsize, against `copy` = `(x + 1, dy + 1)` of the same arrays timed in the same "
         "rounds. batch_inhib does 10 M N n flops in matmuls (n = N / groups), against one "

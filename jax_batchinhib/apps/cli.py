@@ -124,6 +124,13 @@ def _train_parser(sub):
     s.add_argument("--val-seeds", type=int, default=None, help="seeds per grid value")
     s.add_argument("--quick", action="store_true", help="a tiny study (for tests)")
     s.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="models trained at once, one process each (default: one per model, up to the "
+        "CPU count)",
+    )
+    s.add_argument(
         "--merge",
         nargs="+",
         default=None,

@@ -104,15 +104,21 @@ def validation_split(split: Split, fraction: float = 0.25, seed: int = 0) -> Spl
     rows and whose test part is the validation rows (``round(fraction * n)`` of them, chosen at
     random with ``seed``). Model choices (a learning rate) are made on it, never on the
     test set."""
+    x, y = split.x_train, split.y_train
+    keep, val = validation_rows(len(y), fraction, seed)
+    return Split(x[keep], y[keep], x[val], y[val])
+
+
+def validation_rows(n: int, fraction: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The row indices :func:`validation_split` keeps for training and carves out for
+    validation, both sorted, out of ``n`` training rows."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation_split: fraction must be in (0, 1); got {fraction!r}")
-    x, y = split.x_train, split.y_train
-    n_val = int(round(fraction * len(y)))
-    if not 0 < n_val < len(y):
+    n_val = int(round(fraction * n))
+    if not 0 < n_val < n:
         raise ValueError(
-            f"validation_split: fraction={fraction} of {len(y)} training rows leaves no "
+            f"validation_split: fraction={fraction} of {n} training rows leaves no "
             "validation or no training rows"
         )
-    val = np.sort(np.random.default_rng(seed).permutation(len(y))[:n_val])
-    keep = np.setdiff1d(np.arange(len(y)), val)
-    return Split(x[keep], y[keep], x[val], y[val])
+    val = np.sort(np.random.default_rng(seed).permutation(n)[:n_val])
+    return np.setdiff1d(np.arange(n), val), val

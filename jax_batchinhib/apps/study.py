@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_batchinhib.apps.data import Split, load_digits_split, load_mnist1d, validation_split
+from jax_batchinhib.apps.data import Split, load_digits_split, load_mnist1d, validation_rows
 from jax_batchinhib.apps.models import InhibOptions, Mnist1dCNN, Mnist1dMLP
 from jax_batchinhib.ops import softmax_cross_entropy
 
@@ -99,13 +99,16 @@ VARIANTS: dict[str, Variant] = {
             "absolute", A0, norm="inhib+batchnorm"),
         _bi("bn+relu+bi_abs_abs_a0", "BI after the ReLU |D|, absolute guard, alpha 0", "abs",
             "absolute", A0, norm="batchnorm+relu+inhib"),
+        # the whitening layers BatchInhib competes with (groups: the model's whiten_groups)
+        Variant("iternorm", "IterNorm (5 Newton steps), grouped", "iternorm"),
+        Variant("zca", "ZCA whitening (decorrelated BN), grouped", "zca"),
     ]
 }  # fmt: skip
 
 #: what a full study runs (every variant; ``cnn_only`` ones on the CNN only)
 DEFAULT_VARIANTS = tuple(VARIANTS)
 #: what ``--quick`` runs
-QUICK_VARIANTS = ("none", "bn", "bn+bi_abs_abs_a0")
+QUICK_VARIANTS = ("bn", "bn+bi_abs_abs_a0")
 
 #: the variant every other one is compared with
 BASELINE = "bn"
@@ -114,10 +117,10 @@ BASELINE = "bn"
 DEFAULTS = {
     "mnist1d": {
         "models": ("mlp", "cnn"),
-        "steps": 2000,
+        "steps": 1500,
         "batch_size": 100,
         "eval_every": 250,
-        "lrs": (1e-3, 3e-3, 1e-2, 3e-2),
+        "lrs": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
         "val_seeds": 1,
         "seeds": 5,
     },
@@ -126,7 +129,7 @@ DEFAULTS = {
         "steps": 600,
         "batch_size": 64,
         "eval_every": 100,
-        "lrs": (1e-3, 3e-3, 1e-2, 3e-2),
+        "lrs": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
         "val_seeds": 1,
         "seeds": 5,
     },
@@ -246,20 +249,26 @@ def train_lanes(
     progress: Callable[[int], None] | None = None,
     keep_states: bool = False,
     score_train: bool = True,
+    train_rows: np.ndarray | None = None,
 ) -> dict:
     """Train one lane per ``(lr, seed)`` pair on ``data``'s train part; every
     ``eval_every`` steps score every lane on ``data``'s test part. Returns numpy curves
     ``(L, evals)``: ``steps``, ``train_loss``, ``train_acc`` (batch means over the last
     ``eval_every`` steps), ``eval_loss``, ``eval_acc``; with ``score_train`` the final
     accuracy on the whole train part ``final_train_acc`` (L,); ``eval_acc`` at the last
-    step ``final_eval_acc``; ``seconds``; with ``keep_states`` the final states."""
+    step ``final_eval_acc``; ``seconds``; with ``keep_states`` the final states.
+
+    ``train_rows``: train on these rows of ``data``'s train part only (the batches are
+    those of a train part made of just these rows); the arrays keep their full shape, so
+    the learning-rate search and the final runs share one compiled program."""
     if len(lrs) != len(seeds):
         raise ValueError("train_lanes: lrs and seeds must have the same length")
     chunk, evaluate = compiled(structural(model))
     xtr, ytr = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     xev, yev = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
     states = init_states(model, seeds, xtr[:batch_size])
-    order = np.stack([batch_order(s, len(data.y_train), steps, batch_size) for s in seeds])
+    rows = np.arange(len(data.y_train)) if train_rows is None else np.asarray(train_rows)
+    order = np.stack([rows[batch_order(s, len(rows), steps, batch_size)] for s in seeds])
     lr = jnp.asarray(lrs, jnp.float32)
     curves = {k: [] for k in ("steps", "train_loss", "train_acc", "eval_loss", "eval_acc")}
     t0 = time.perf_counter()
@@ -278,7 +287,8 @@ def train_lanes(
     out = {k: np.stack(v, axis=1) for k, v in curves.items() if k != "steps"}
     out["steps"] = np.asarray(curves["steps"])
     if score_train:
-        out["final_train_acc"] = np.asarray(evaluate(states, xtr, ytr)[1], np.float64)
+        r = jnp.asarray(rows)
+        out["final_train_acc"] = np.asarray(evaluate(states, xtr[r], ytr[r])[1], np.float64)
     out["final_eval_acc"] = out["eval_acc"][:, -1]
     out["seconds"] = time.perf_counter() - t0
     if keep_states:
@@ -331,21 +341,32 @@ def run_variant(
     model_kind: str,
     v: Variant,
     full: Split,
-    val: Split,
+    val_rows: tuple[np.ndarray, np.ndarray],
     cfg: dict,
     *,
     progress=None,
     keep_states: bool = False,
 ) -> dict:
-    """The protocol for one variant: choose the learning rate on ``val``, then train
+    """The protocol for one variant: choose the learning rate on the validation split
+    (``val_rows``: the training rows kept for training and those carved out for
+    validation, :func:`jax_batchinhib.apps.data.validation_rows`), then train
     ``cfg['seeds']`` seeds on ``full`` and score them on its test part."""
+    keep, held = val_rows
+    val = Split(full.x_train, full.y_train, full.x_train[held], full.y_train[held])
     model = make_model(task, model_kind, v)
     common = dict(steps=cfg["steps"], batch_size=cfg["batch_size"], eval_every=cfg["eval_every"])
     lrs, vs = list(cfg["lrs"]), cfg["val_seeds"]
     lane_lrs = [lr for lr in lrs for _ in range(vs)]
     lane_seeds = [1000 + s for _ in lrs for s in range(vs)]  # not the test seeds
     g = train_lanes(
-        model, val, lane_lrs, lane_seeds, progress=progress, score_train=False, **common
+        model,
+        val,
+        lane_lrs,
+        lane_seeds,
+        progress=progress,
+        score_train=False,
+        train_rows=keep,
+        **common,
     )
     val_acc = g["final_eval_acc"].reshape(len(lrs), vs)
     ok = np.isfinite(val_acc).all(axis=1)
@@ -406,6 +427,78 @@ def for_model(data: Split, model_kind: str) -> Split:
 HEATMAP_VARIANT = "bn+bi_abs_abs_a0"
 
 
+def run_model(
+    task: str,
+    model_kind: str,
+    names: Sequence[str],
+    cfg: dict,
+    *,
+    quick: bool = False,
+    quiet: bool = False,
+    partial_path: str | None = None,
+    position: int = 0,
+) -> dict:
+    """Every variant of ``names`` on one model: ``{"n_train", "n_val", "n_test",
+    "variants"}``, with the heatmap data of :data:`HEATMAP_VARIANT` (numpy, from
+    :func:`inhib_heatmap_data`) under the private key ``_heatmap`` when it ran."""
+    vs = variants_for(model_kind, names)
+    bar = None
+    if not quiet:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(vs) * cfg["steps"] * 2, desc=f"{task} {model_kind}",
+                       unit="step", position=position)  # fmt: skip
+        except ImportError:  # pragma: no cover - tqdm is in the [examples] extra
+            bar = None
+    full = for_model(load_task(task, quick), model_kind)
+    val_rows = validation_rows(len(full.y_train), 0.25, seed=0)
+    res, heat = [], None
+    for v in vs:
+        if bar is not None:
+            bar.set_postfix_str(v.name)
+        keep = v.name == HEATMAP_VARIANT
+        r = run_variant(
+            task,
+            model_kind,
+            v,
+            full,
+            val_rows,
+            cfg,
+            progress=None if bar is None else bar.update,
+            keep_states=keep,
+        )
+        if keep:
+            heat = inhib_heatmap_data(make_model(task, model_kind, v), r.pop("_states"), full)
+        res.append(r)
+        if partial_path is not None:  # what is done so far, in case the run is cut off
+            with open(partial_path, "w") as f:
+                json.dump({"task": task, "model": model_kind, "cfg": cfg, "variants": res}, f)
+    if bar is not None:
+        bar.close()
+    by = {r["variant"]: r for r in res}
+    if BASELINE in by:
+        for r in res:
+            if r["variant"] != BASELINE:
+                r["vs_bn"] = paired_difference(
+                    r["test_acc_per_seed"], by[BASELINE]["test_acc_per_seed"]
+                )
+    out = {
+        "n_train": int(full.x_train.shape[0]),
+        "n_val": len(val_rows[1]),
+        "n_test": int(full.x_test.shape[0]),
+        "variants": res,
+    }
+    if heat is not None:
+        out["_heatmap"] = heat
+    return out
+
+
+def _run_model_job(args: tuple) -> dict:
+    task, mk, names, cfg, kw = args
+    return run_model(task, mk, names, cfg, **kw)
+
+
 def run_study(
     task: str,
     models: Sequence[str],
@@ -415,65 +508,33 @@ def run_study(
     quick: bool = False,
     quiet: bool = False,
     partial_path: str | None = None,
+    jobs: int = 1,
 ) -> dict:
     """Every variant of ``names`` on every model of ``models`` for ``task``; returns the
-    results dictionary written to ``results.json`` (states of the heatmap variant under
-    the private key ``_heatmap``)."""
-    bar = None
-    per_variant = cfg["steps"] * 2
-    total = sum(len(variants_for(m, names)) for m in models) * per_variant
-    if not quiet:
-        try:
-            from tqdm.auto import tqdm
+    results dictionary written to ``results.json`` (each model's heatmap data under the
+    private key ``_heatmap``). ``jobs`` > 1 runs the models in that many processes at
+    once (each model's programs are single-process; XLA:CPU keeps about 1.2 cores busy
+    with these small shapes, so two models share two cores well)."""
 
-            bar = tqdm(total=total, desc=f"{task} study", unit="step")
-        except ImportError:  # pragma: no cover - tqdm is in the [examples] extra
-            bar = None
-    out = {"task": task, "models": {}}
-    data = load_task(task, quick)
-    for mk in models:
-        full = for_model(data, mk)
-        val = validation_split(full, 0.25, seed=0)
-        res = []
-        for v in variants_for(mk, names):
-            if bar is not None:
-                bar.set_postfix_str(f"{mk} {v.name}")
-            keep = v.name == HEATMAP_VARIANT
-            r = run_variant(
-                task,
-                mk,
-                v,
-                full,
-                val,
-                cfg,
-                progress=None if bar is None else bar.update,
-                keep_states=keep,
-            )
-            if keep:
-                out.setdefault("_heatmap", {})[mk] = (
-                    make_model(task, mk, v),
-                    r.pop("_states"),
-                    full,
-                )
-            res.append(r)
-            if partial_path is not None:  # what is done so far, in case the run is cut off
-                with open(partial_path, "w") as f:
-                    json.dump({"task": task, "model": mk, "cfg": cfg, "variants": res}, f)
-        by = {r["variant"]: r for r in res}
-        if BASELINE in by:
-            for r in res:
-                if r["variant"] != BASELINE:
-                    r["vs_bn"] = paired_difference(
-                        r["test_acc_per_seed"], by[BASELINE]["test_acc_per_seed"]
-                    )
-        out["models"][mk] = {
-            "n_train": int(full.x_train.shape[0]),
-            "n_val": int(val.x_test.shape[0]),
-            "n_test": int(full.x_test.shape[0]),
-            "variants": res,
-        }
-    if bar is not None:
-        bar.close()
+    def kw(i, mk):
+        part = None if partial_path is None else f"{partial_path}.{mk}"
+        return {"quick": quick, "quiet": quiet, "partial_path": part, "position": i}
+
+    jobs_list = [(task, mk, tuple(names), cfg, kw(i, mk)) for i, mk in enumerate(models)]
+    if jobs > 1 and len(models) > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # JAX must not be forked
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(models)), ctx) as ex:
+            done = list(ex.map(_run_model_job, jobs_list))
+    else:
+        done = [_run_model_job(j) for j in jobs_list]
+    out: dict = {"task": task, "models": {}}
+    for mk, r in zip(models, done, strict=True):
+        if "_heatmap" in r:
+            out.setdefault("_heatmap", {})[mk] = r.pop("_heatmap")
+        out["models"][mk] = r
     return out
 
 
@@ -692,17 +753,32 @@ def main(args) -> int:
         )
     if BASELINE not in names:
         names = [BASELINE, *names]
-    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+
+    def cpu_s():  # this process and its finished children (the --jobs workers)
+        r = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        return sum(u.ru_utime + u.ru_stime for u in r)
+
+    t0, c0 = time.perf_counter(), cpu_s()
     os.makedirs(args.out, exist_ok=True)
     partial = os.path.join(args.out, "results.partial.json")
+    jobs = args.jobs if args.jobs is not None else min(len(models), os.cpu_count() or 1)
+    if jobs < 1:
+        raise SystemExit(f"train: --jobs must be >= 1; got {jobs}")
     study = run_study(
-        task, models, names, cfg, quick=args.quick, quiet=args.quiet, partial_path=partial
+        task,
+        models,
+        names,
+        cfg,
+        quick=args.quick,
+        quiet=args.quiet,
+        partial_path=partial,
+        jobs=jobs,
     )
-    if os.path.exists(partial):
-        os.remove(partial)
-    c1 = resource.getrusage(resource.RUSAGE_SELF)
+    for mk in models:
+        if os.path.exists(f"{partial}.{mk}"):
+            os.remove(f"{partial}.{mk}")
     wall = time.perf_counter() - t0
-    cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+    cpu = cpu_s() - c0
     study["config"] = {
         **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         "models": list(models),
@@ -719,6 +795,7 @@ def main(args) -> int:
         "cpu_count": os.cpu_count(),
         "wall_s": wall,
         "process_cpu_s": cpu,
+        "jobs": jobs,
     }
     os.makedirs(args.out, exist_ok=True)
     written = [os.path.join(args.out, "results.json")]
@@ -734,8 +811,7 @@ def main(args) -> int:
         plot_accuracy(study, os.path.join(args.out, "accuracy.png"))
         plot_curves(study, os.path.join(args.out, "curves.png"))
         written += [os.path.join(args.out, p) for p in ("accuracy.png", "curves.png")]
-        for mk, (model, states, data) in heat.items():
-            h = inhib_heatmap_data(model, states, data)
+        for mk, h in heat.items():
             study["models"][mk]["heatmap"] = {
                 "variant": HEATMAP_VARIANT,
                 "layer": "first BatchInhib (after the first BatchNorm), seed 0, test set",
