@@ -62,3 +62,20 @@ settings.register_profile(
 )
 settings.register_profile("thorough", max_examples=200, **_HYPOTHESIS)
 settings.load_profile("ci")
+
+# --dist loadscope hands each worker whole modules, in collection order. The few modules
+# that take minutes go first, so that the last minutes are not one worker finishing a long
+# module while the other idles (longest-first scheduling).
+_HEAVY_FIRST = (
+    "test_study.py",
+    "test_notebooks.py",
+    "test_properties.py",
+    "test_distributed.py",
+    "test_ops.py",
+    "test_branches.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: order kept within

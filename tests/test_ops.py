@@ -361,8 +361,9 @@ def test_hessian_vector_product_matches_reference():
             return lambda x: jnp.sum(jnp.tanh(op(x, alpha)[0]))
 
         v = _data((6, 3), jnp.float64, 6)
-        hvp = jax.grad(lambda x: jnp.vdot(jax.grad(loss(jb.batch_inhib))(x), v))(x)
-        hvp_ref = jax.grad(lambda x: jnp.vdot(jax.grad(loss(ref.batch_inhib))(x), v))(x)
+        # jitted: op by op, the nested grads compile every primitive on its own (~35 s)
+        hvp = jax.jit(jax.grad(lambda x: jnp.vdot(jax.grad(loss(jb.batch_inhib))(x), v)))(x)
+        hvp_ref = jax.jit(jax.grad(lambda x: jnp.vdot(jax.grad(loss(ref.batch_inhib))(x), v)))(x)
         np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-9, atol=1e-11)
 
 

@@ -196,7 +196,17 @@ def test_train_block_lists_what_the_command_runs():
     assert committed == labels
 
 
-@pytest.mark.parametrize("name", ["verify-table", "train-table", "example"])
+@pytest.mark.parametrize("name", ["verify-table", "train-table", "speed-table", "example"])
 def test_blocks_exist_once(name):
     assert README.count(f"<!-- BEGIN {name} -->") == 1
     assert README.count(f"<!-- END {name} -->") == 1
+
+
+def test_speed_block_is_the_committed_benchmark_results():
+    """The speed table is rendered from benchmarks/results_*.json (what
+    ``python benchmarks/run.py --full`` wrote): a new run that is not re-rendered, or a
+    hand edit, fails here. Every machine's column is there, and each ratio is a number."""
+    body = readme_tool.read_block(README, "speed-table")
+    assert body == readme_tool.speed_block()
+    header = body.splitlines()[0]
+    assert header.count("|") - 2 == len(list((ROOT / "benchmarks").glob("results_*.json")))

@@ -145,3 +145,40 @@ def test_train_mnist1d_quick_writes_json_and_pngs(tmp_path):
         b = (out / png).read_bytes()
         assert b[:8] == b"\x89PNG\r\n\x1a\n" and len(b) > 10_000, png
     assert "| `bn+bi_abs_abs_a0` |" in d["table_markdown"]
+
+
+def test_results_doc_matches_the_committed_runs():
+    """docs/results.md's tables are the committed runs' tables (docs/results/*.json,
+    re-rendered by the study's own formatter), and its verdict paragraph's claims hold in
+    them: the modules keep their near-identity defaults because no BatchInhib
+    configuration helps on both MNIST-1D models."""
+    import re
+    from pathlib import Path
+
+    from jax_batchinhib import linen as bnn
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    text = (docs / "results.md").read_text()
+    runs = {}
+    for task in ("mnist1d", "digits"):
+        d = json.loads((docs / "results" / f"{task}_results.json").read_text())
+        block = re.search(rf"<!-- BEGIN {task}-tables -->\n(.*?)<!-- END", text, re.S).group(1)
+        assert block == study.format_tables(d)
+        runs[task] = {
+            mk: {r["variant"]: r.get("vs_bn", {}).get("verdict", "baseline") for r in m["variants"]}
+            for mk, m in d["models"].items()
+        }
+    assert runs["mnist1d"]["mlp"]["bn+bi_abs_abs_a0_rho4"] == "helps"
+    assert runs["mnist1d"]["cnn"]["bn+bi_abs_abs_a0_rho4"] == "ties"
+    assert runs["mnist1d"]["cnn"]["bi+bn_abs_abs_a0"] == "hurts"
+    helps_both = [
+        v
+        for v, w in runs["mnist1d"]["mlp"].items()
+        if w == "helps" and runs["mnist1d"]["cnn"].get(v) == "helps"
+    ]
+    assert helps_both == []
+    assert runs["mnist1d"]["mlp"]["zca"] == "hurts"
+    assert {runs[t][mk]["iternorm"] for t in runs for mk in runs[t]} == {"ties"}
+    layer = bnn.BatchInhib()
+    assert (layer.denominator, layer.guard_mode) == ("signed", "absolute")
+    assert layer.alpha_init is None  # None: near_identity_alpha_init

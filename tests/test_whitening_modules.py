@@ -266,12 +266,10 @@ def test_singular_covariance_running_w_amplifies_null_directions():
     component off the training subspace is amplified 316-fold. IterNorm's T Newton steps
     grow a null direction by at most 1.5 per step: norm <= 1.5^T / sqrt(tr Sigma)
     (measured 2.1e-5 below that bound at T = 5: a null direction's eigenvalue eps/tr is
-    almost 0, so each step multiplies it by almost exactly 1.5). docs/derivations.md ("Singular covariance in
-    eval mode") states this; the study's models group their features so that no group is
-    wider than the layer's fan-in."""
-    x = jax.random.normal(jax.random.key(0), (64, 2)) @ jax.random.normal(
-        jax.random.key(1), (2, N)
-    )
+    almost 0, so each step multiplies it by almost exactly 1.5). docs/derivations.md
+    ("Singular covariance in eval mode") states this; the study's models group their
+    features so that no group is wider than the layer's fan-in."""
+    x = jax.random.normal(jax.random.key(0), (64, 2)) @ jax.random.normal(jax.random.key(1), (2, N))
     norms = {}
     for kind in ("zca", "iter"):
         layer = LINEN[kind](

@@ -5,7 +5,9 @@ Each block sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in REA
 - ``verify-table``: ``jax-batchinhib verify --summary`` (every hand-derived VJP against
   autodiff; fixed seeds, so the same CPU and jax version print the same numbers);
 - ``train-table``: ``jax-batchinhib train`` with its defaults (fixed seeds; the accuracy
-  column repeats on the same CPU and jax version; steps/s is left out, it is a timing).
+  column repeats on the same CPU and jax version; steps/s is left out, it is a timing);
+- ``speed-table``: the ratio ranges of the committed ``benchmarks/results_*.json``
+  (``python benchmarks/run.py --full`` writes them; this script only reads them).
 
 Usage::
 
@@ -133,7 +135,100 @@ def train_block(results=None) -> str:
     )
 
 
-BLOCKS = {"verify-table": verify_block, "train-table": train_block}
+# ------------------------------------------------------------------------------- speed
+
+BENCH = README.parent / "benchmarks"
+
+
+def _machine(res: dict) -> str:
+    m = res["machine"]
+    who = m["cpu"] + f", {m['cores']} cores" if m["platform"] == "cpu" else m["device_kind"]
+    return f"{who}; {res['date'][:10]}" + (
+        " (an earlier run of earlier code)" if res.get("label") else ""
+    )
+
+
+def _span(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    lo, hi = min(vals), max(vals)
+    return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}"
+
+
+def _ratios(res: dict, family: str, key: str, what: str = "time", where=None) -> list[float]:
+    out = []
+    for c in res["cases"]:
+        if c.get("family") != family or "error" in c or (where and not where(c)):
+            continue
+        r = c["ratios"].get(key, {}).get(what)
+        if r is not None:
+            out.append(r)
+    return out
+
+
+def speed_rows(res: dict) -> dict[str, str]:
+    """One machine's column of the README's speed table, from a bench results JSON."""
+    g1 = lambda c: "/g" not in c["name"]  # noqa: E731
+    big = lambda c: c["name"].startswith("batch_inhib/1024x512/")  # noqa: E731
+    frac = [
+        c["limit"]["fraction"]
+        for c in res["cases"]
+        if c.get("family") == "batch_norm" and c.get("limit", {}).get("fraction")
+    ]
+    mm = [c["limit"]["fraction"] for c in res["cases"] if big(c) and c.get("limit")]
+    white = {}
+    for fam in ("iter_norm", "zca_norm"):
+        t = _ratios(res, fam, "ours/autodiff")
+        k = _ratios(res, fam, "ours/autodiff", "resid")
+        white[fam] = "-" if not t else f"{_span(t)} (kept {_span(k)})"
+    return {
+        "batch_norm fwd+bwd vs autodiff": _span(_ratios(res, "batch_norm", "ours/autodiff")),
+        "batch_norm vs flax (its default one-pass variance)": _span(
+            _ratios(res, "batch_norm", "ours/flax")
+        ),
+        "batch_norm vs flax two-pass": _span(_ratios(res, "batch_norm", "ours/flax_2pass")),
+        "batch_norm one-pass vs our two-pass": _span(_ratios(res, "batch_norm", "ours/ours_2pass")),
+        "batch_norm kept bytes vs autodiff": _span(
+            _ratios(res, "batch_norm", "ours/autodiff", "resid")
+        ),
+        "batch_norm, share of a measured copy's bandwidth": "-"
+        if not frac
+        else f"{min(frac):.0%}-{max(frac):.0%}",
+        "batch_inhib fwd+bwd vs autodiff (groups 1)": _span(
+            _ratios(res, "batch_inhib", "ours/autodiff", where=g1)
+        ),
+        "batch_inhib with 16 groups vs autodiff": _span(
+            _ratios(res, "batch_inhib", "ours/autodiff", where=lambda c: "/g16/" in c["name"])
+        ),
+        "batch_inhib at (1024, 512), share of a matmul's rate": "-" if not mm else f"{mm[0]:.0%}",
+        "iter_norm vs autodiff (time; kept bytes)": white["iter_norm"],
+        "zca_norm vs autodiff (time; kept bytes)": white["zca_norm"],
+        "dropout vs autodiff (time; kept bytes)": _span(_ratios(res, "dropout", "ours/autodiff"))
+        + f" ({_span(_ratios(res, 'dropout', 'ours/autodiff', 'resid'))})",
+        "softmax_cross_entropy vs autodiff; vs optax": _span(
+            _ratios(res, "softmax_cross_entropy", "ours/autodiff")
+        )
+        + "; "
+        + _span(_ratios(res, "softmax_cross_entropy", "ours/optax")),
+        "CNN train step vs flax": _span(_ratios(res, "cnn_train_step", "ours/flax")),
+    }
+
+
+def speed_block(paths=None) -> str:
+    """The README's speed table: ratio ranges (ours / theirs, medians of interleaved
+    rounds) from the committed ``benchmarks/results_*.json``, CPU first."""
+    paths = sorted(BENCH.glob("results_*.json")) if paths is None else paths
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs.sort(key=lambda r: r["machine"]["platform"] != "cpu")
+    cols = [speed_rows(r) for r in runs]
+    lines = ["| ours / theirs | " + " | ".join(_machine(r) for r in runs) + " |"]
+    lines.append("| --- |" + " --- |" * len(runs))
+    for row in cols[0]:
+        lines.append(f"| {row} | " + " | ".join(c.get(row, "-") for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+BLOCKS = {"verify-table": verify_block, "train-table": train_block, "speed-table": speed_block}
 
 
 def main(argv=None) -> int:
