@@ -196,7 +196,9 @@ def test_train_block_lists_what_the_command_runs():
     assert committed == labels
 
 
-@pytest.mark.parametrize("name", ["verify-table", "train-table", "speed-table", "example"])
+@pytest.mark.parametrize(
+    "name", ["verify-table", "train-table", "speed-table", "study-table", "example"]
+)
 def test_blocks_exist_once(name):
     assert README.count(f"<!-- BEGIN {name} -->") == 1
     assert README.count(f"<!-- END {name} -->") == 1
@@ -210,3 +212,8 @@ def test_speed_block_is_the_committed_benchmark_results():
     assert body == readme_tool.speed_block()
     header = body.splitlines()[0]
     assert header.count("|") - 2 == len(list((ROOT / "benchmarks").glob("results_*.json")))
+
+
+def test_study_block_is_the_committed_study():
+    """The MNIST-1D headline table is rendered from docs/results/mnist1d_results.json."""
+    assert readme_tool.read_block(README, "study-table") == readme_tool.study_block()

@@ -439,11 +439,11 @@ def _residual_bytes(f, *args):
 
 @pytest.mark.parametrize("groups", [1, 4])
 def test_residuals(groups):
-    """ZCA keeps x plus U and λ (G·n² + G·n); IterNorm keeps x plus P_1..P_T and Σ_N
-    ((T+1)·G·n²) and the trace; both fewer bytes than autodiff of the reference.
-    Measured at (256, 32) float32 (x is 32.8 KB), T=5: groups=1: zca_norm 37.3 KB vs
-    autodiff 92.7 KB, iter_norm 57.6 KB vs 187 KB; groups=4: zca_norm 34.2 KB vs 74.1 KB,
-    iter_norm 39.2 KB vs 86.4 KB."""
+    """ZCA keeps x plus U and λ (G·n² + G·n); IterNorm keeps x plus P_1..P_T, each
+    step's P² and P³, and Σ_N ((3T+1)·G·n²) and the trace; both fewer bytes than
+    autodiff of the reference. Measured at (256, 32) float32 (x is 32.8 KB), T=5:
+    groups=1: zca_norm 37.3 KB vs autodiff 92.7 KB, iter_norm 98.6 KB vs 187 KB;
+    groups=4: zca_norm 34.2 KB vs 74.1 KB, iter_norm 49.4 KB vs 86.4 KB."""
     m, nf, t = 256, 32, 5
     n = nf // groups
     x = _data((m, nf), jnp.float32, 21)
@@ -453,5 +453,5 @@ def test_residuals(groups):
     ours_i = _residual_bytes(lambda x: jb.iter_norm(x, groups=groups, iterations=t)[0], x)
     auto_i = _residual_bytes(lambda x: ref.iter_norm(x, groups=groups, iterations=t)[0], x)
     assert ours_z <= x.nbytes + groups * (n * n + n) * 4 + small, ours_z
-    assert ours_i <= x.nbytes + (t + 1) * groups * n * n * 4 + small, ours_i
+    assert ours_i <= x.nbytes + (3 * t + 1) * groups * n * n * 4 + small, ours_i
     assert ours_z < auto_z and ours_i < auto_i, (ours_z, auto_z, ours_i, auto_i)

@@ -6,6 +6,8 @@ Each block sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in REA
   autodiff; fixed seeds, so the same CPU and jax version print the same numbers);
 - ``train-table``: ``jax-batchinhib train`` with its defaults (fixed seeds; the accuracy
   column repeats on the same CPU and jax version; steps/s is left out, it is a timing);
+- ``study-table``: the MNIST-1D headline rows of the committed
+  ``docs/results/mnist1d_results.json`` (``jax-batchinhib train --task mnist1d``);
 - ``speed-table``: the ratio ranges of the committed ``benchmarks/results_*.json``
   (``python benchmarks/run.py --full`` writes them; this script only reads them).
 
@@ -228,7 +230,50 @@ def speed_block(paths=None) -> str:
     return "\n".join(lines) + "\n"
 
 
-BLOCKS = {"verify-table": verify_block, "train-table": train_block, "speed-table": speed_block}
+# ------------------------------------------------------------------------------- study
+
+STUDY_ROWS = ("none", "bn", "flax_bn", "bn+bi_signed_abs_near", "bn+bi_abs_abs_a0",
+              "bn+bi_abs_abs_a0_rho4", "bi+bn_abs_abs_a0", "iternorm", "zca")  # fmt: skip
+
+
+def study_block(path=None) -> str:
+    """The MNIST-1D headline table, from the committed ``docs/results/mnist1d_results.json``
+    (``jax-batchinhib train --task mnist1d``): test accuracy and the paired difference from
+    our BatchNorm, per model, for the variants a reader asks about first."""
+    path = README.parent / "docs" / "results" / "mnist1d_results.json" if path is None else path
+    d = json.loads(Path(path).read_text())
+    models = list(d["models"])
+    by = {mk: {r["variant"]: r for r in d["models"][mk]["variants"]} for mk in models}
+    head = " | ".join(f"{mk.upper()} test acc | vs `bn`, points (95% CI)" for mk in models)
+    lines = [f"| variant | {head} |", "|---|" + "---|---|" * len(models)]
+    for v in STUDY_ROWS:
+        cells = []
+        for mk in models:
+            r = by[mk][v]
+            c = r.get("vs_bn")
+            diff = (
+                "baseline"
+                if c is None
+                else f"{100 * c['diff']:+.2f} [{100 * c['ci_low']:+.2f}, "
+                f"{100 * c['ci_high']:+.2f}] {c['verdict']}"
+            )
+            cells += [f"{100 * r['test_acc_mean']:.1f}% ± {100 * r['test_acc_std']:.1f}", diff]
+        lines.append(f"| `{v}` | " + " | ".join(cells) + " |")
+    cfg = d["config"]
+    return (
+        f"MNIST-1D, {cfg['steps']} Adam steps, batch {cfg['batch_size']}, learning rate chosen "
+        f"per variant on a validation split from {cfg['lrs']}, {cfg['seeds']} paired seeds:\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
+BLOCKS = {
+    "verify-table": verify_block,
+    "train-table": train_block,
+    "speed-table": speed_block,
+    "study-table": study_block,
+}
 
 
 def main(argv=None) -> int:

@@ -195,9 +195,11 @@ def iter_norm(
           + P^\top\bar P_k(P\Sigma_N)^\top + (P^2)^\top\bar P_k\Sigma_N^\top\big),\quad
         \bar\Sigma_N \mathrel{-}= \tfrac12 (P^3)^\top\bar P_k
 
-    then :math:`\bar\Sigma = \bar\Sigma_N/t + \bar t I` and dx as in the module docstring.
-    The backward keeps ``x``, :math:`P_1 \ldots P_T` and :math:`\Sigma_N`: x plus
-    (T+1)·G·n² numbers (autodiff keeps P², P³ and more per step, and input-sized arrays).
+    evaluated per product of the forward (6 matmuls a step, autodiff's count), then
+    :math:`\bar\Sigma = \bar\Sigma_N/t + \bar t I` and dx as in the module docstring.
+    The backward keeps ``x``, :math:`P_1 \ldots P_T`, each step's P² and P³, and
+    :math:`\Sigma_N`: x plus (3T+1)·G·n² numbers (autodiff keeps the same products and
+    input-sized arrays).
 
     Args:
       x: floating array ``(..., N)``; float16/bfloat16 compute in float32.
@@ -301,23 +303,28 @@ def _run(cfg, red, x, scale, bias, mask):
 
 
 def _newton_forward(sigma, iterations):
-    """IterNorm's W from Σ (G, n, n): returns W, the stacked P_1..P_T (T, G, n, n),
-    Σ_N and t = tr Σ (G,)."""
+    """IterNorm's W from Σ (G, n, n): returns W, the stacked P_1..P_T (T, G, n, n), the
+    stacked products A = P² and B = P³ of each step's input P_0..P_{T-1} (T, G, n, n),
+    Σ_N and t = tr Σ (G,). The backward needs exactly these: with A and B kept it
+    costs the 6 products a step that autodiff's tape costs, not the 10 that recomputing
+    them would."""
     t = jnp.trace(sigma, axis1=-2, axis2=-1)
     sn = sigma / t[:, None, None]
     eye = jnp.broadcast_to(jnp.eye(sigma.shape[-1], dtype=sigma.dtype), sigma.shape)
 
     def step(p, _):
-        p3 = _mm(_mm(p, p), p)
-        p = 1.5 * p - 0.5 * _mm(p3, sn)
-        return p, p
+        a = _mm(p, p)
+        b = _mm(a, p)
+        p = 1.5 * p - 0.5 * _mm(b, sn)
+        return p, (p, a, b)
 
-    pt, ps = lax.scan(step, eye, None, length=iterations)
-    return pt / jnp.sqrt(t)[:, None, None], ps, sn, t
+    pt, (ps, a_s, b_s) = lax.scan(step, eye, None, length=iterations)
+    return pt / jnp.sqrt(t)[:, None, None], ps, a_s, b_s, sn, t
 
 
-def _newton_backward(ps, sn, t, wbar):
-    """Σ̄ from W̄ for IterNorm, reversing the T steps with the kept P_k (no tape)."""
+def _newton_backward(ps, a_s, b_s, sn, t, wbar):
+    """Σ̄ from W̄ for IterNorm, reversing the T steps with the kept P_k, P_k², P_k³ (no
+    tape): the adjoint of each of the forward's three products, in the forward's order."""
     eye = jnp.broadcast_to(jnp.eye(sn.shape[-1], dtype=sn.dtype), sn.shape)
     rt = jnp.sqrt(t)[:, None, None]
     pt = ps[-1]
@@ -325,19 +332,18 @@ def _newton_backward(ps, sn, t, wbar):
     tbar = -0.5 * jnp.sum(wbar * pt, axis=(-2, -1)) / t / jnp.sqrt(t)  # W = P_T t^{-1/2}
     prev = jnp.concatenate([eye[None], ps[:-1]], axis=0)  # P_0 .. P_{T-1}
 
-    def step(carry, p):
+    def step(carry, pab):
         pb, snb = carry
-        p2 = _mm(p, p)
-        # P_k = 1.5 P - 0.5 P P P Σ_N: the adjoint of each factor in turn
-        snb = snb - 0.5 * _mm(_mT(_mm(p2, p)), pb)
-        pb = 1.5 * pb - 0.5 * (
-            _mm(pb, _mT(_mm(p2, sn)))
-            + _mm(_mm(_mT(p), pb), _mT(_mm(p, sn)))
-            + _mm(_mm(_mT(p2), pb), _mT(sn))
-        )
+        p, a, b = pab
+        # P_k = 1.5 P - 0.5 C with A = P P, B = A P, C = B Σ_N
+        cb = -0.5 * pb
+        snb = snb + _mm(_mT(b), cb)
+        bb = _mm(cb, _mT(sn))
+        ab = _mm(bb, _mT(p))
+        pb = 1.5 * pb + _mm(_mT(a), bb) + _mm(ab, _mT(p)) + _mm(_mT(p), ab)
         return (pb, snb), None
 
-    (_, snb), _ = lax.scan(step, (pbar, jnp.zeros_like(sn)), prev, reverse=True)
+    (_, snb), _ = lax.scan(step, (pbar, jnp.zeros_like(sn)), (prev, a_s, b_s), reverse=True)
     # Σ_N = Σ / t and t = tr Σ
     tbar = tbar - jnp.sum(snb * sn, axis=(-2, -1)) / t
     return snb / t[:, None, None] + tbar[:, None, None] * eye
@@ -416,7 +422,8 @@ def _whiten_fwd(cfg, red, x2, scale, bias, mask):
     y, stats, (s, mean_d, cnt, mres) = _wh_forward(cfg, red, x2, scale, bias, mask)
     # Residuals: x (input-sized, its own dtype), per-feature shift/mean, and what the
     # matrix function's reverse needs: ZCA U (G, n, n) and r (G, n); IterNorm P_1..P_T
-    # (T, G, n, n), Σ_N (G, n, n) and t (G,). W is recomputed from them.
+    # and each step's P², P³ (3 x (T, G, n, n)), Σ_N (G, n, n) and t (G,). W is
+    # recomputed from them.
     return (y, stats), (x2, scale, bias, mask, s, mean_d, cnt, mres)
 
 
@@ -428,7 +435,7 @@ def _whiten_bwd(cfg, red, res, cts):
     g = cfg.groups
     n = nf // g
     if cfg.method == "iter":
-        ps, sn, t = mres
+        ps, a_s, b_s, sn, t = mres
         wmat = ps[-1] / jnp.sqrt(t)[:, None, None]
     else:
         u, r = mres
@@ -443,7 +450,7 @@ def _whiten_bwd(cfg, red, res, cts):
         (jnp.einsum("mgi,mgk->gik", xc, dxh, precision=S.PRECISION), jnp.sum(dxh, axis=0))
     )
     if cfg.method == "iter":
-        sbar = _newton_backward(ps, sn, t, wbar)
+        sbar = _newton_backward(ps, a_s, b_s, sn, t, wbar)
     else:
         sbar = _zca_backward(u, r, wbar)
     mb = S.mask_bool(mask)
