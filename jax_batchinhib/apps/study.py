@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax_batchinhib.apps._xla import run_once_options
 from jax_batchinhib.apps.data import Split, load_digits_split, load_mnist1d, validation_rows
 from jax_batchinhib.apps.models import InhibOptions, Mnist1dCNN, Mnist1dMLP
 from jax_batchinhib.ops import softmax_cross_entropy
@@ -215,16 +216,22 @@ def structural(model: nn.Module) -> nn.Module:
     return model.clone(inhib=model.inhib.structural(), parent=None)
 
 
+@functools.cache
+def _init_program(model: nn.Module):
+    def one(k, x_example):
+        v = model.init(k, x_example, train=False)
+        return State(v["params"], v.get("batch_stats", {}), TX.init(v["params"]))
+
+    # one program, compiled for a single run (op by op, flax's init compiled each of its
+    # primitives: 10-12 s per process on the 2-core CPU; this compiles in under 1 s)
+    return jax.jit(jax.vmap(one, in_axes=(0, None)), compiler_options=run_once_options())
+
+
 def init_states(model: nn.Module, seeds: Sequence[int], x_example) -> State:
     """Each lane's initial parameters from ``jax.random.key(seed)``: the same seed gives
     the same Dense/Conv kernels in every variant (flax draws them by layer name)."""
     keys = jnp.stack([jax.random.key(s) for s in seeds])
-
-    def one(k):
-        v = model.init(k, x_example, train=False)
-        return State(v["params"], v.get("batch_stats", {}), TX.init(v["params"]))
-
-    return jax.vmap(one)(keys)  # eager: compiling a flax init costs more than running it
+    return _init_program(model)(keys, x_example)
 
 
 def batch_order(seed: int, n: int, steps: int, batch_size: int) -> np.ndarray:
@@ -437,10 +444,12 @@ def run_model(
     quiet: bool = False,
     partial_path: str | None = None,
     position: int = 0,
+    data: Split | None = None,
 ) -> dict:
     """Every variant of ``names`` on one model: ``{"n_train", "n_val", "n_test",
     "variants"}``, with the heatmap data of :data:`HEATMAP_VARIANT` (numpy, from
-    :func:`inhib_heatmap_data`) under the private key ``_heatmap`` when it ran."""
+    :func:`inhib_heatmap_data`) under the private key ``_heatmap`` when it ran.
+    ``data``: the task's data if already loaded (:func:`load_task`), else loaded here."""
     vs = variants_for(model_kind, names)
     bar = None
     if not quiet:
@@ -451,7 +460,7 @@ def run_model(
                        unit="step", position=position)  # fmt: skip
         except ImportError:  # pragma: no cover - tqdm is in the [examples] extra
             bar = None
-    full = for_model(load_task(task, quick), model_kind)
+    full = for_model(load_task(task, quick) if data is None else data, model_kind)
     val_rows = validation_rows(len(full.y_train), 0.25, seed=0)
     res, heat = [], None
     for v in vs:
@@ -520,7 +529,12 @@ def run_study(
         part = None if partial_path is None else f"{partial_path}.{mk}"
         return {"quick": quick, "quiet": quiet, "partial_path": part, "position": i}
 
-    jobs_list = [(task, mk, tuple(names), cfg, kw(i, mk)) for i, mk in enumerate(models)]
+    # generated once here, not in each model's process (MNIST-1D's generator is numpy:
+    # 5.6 s for the quick run's 1,000 signals on the 2-core CPU)
+    data = load_task(task, quick)
+    jobs_list = [
+        (task, mk, tuple(names), cfg, {**kw(i, mk), "data": data}) for i, mk in enumerate(models)
+    ]
     if jobs > 1 and len(models) > 1:
         import concurrent.futures
         import multiprocessing
@@ -628,7 +642,11 @@ def inhib_heatmap_data(model: nn.Module, states: State, data: Split, lane: int =
 
     st = jax.tree.map(lambda a: a[lane], states)
     v = {"params": st.params, "batch_stats": st.batch_stats}
-    _, inter = model.apply(v, jnp.asarray(data.x_test), train=False, mutable=["intermediates"])
+    apply = jax.jit(
+        lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"])[1],
+        compiler_options=run_once_options(),
+    )  # one program (op by op, this forward compiled each primitive: 7 s for the CNN)
+    inter = apply(v, jnp.asarray(data.x_test))
     layer = inter["intermediates"]["norm0"]
     xin = np.asarray(layer["inhib_in0"][0]).reshape(-1, layer["inhib_in0"][0].shape[-1])
     xout = np.asarray(layer["inhib_out0"][0]).reshape(xin.shape)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax_batchinhib.apps._xla import run_once_options
 from jax_batchinhib.apps.data import load_digits_split
 from jax_batchinhib.apps.models import MLP, TwoBranch
 from jax_batchinhib.ops import softmax_cross_entropy
@@ -238,7 +239,8 @@ def train_variant(
     if steps < 1:
         raise ValueError(f"train: batch_size={batch_size} is larger than the {n} training rows")
     keys = jax.random.split(jax.random.key(0), seeds)
-    states = jax.vmap(lambda k: init_state(model, tx, k, jnp.asarray(xtr[:batch_size])))(keys)
+    init = jax.vmap(lambda k, xe: init_state(model, tx, k, xe), in_axes=(0, None))
+    states = jax.jit(init, compiler_options=run_once_options())(keys, jnp.asarray(xtr[:batch_size]))
     epoch_fn = make_epoch(model, tx)
     rng = np.random.default_rng(0)
     xte_j, yte_j = jnp.asarray(xte), jnp.asarray(yte)

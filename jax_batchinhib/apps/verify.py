@@ -27,6 +27,7 @@ import numpy as np
 
 from jax_batchinhib import ops
 from jax_batchinhib import reference as ref
+from jax_batchinhib.apps._xla import run_once_options
 from jax_batchinhib.testing import check_vjp
 
 DTYPES = ("float32", "float64", "bfloat16")
@@ -276,12 +277,6 @@ def cases(quick: bool = False) -> list[Case]:
 # ---------------------------------------------------------------------------- run
 
 
-def _compiler_options():
-    """On CPU, compile the check programs without LLVM's backend optimizations: they run
-    once each and compile ~40% faster; the errors stay at round-off either way."""
-    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-
-
 def run_case(case: Case, dtype: str, seed: int = 0) -> Result:
     """Check one case in one dtype with :func:`jax_batchinhib.testing.check_vjp`: the
     forward output and every floating input's gradient of ``case.op`` against autodiff
@@ -297,7 +292,7 @@ def run_case(case: Case, dtype: str, seed: int = 0) -> Result:
             *args,
             key=case_seed,
             raise_on_error=False,
-            compiler_options=_compiler_options(),
+            compiler_options=run_once_options(),
             **case.kwargs,
         )
     return Result(
