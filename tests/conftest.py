@@ -21,9 +21,16 @@ import os
 # the suite checks is accuracy, never speed. They stay in XLA_FLAGS for the whole
 # session, so the processes the tests start (notebook kernels, the CLI, the study's model
 # processes) inherit them.
+from importlib.metadata import version  # noqa: E402
+
 from jax_batchinhib.apps._xla import CPU_RUN_ONCE  # noqa: E402 (imports jax, starts nothing)
 
-_flags = " ".join(f"--{k}={str(v).lower()}" for k, v in CPU_RUN_ONCE.items())
+# An unknown flag in XLA_FLAGS aborts the process, so the fusion-emitter switch is passed
+# only to the jaxlib this was measured with and later ones (older ones: level 0 alone).
+_options = dict(CPU_RUN_ONCE)
+if tuple(int(p) for p in version("jaxlib").split(".")[:2]) < (0, 10):
+    _options.pop("xla_cpu_use_fusion_emitters")
+_flags = " ".join(f"--{k}={str(v).lower()}" for k, v in _options.items())
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flags}".strip()
 
 import jax  # noqa: E402
