@@ -31,8 +31,9 @@ OUT = os.path.join(ROOT, "BENCHMARKS.md")
 ORDER = {"cpu": 0, "gpu": 1, "cuda": 1, "rocm": 2, "tpu": 3}
 
 
-def render(out: str = OUT) -> str:
-    """BENCHMARKS.md from every benchmarks/results_*.json (CPU first) and notes.md."""
+def markdown() -> str:
+    """BENCHMARKS.md's text from every benchmarks/results_*.json (CPU first), the memory
+    and scaling results, and notes.md."""
     results = []
     for path in sorted(glob.glob(os.path.join(HERE, "results_*.json"))):
         with open(path) as f:
@@ -48,9 +49,15 @@ def render(out: str = OUT) -> str:
     notes = open(notes_path).read() if os.path.exists(notes_path) else None
     pre_path = os.path.join(HERE, "preamble.md")
     pre = open(pre_path).read() if os.path.exists(pre_path) else None
+    return bench.render_markdown(results, notes, memory, scaling, pre)
+
+
+def render(out: str = OUT) -> str:
+    """Write :func:`markdown` to ``out`` (BENCHMARKS.md); returns the path."""
     with open(out, "w") as f:
-        f.write(bench.render_markdown(results, notes, memory, scaling, pre))
-    print(f"wrote {out} from {len(results)} results file(s)")
+        f.write(markdown())
+    n = len(glob.glob(os.path.join(HERE, "results_*.json")))
+    print(f"wrote {out} from {n} results file(s)")
     return out
 
 

@@ -218,3 +218,19 @@ def test_train_step_memory_on_a_tiny_mlp(monkeypatch):
         ours["temp_bytes"] / max(flax["temp_bytes"], 1)
     )
     assert "| MLP 8x6 | ours |" in "\n".join(bench.render_memory({"tiny": mem}))
+
+
+def test_benchmarks_md_is_rendered_from_the_committed_results_and_notes():
+    """BENCHMARKS.md is generated (`python benchmarks/run.py` writes it): its text is what
+    the committed benchmarks/*.json and benchmarks/notes.md render to, so an edit of the
+    notes or a new run that was not re-rendered fails here."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_run", root / "benchmarks" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    assert (root / "BENCHMARKS.md").read_text() == run.markdown(), (
+        "BENCHMARKS.md is stale: re-render it with `python benchmarks/run.py --render`"
+    )
