@@ -18,7 +18,9 @@ import os
 # Compile time, not run time, dominates this suite. The options of
 # jax_batchinhib.apps._xla.CPU_RUN_ONCE (XLA:CPU without LLVM's optimization passes and
 # without the MLIR fusion emitters) compile the suite's programs about 2.5x faster; what
-# the suite checks is accuracy, never speed. They stay in XLA_FLAGS for the whole
+# the suite checks is accuracy, never speed. The trade: the suite's programs, like
+# `jax-batchinhib verify`'s, are not compiled by XLA:CPU's default fusion emitters, which
+# the benchmarks and users' programs use. The options stay in XLA_FLAGS for the whole
 # session, so the processes the tests start (notebook kernels, the CLI, the study's model
 # processes) inherit them.
 from importlib.metadata import version  # noqa: E402
