@@ -23,9 +23,9 @@ import os
 # the benchmarks and users' programs use. The options stay in XLA_FLAGS for the whole
 # session, so the processes the tests start (notebook kernels, the CLI, the study's model
 # processes) inherit them.
-from importlib.metadata import version  # noqa: E402
+from importlib.metadata import version
 
-from jax_batchinhib.apps._xla import CPU_RUN_ONCE  # noqa: E402 (imports jax, starts nothing)
+from jax_batchinhib.apps._xla import CPU_RUN_ONCE  # imports jax, starts nothing
 
 # An unknown flag in XLA_FLAGS aborts the process, so the fusion-emitter switch is passed
 # only to the jaxlib this was measured with and later ones (older ones: level 0 alone).

@@ -552,7 +552,7 @@ def test_cli_train_devices_matches_single_device(tmp_path):
         + ["--variants", *variants],
         capture_output=True,
         text=True,
-        timeout=300,  # XLA_FLAGS and the compilation cache: this process's (conftest.py)
+        timeout=300,  # XLA_FLAGS: this process's (conftest.py)
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads((out / "results.json").read_text())

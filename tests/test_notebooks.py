@@ -63,9 +63,8 @@ def test_pair_matches_and_outputs_are_committed(py):
 
 @pytest.mark.parametrize("py", SOURCES, ids=[p.stem for p in SOURCES])
 def test_notebook_executes(py):
-    # The kernel inherits this process's XLA_FLAGS and compilation cache
-    # (tests/conftest.py): compiling dominates, and what the notebooks assert is
-    # accuracy, never speed.
+    # The kernel inherits this process's XLA_FLAGS (tests/conftest.py): compiling
+    # dominates, and what the notebooks assert is accuracy, never speed.
     nb = jupytext.read(py)
     nbclient.NotebookClient(
         nb,

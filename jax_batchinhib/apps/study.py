@@ -525,16 +525,15 @@ def run_study(
     once (each model's programs are single-process; XLA:CPU keeps about 1.2 cores busy
     with these small shapes, so two models share two cores well)."""
 
-    def kw(i, mk):
-        part = None if partial_path is None else f"{partial_path}.{mk}"
-        return {"quick": quick, "quiet": quiet, "partial_path": part, "position": i}
-
     # generated once here, not in each model's process (MNIST-1D's generator is numpy:
     # 5.6 s for the quick run's 1,000 signals on the 2-core CPU)
     data = load_task(task, quick)
-    jobs_list = [
-        (task, mk, tuple(names), cfg, {**kw(i, mk), "data": data}) for i, mk in enumerate(models)
-    ]
+
+    def kw(i, mk):
+        part = None if partial_path is None else f"{partial_path}.{mk}"
+        return {"quiet": quiet, "partial_path": part, "position": i, "data": data}
+
+    jobs_list = [(task, mk, tuple(names), cfg, kw(i, mk)) for i, mk in enumerate(models)]
     if jobs > 1 and len(models) > 1:
         import concurrent.futures
         import multiprocessing
