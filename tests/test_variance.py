@@ -9,7 +9,8 @@
 - the one-pass error follows the derived bound ``~ u (1 + (mu - s)²/sigma²)``: an outlier
   as the shift degrades it, as the bound says, and the two-pass does not degrade;
 - both backward rules equal autodiff of the reference computing the same algorithm, in
-  float32 and float64.
+  float32 and float64;
+- the one-pass backward (its shifted sum(dy * xhat)) stays within the same bound.
 """
 
 from __future__ import annotations
@@ -99,6 +100,49 @@ def test_outlier_shift_follows_the_bound():
                 assert rel <= 20 * bound[0] + 1e-6, (k, rel, bound)
             else:
                 assert rel <= 1e-5, (k, rel)
+
+
+def test_backward_at_large_mean_follows_the_bound():
+    """batch_norm's gradients on float32 data with mean 1e4, std 1e-2, against float64 of
+    the same data, with the shift k standard deviations from the mean. The one-pass
+    backward accumulates sum(dy * xhat) shifted, as inv * (sum(dy * d) - mean_d * sum(dy)),
+    which adds round-off ~ u (1 + k) sum|dy| to dscale; dx carries the variance's
+    u (1 + k²) through 1/std. Measured at k = 0 / 27: dscale 6e-10 / 7e-7 of sum|dy|,
+    dx 1e-7 / 1.3e-5 of max|dx| (one-pass); two-pass 6e-9 / 1e-7 throughout. An unshifted
+    sum(dy * x) - mean * sum(dy) would be off by u |mean| / std = 6e-2."""
+    u = 2.0**-24
+    base = np.asarray(large_mean((4096, 4), seed=3), np.float64)
+    ct = np.asarray(jax.random.normal(jax.random.key(4), (4096, 4)), np.float64) + 0.5
+    sc = np.array([1.0, 0.5, 2.0, 1.5])
+
+    def want(x):  # the rule in float64
+        inv = 1 / np.sqrt(x.var(0) + 1e-5)
+        xh = (x - x.mean(0)) * inv
+        dsc = (ct * xh).sum(0)
+        return sc * inv * (ct - ct.mean(0) - xh * (ct * xh).mean(0)), dsc
+
+    def loss(x, s, fast):
+        y, _ = jb.batch_norm(x, s, jnp.zeros(4), use_fast_variance=fast)
+        return jnp.sum(y * jnp.asarray(ct, jnp.float32))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    for k in (0.0, 30.0):
+        x64 = base.copy()
+        x64[0] = 1e4 + k * 1e-2
+        x = jnp.asarray(x64, jnp.float32)
+        x64 = np.asarray(x, np.float64)
+        dx64, dsc64 = want(x64)
+        kk = float(np.max(np.abs(x64.mean(0) - x64[0]) / x64.std(0)))
+        for fast in FAST:
+            got = grad(x, jnp.asarray(sc, jnp.float32), fast)
+            dx, dsc = (np.asarray(a, np.float64) for a in got)
+            e_sc = float(np.max(np.abs(dsc - dsc64) / np.abs(ct).sum(0)))
+            e_dx = float(np.max(np.abs(dx - dx64)) / np.max(np.abs(dx64)))
+            if fast:
+                assert e_sc <= 20 * u * (1 + kk), (k, e_sc)
+                assert e_dx <= 20 * u * (1 + kk**2), (k, e_dx)
+            else:
+                assert e_sc <= 20 * u and e_dx <= 20 * u, (k, e_sc, e_dx)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -113,9 +113,11 @@ def batch_norm(
         the leading axis with its own statistics (it must divide ``x.shape[0]``); the
         returned statistics are then the mean over the sub-batches of their mean and var.
       use_fast_variance: True (default, as flax): the shifted one-pass variance
-        ``Σd²/n - (Σd/n)²``, one read of ``x`` for the statistics; False: the shifted
-        two-pass ``Σ(d - mean_d)²/n``. Both are accurate to float32 round-off times
-        ``1 + (mean - s)²/var`` (``docs/derivations.md``, "Numerics").
+        ``Σd²/n - (Σd/n)²``, one read of ``x`` for the statistics, and the backward's
+        ``Σdy·x̂`` shifted alike, ``inv·(Σdy·d - mean_d·Σdy)``; False: the shifted
+        two-pass ``Σ(d - mean_d)²/n`` and ``Σdy·x̂`` itself. Both are accurate to
+        float32 round-off times ``1 + (mean - s)²/var`` (``docs/derivations.md``,
+        "Numerics").
 
     Returns:
       ``(y, BatchStats(mean, var))`` with ``mean``/``var`` of shape ``(N,)``.
@@ -179,7 +181,8 @@ def _batch_norm_fwd(cfg, epsilon, fast, x, scale, bias, mask):
 
 
 def _batch_norm_bwd(cfg, epsilon, fast, res, cts):
-    # The same rule for both variance algorithms: they are the same function of x.
+    # The same rule for both variance algorithms (they are the same function of x); the
+    # flag picks how sum(dy * xhat) is accumulated, as it picks the variance's algorithm.
     x, scale, bias, mask, s, mean_d, inv, n = res
     dy, (dmean, dvar) = cts
     cd = inv.dtype
@@ -187,14 +190,26 @@ def _batch_norm_bwd(cfg, epsilon, fast, res, cts):
     # Masked outputs are constants to differentiation: their cotangent is selected away,
     # and so is x there (garbage such as NaN must not reach a sum: docs/derivations.md).
     dy = S.select(dy.astype(cd), mask)
-    xhat = S.select(((x.astype(cd) - s) - mean_d) * inv, mask)
+    d = S.select(x.astype(cd) - s, mask)  # the forward's shifted data (the same expression)
+    xhat = S.select((d - mean_d) * inv, mask)
     red = cfg.reduce_axes
     # Two reductions of the input-sized arrays, shared by dx and the parameter grads:
     # S1 = sum(dxhat) = scale * sum(dy), S2 = sum(dxhat * xhat) = scale * sum(dy * xhat)
     # (scale is per-feature), so dxhat is never formed (4 reductions -> 2).
     sdy = jnp.sum(dy, axis=red, keepdims=True)
-    sdyx = jnp.sum(dy * xhat, axis=red, keepdims=True)
-    s1, s2 = cfg.psum((sdy, sdyx))
+    if fast:
+        # Shifted, as the one-pass variance: sum(dy * xhat) = inv * (sum(dy * d) -
+        # mean_d * sum(dy)). The reduced product has no per-feature broadcast, so it reads
+        # the d that the forward's moments wrote, instead of writing xhat first (XLA:CPU);
+        # the round-off grows by the same 1 + |mean - s|/std as the variance's
+        # (docs/derivations.md, "Numerics").
+        sdd = jnp.sum(dy * d, axis=red, keepdims=True)
+        s1, s2d = cfg.psum((sdy, sdd))
+        s2 = inv * (s2d - mean_d * s1)
+        sdyx = inv * (sdd - mean_d * sdy)  # this device's part, for dscale
+    else:
+        sdyx = jnp.sum(dy * xhat, axis=red, keepdims=True)
+        s1, s2 = cfg.psum((sdy, sdyx))
     a = inv if scale is None else inv * _vec(scale, cfg, cd)
     dmean = jnp.reshape(dmean.astype(cd), s1.shape)
     dvar = jnp.reshape(dvar.astype(cd), s1.shape)
