@@ -178,5 +178,5 @@ display(Markdown("\n".join(rows)))
 # %% [markdown]
 # The ratio depends on the machine and on XLA's fusion; on a CPU at these sizes both are
 # a few hundred microseconds at most. What the hand-derived rules buy is less what they
-# cost in time than what they keep: `dropout` keeps its key instead of its mask,
-# `batch_norm` keeps `x` and per-feature vectors. See `jax-batchinhib bench`.
+# cost in time than what they keep: `dropout` keeps its mask packed to bits (1/32 of a
+# float32 mask), `batch_norm` keeps `x` and per-feature vectors. See `jax-batchinhib bench`.
