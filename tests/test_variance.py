@@ -110,7 +110,10 @@ def test_backward_at_large_mean_follows_the_bound():
     which adds round-off ~ u (1 + k) sum|dy| to dscale; dx carries the variance's
     u (1 + k²) through 1/std. Measured at k = 0 / 27: dscale 6e-10 / 7e-7 of sum|dy|,
     dx 1e-7 / 1.3e-5 of max|dx| (one-pass); two-pass 6e-9 / 1e-7 throughout. An unshifted
-    sum(dy * x) - mean * sum(dy) would be off by u |mean| / std = 6e-2."""
+    sum(dy * x) - mean * sum(dy) would be off by u |mean| / std = 6e-2.
+
+    The factor 20 u covers the pairwise sums' growth, gamma_n = ceil(log2 4096) u = 12 u,
+    as in test_outlier_shift_follows_the_bound."""
     u = 2.0**-24
     base = np.asarray(large_mean((4096, 4), seed=3), np.float64)
     ct = np.asarray(jax.random.normal(jax.random.key(4), (4096, 4)), np.float64) + 0.5

@@ -191,7 +191,7 @@ def _batch_norm_bwd(cfg, epsilon, fast, res, cts):
     # and so is x there (garbage such as NaN must not reach a sum: docs/derivations.md).
     dy = S.select(dy.astype(cd), mask)
     d = S.select(x.astype(cd) - s, mask)  # the forward's shifted data (the same expression)
-    xhat = S.select((d - mean_d) * inv, mask)
+    xhat = (d - mean_d) * inv  # finite where masked (d is 0 there), where dy is 0 and dx selected
     red = cfg.reduce_axes
     # Two reductions of the input-sized arrays, shared by dx and the parameter grads:
     # S1 = sum(dxhat) = scale * sum(dy), S2 = sum(dxhat * xhat) = scale * sum(dy * xhat)
@@ -203,13 +203,11 @@ def _batch_norm_bwd(cfg, epsilon, fast, res, cts):
         # the d that the forward's moments wrote, instead of writing xhat first (XLA:CPU);
         # the round-off grows by the same 1 + |mean - s|/std as the variance's
         # (docs/derivations.md, "Numerics").
-        sdd = jnp.sum(dy * d, axis=red, keepdims=True)
-        s1, s2d = cfg.psum((sdy, sdd))
-        s2 = inv * (s2d - mean_d * s1)
-        sdyx = inv * (sdd - mean_d * sdy)  # this device's part, for dscale
+        # mean_d and inv are global, so this device's part sums to the global one.
+        sdyx = inv * (jnp.sum(dy * d, axis=red, keepdims=True) - mean_d * sdy)
     else:
         sdyx = jnp.sum(dy * xhat, axis=red, keepdims=True)
-        s1, s2 = cfg.psum((sdy, sdyx))
+    s1, s2 = cfg.psum((sdy, sdyx))
     a = inv if scale is None else inv * _vec(scale, cfg, cd)
     dmean = jnp.reshape(dmean.astype(cd), s1.shape)
     dvar = jnp.reshape(dvar.astype(cd), s1.shape)
