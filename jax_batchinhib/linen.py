@@ -155,7 +155,9 @@ class BatchNorm(nn.Module):
     - ``virtual_batch_size``: ghost batches (Keras's ``virtual_batch_size``): in
       training mode each run of this many examples along the leading axis is normalized
       with its own statistics (it must divide ``x.shape[0]``), and the running
-      statistics are updated with the average over the ghost batches of their statistics,
+      statistics are updated with the average over the ghost batches of their statistics
+      (with a mask, over the ghost batches that hold a valid value; an empty one, padding
+      say, is left out),
       each unbiased with its own count (``m = virtual_batch_size`` times the positions
       per example). Eval mode ignores it. The same attribute on every module.
 

@@ -115,18 +115,36 @@ def _masked_output(mask, y_valid, y_all):
     return y_valid if mask is None else jnp.where(mask, y_valid, lax.stop_gradient(y_all))
 
 
-def _ghost_batches(op, x, mask, v):
+def _ghost_batches(op, x, mask, v, axis, axis_name, axis_index_groups):
     """Ghost batches in plain JAX: ``op(xs, mask)`` on each run of ``v`` rows of the
-    leading axis (``jax.vmap`` over the sub-batches), the statistics averaged."""
+    leading axis (``jax.vmap`` over the sub-batches), the statistics averaged over the
+    sub-batches that hold a valid value (on any device; per feature for a feature-sized
+    statistic)."""
     b = x.shape[0]
     xg = x.reshape((b // v, v) + tuple(x.shape[1:]))
     if mask is None:
         y, stats = jax.vmap(lambda xs: op(xs, None))(xg)
-    else:
-        mask = jnp.asarray(mask)
-        mask = jnp.broadcast_to(mask, (b,) + tuple(mask.shape[1:]))
-        y, stats = jax.vmap(op)(xg, mask.reshape((b // v, v) + tuple(mask.shape[1:])))
-    return y.reshape(x.shape), jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+        return y.reshape(x.shape), jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+    mask = jnp.asarray(mask)
+    mask = jnp.broadcast_to(mask, (b,) + tuple(mask.shape[1:]))
+    mg = mask.reshape((b // v, v) + tuple(mask.shape[1:]))
+    y, stats = jax.vmap(op)(xg, mg)
+    axes, red = _axes(x, axis)
+
+    def valid_of(xs, ms):
+        n = jnp.sum(_mask(xs, ms, axes).astype(jnp.int32), axis=red)
+        return _psum(n, axis_name, axis_index_groups).reshape(-1) > 0
+
+    valid = jax.vmap(valid_of)(xg, mg)  # (sub-batches, features)
+
+    def average(s):
+        if math.prod(s.shape[1:]) == valid.shape[1]:
+            w = valid.reshape(s.shape)
+        else:  # a covariance or whitening matrix: row masks, any valid row counts
+            w = jnp.any(valid, axis=1).reshape((-1,) + (1,) * (s.ndim - 1))
+        return jnp.sum(jnp.where(w, s, 0.0), axis=0) / jnp.maximum(jnp.sum(w, axis=0), 1)
+
+    return y.reshape(x.shape), jax.tree.map(average, stats)
 
 
 def batch_norm(
@@ -151,7 +169,7 @@ def batch_norm(
                 axis_index_groups=axis_index_groups, mask=ms, use_fast_variance=use_fast_variance,
             )  # fmt: skip
 
-        return _ghost_batches(op, x, mask, virtual_batch_size)
+        return _ghost_batches(op, x, mask, virtual_batch_size, axis, axis_name, axis_index_groups)
     cd = _f32(x.dtype)
     axis, red = _axes(x, axis)
     xf = x.astype(cd)
@@ -192,7 +210,7 @@ def batch_center(
                 axis_index_groups=axis_index_groups, mask=ms, use_fast_variance=use_fast_variance,
             )  # fmt: skip
 
-        return _ghost_batches(op, x, mask, virtual_batch_size)
+        return _ghost_batches(op, x, mask, virtual_batch_size, axis, axis_name, axis_index_groups)
     cd = _f32(x.dtype)
     axis, red = _axes(x, axis)
     xf = x.astype(cd)
@@ -286,7 +304,7 @@ def batch_inhib(
                 use_fast_variance=use_fast_variance, **opts.kwargs(),
             )  # fmt: skip
 
-        return _ghost_batches(op, x, mask, virtual_batch_size)
+        return _ghost_batches(op, x, mask, virtual_batch_size, axis, axis_name, axis_index_groups)
     cd = _f32(x.dtype)
     axes, _ = _axes(x, axis)
     last = tuple(range(x.ndim - len(axes), x.ndim))

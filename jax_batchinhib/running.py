@@ -277,20 +277,24 @@ class Step:
         )  # fmt: skip
 
 
-def _per_batch(where, one, x, mask, virtual_batch_size, axis):
+def _per_batch(where, one, x, mask, step: Step):
     """``one(xs, mask=...) -> (y, stats)`` on the whole batch or, with
-    ``virtual_batch_size=v``, on each ghost batch of ``v`` rows (``ops/_ghost.py``: the
-    op vmapped over sub-batches), the statistics averaged over the ghost batches.
+    ``step.virtual_batch_size=v``, on each ghost batch of ``v`` rows (``ops/_ghost.py``:
+    the op vmapped over sub-batches), the statistics averaged over the ghost batches that
+    hold a valid position.
 
     ``one`` applies the ``m/(m-1)`` correction itself, so with ghost batches ``m`` is the
     count of one ghost batch (``v`` times the positions per example, times the devices
     of ``axis_name``), not of the whole batch, and the running variance is the average
     of the ghost batches' unbiased variances.
     """
-    if virtual_batch_size is None:
+    if step.virtual_batch_size is None:
         return one(x, mask=mask)
-    axes = S.make_reduce(where, x, axis).axis
-    return _ghost.ghost_batches(where, one, x, mask, virtual_batch_size, axes)
+    axes = S.make_reduce(where, x, step.axis).axis
+    return _ghost.ghost_batches(
+        where, one, x, mask, step.virtual_batch_size, axes, step.axis_name,
+        step.axis_index_groups,
+    )  # fmt: skip
 
 
 def _update_running(state: RunningStats, batch: dict, *, momentum, valid) -> RunningStats:
@@ -327,7 +331,7 @@ def _train(where, step: Step, op, x, state: RunningStats, mask, names, whole_row
             stats[1:] = [s * unbiased_factor(m, S.compute_dtype(s.dtype)) for s in stats[1:]]
         return y, tuple(stats)
 
-    y, batch = _per_batch(where, one, x, mask, step.virtual_batch_size, step.axis)
+    y, batch = _per_batch(where, one, x, mask, step)
     if not step.update_stats:
         return y, state
     batch = {k: jnp.reshape(b, getattr(state, k).shape) for k, b in zip(names, batch, strict=True)}

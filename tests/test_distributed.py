@@ -12,7 +12,8 @@ What is shown, each against the single-device computation on the full batch:
 - ``axis_index_groups`` (pmap, shard_map without vma checks) and its shard_map
   replacement, a 2-D mesh;
 - errors: an axis_name that names no mapped axis, groups where JAX refuses them;
-- ghost batches (``virtual_batch_size``) equal one call per sub-batch;
+- ghost batches (``virtual_batch_size``) equal one call per sub-batch; a sub-batch with no
+  valid value (on any device) is left out of the statistics' average;
 - training: a model trained for several steps on 8 devices (GSPMD and shard_map) holds
   the parameters and batch_stats of the single-device run; the running statistics are
   bitwise identical on every device.
@@ -418,6 +419,66 @@ def test_ghost_batches_masked_and_errors():
         jb.batch_inhib(x, jnp.zeros((B, B)), axis=0, virtual_batch_size=4)
     with pytest.raises(ValueError, match=r"batch_center: virtual_batch_size must be an int"):
         jb.batch_center(x, virtual_batch_size=0)
+
+
+def test_ghost_batches_leave_out_empty_sub_batches():
+    """A sub-batch with no valid value has no statistics: it is left out of the average
+    (per feature with an element mask), in the op and in the reference alike. Averaging it
+    in as zeros would halve the mean here (the test can fail: the plain mean over all
+    sub-batches differs)."""
+    v = 8  # 4 sub-batches
+    with jax.enable_x64(True):
+        x, _ = data()
+        p = params()
+        rows = jnp.arange(B)
+        # batch_inhib: whole rows; sub-batches 1 and 3 hold none
+        row_mask = (rows < 5) | ((rows >= 16) & (rows < 20))
+        # batch_norm: feature 0 has no value in sub-batch 2, every other feature has
+        elem = jnp.broadcast_to(row_mask[:, None], (B, N)) | ((rows >= 8) & (rows < 12))[:, None]
+        elem = elem & ~(((rows >= 16) & (rows < 24))[:, None] & (jnp.arange(N) == 0))
+        for name, mask in (("batch_norm", elem), ("batch_inhib_groups2", row_mask)):
+            _, st_all = ghost_by_hand(name, x, p, v, mask)
+            parts = [call(name, jb, x[j * v : (j + 1) * v], p, mask=mask[j * v : (j + 1) * v])[1]
+                     for j in range(B // v)]  # fmt: skip
+            mk = jnp.broadcast_to(mask if mask.ndim == 2 else mask[:, None], (B, N))
+            has = jnp.any(mk.reshape(B // v, v, N), axis=1)  # (sub-batch, feature)
+
+            def avg(*a, has=has):
+                s = jnp.stack(a)
+                w = has if s.shape[1:] == (N,) else jnp.any(has, 1)[:, None, None, None]
+                return jnp.sum(jnp.where(w, s, 0.0), 0) / jnp.sum(w, 0)
+
+            want = jax.tree.map(avg, *parts)
+            for mod in (jb, ref):
+                got = call(name, mod, x, p, mask=mask, virtual_batch_size=v)[1]
+                close(got, want)
+            assert np.max(np.abs(np.asarray(st_all.mean - want.mean))) > 0.1
+
+
+def test_ghost_sub_batch_empty_on_some_devices_counts():
+    """Under shard_map with axis_name, sub-batch j of every device forms one group: it is
+    left out only when it is empty on every device. 8 devices, 4 rows each, v=2: group 0
+    has valid rows on device 3 only, group 1 on none; the statistics are those of group 0
+    gathered on one device."""
+    nd, v = ND, 2
+    with jax.enable_x64(True):
+        x, _ = data()
+        p = params()
+        dev = jnp.arange(B) // (B // nd)
+        pos = jnp.arange(B) % (B // nd)
+        mask = (dev == 3) & (pos < v)
+        f = jax.jit(
+            jax.shard_map(
+                lambda x, m: jb.batch_norm(
+                    x, p["scale"], p["bias"], mask=m, axis_name="data", virtual_batch_size=v
+                )[1],
+                mesh=mesh(), in_specs=(P("data"), P("data")), out_specs=P(),
+            )
+        )  # fmt: skip
+        got = f(x, mask)
+        group0 = pos < v
+        want = call("batch_norm", jb, x[group0], p, mask=mask[group0])[1]
+        close(got, want)
 
 
 # --------------------------------------------------------------------------- training

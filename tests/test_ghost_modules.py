@@ -6,7 +6,8 @@ What is shown:
   of x and the running statistics that one gets by applying the op to each sub-batch of
   ``v`` rows and averaging the sub-batches' statistics, each variance (and covariance)
   unbiased with the count of ONE sub-batch, ``m = v * positions`` (not the full batch's);
-  with a mask, with each sub-batch's own count; under shard_map with ``axis_name``, the
+  with a mask, with each sub-batch's own count, and a sub-batch with no valid row left
+  out of the average; under shard_map with ``axis_name``, the
   j-th sub-batch of every device forms one group, ``m = v * positions * devices``;
 - linen and NNX agree (same output, same statistics);
 - eval mode ignores ``virtual_batch_size`` (a batch it does not divide is fine);
@@ -100,7 +101,8 @@ def initial_stats(kind):
 def expected(kind, x, ct, mask=None, m_of=None):
     """By hand: the op on each sub-batch of V rows; y concatenated; statistics averaged
     over the sub-batches, var/cov times m/(m-1) with m the sub-batch's count (V * S
-    without a mask, ``m_of(j)`` with one); the EMA update from the initial statistics.
+    without a mask, ``m_of(j)`` with one; a sub-batch with m = 0 is left out of the
+    average); the EMA update from the initial statistics.
     Also dx of sum(y * ct)."""
     p = params_of(kind)
 
@@ -110,10 +112,12 @@ def expected(kind, x, ct, mask=None, m_of=None):
             sl = slice(j * V, (j + 1) * V)
             y, st = op(kind, x[sl], p, mask=None if mask is None else mask[sl])
             m = V * S if m_of is None else m_of(j)
+            ys.append(y)
+            if m == 0:  # an empty sub-batch has no statistics: left out of the average
+                continue
             f = m / (m - 1)
             st = {"mean": st.mean, "var": st.var, "cov": getattr(st, "cov", None)}
             st = {k: st[k] if k == "mean" else st[k] * f for k in STATS[kind]}
-            ys.append(y)
             sts.append(st)
         batch = jax.tree.map(lambda *a: jnp.mean(jnp.stack(a), 0), *sts)
         return jnp.concatenate(ys), batch
@@ -209,6 +213,24 @@ def test_masked_sub_batches_use_their_own_counts():
         for kind in ("BatchNorm", "BatchInhib"):
             want = expected(kind, x, ct, mask=mask, m_of=lambda j: rows[j] * S)
             close(linen_train(kind, V, True)(x, ct, mask), want)
+
+
+def test_empty_sub_batches_are_left_out_of_the_running_statistics():
+    """Rows 4, 0, 2, 0 valid: the two empty sub-batches (padding, say) contribute no
+    statistics, so the running mean and variance are those of sub-batches 0 and 2 alone.
+    Counted as zeros, they would pull the running mean halfway to 0 (the test can fail:
+    checked against the plain average over all four)."""
+    rows = np.array([4, 0, 2, 0])
+    rows_valid = (np.arange(V)[None, :] < rows[:, None]).reshape(B)
+    mask = jnp.asarray(np.broadcast_to(rows_valid[:, None], (B, S)))
+    with jax.enable_x64(True):
+        x, ct = data()
+        for kind in ("BatchNorm", "BatchInhib"):
+            want = expected(kind, x, ct, mask=mask, m_of=lambda j: rows[j] * S)
+            got = linen_train(kind, V, True)(x, ct, mask)
+            close(got, want)
+            means = [jnp.mean(x[j * V : j * V + rows[j]], (0, 1)) for j in (0, 2)]
+            close(got[1]["mean"], (1 - MOM) * (means[0] + means[1]) / 2)
 
 
 def test_eval_mode_ignores_virtual_batch_size():

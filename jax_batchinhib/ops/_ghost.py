@@ -7,7 +7,9 @@ statistics (Keras's ``BatchNormalization(virtual_batch_size=v)``, Hoffer et al. 
 https://github.com/google/flax/issues/332) and returns the
 statistics averaged over the sub-batches: the mean over sub-batches of the per-sub-batch
 mean, variance (biased, over ``v`` examples) and covariance, as Keras feeds its moving
-averages.
+averages. With a mask, a sub-batch with no valid position (for a feature, with an
+element mask) has no statistics and is left out of that average: padding that fills a
+whole sub-batch would otherwise pull the mean and variance toward 0.
 
 The op itself is ``jax.vmap``-ed over the sub-batch axis, so each sub-batch goes through
 the op's own custom VJP; parameters are shared (their gradients sum over the
@@ -17,10 +19,13 @@ statistics group.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from jax_batchinhib.ops import _checks as C
+from jax_batchinhib.ops import _stats as S
 
 
 def check_virtual_batch_size(fn: str, x, axis, v) -> int:
@@ -41,11 +46,13 @@ def check_virtual_batch_size(fn: str, x, axis, v) -> int:
     return v
 
 
-def ghost_batches(fn: str, op, x, mask, v: int, axis):
+def ghost_batches(fn: str, op, x, mask, v: int, axis, axis_name=None, axis_index_groups=None):
     """Run ``op(x_sub, mask=mask_sub) -> (y_sub, stats)`` on each sub-batch of ``v`` rows.
 
-    ``op`` closes over everything else (parameters, static options). Returns ``y`` of
-    ``x``'s shape and the statistics averaged over the sub-batches.
+    ``op`` closes over everything else (parameters, static options; ``axis_name`` and
+    ``axis_index_groups`` are passed here too, so that a sub-batch counts as empty only
+    when it is empty on every device). Returns ``y`` of ``x``'s shape and the statistics
+    averaged over the sub-batches that hold a valid position (see :func:`_average`).
     """
     check_virtual_batch_size(fn, x, axis, v)
     b = x.shape[0]
@@ -63,5 +70,26 @@ def ghost_batches(fn: str, op, x, mask, v: int, axis):
         mask = jnp.broadcast_to(mask, (b,) + tuple(mask.shape[1:]))
         mg = jnp.reshape(mask, (b // v, v) + tuple(mask.shape[1:]))
         y, stats = jax.vmap(lambda xs, ms: op(xs, mask=ms))(xg, mg)
+        cfg = S.make_reduce(fn, xg[0], axis, axis_name, axis_index_groups)
+        counts = jax.vmap(lambda ms: S.count(xg.shape[1:], S.mask_bool(ms), cfg, jnp.float32))(
+            jax.vmap(lambda ms: S.mask_weights(fn, ms, xg.shape[1:], cfg))(mg)
+        )
+        valid = jnp.reshape(counts > 0, (b // v, -1))  # (sub-batches, features)
+        return jnp.reshape(y, x.shape), jax.tree.map(lambda s: _average(s, valid), stats)
     stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
     return jnp.reshape(y, x.shape), stats
+
+
+def _average(s, valid):
+    """Mean over the leading (sub-batch) axis of ``s`` over the sub-batches where
+    ``valid``: ``valid`` is (sub-batches, N) per feature; a feature-sized statistic
+    (mean, variance) is averaged per feature, any other (a covariance, a whitening
+    matrix: row masks only) over the sub-batches with any valid position. A statistic
+    of a feature with no valid position anywhere is 0, as without ghost batches."""
+    k = s.shape[0]
+    if math.prod(s.shape[1:]) == valid.shape[1]:
+        w = jnp.reshape(valid, s.shape)
+    else:
+        w = jnp.reshape(jnp.any(valid, axis=1), (k,) + (1,) * (s.ndim - 1))
+    total = jnp.sum(jnp.where(w, s, jnp.zeros((), s.dtype)), axis=0)
+    return total / jnp.maximum(jnp.sum(w, axis=0), 1).astype(s.dtype)

@@ -339,7 +339,8 @@ def batch_inhib(
         axis; see ``docs/scaling.md``.
       virtual_batch_size: ghost batches: each run of this many examples along the leading
         axis gets its own statistics (it must divide ``x.shape[0]``); the returned
-        statistics are the mean over the sub-batches.
+        statistics are the mean over the sub-batches (with a mask, over those that hold
+        a valid row: an empty sub-batch has no statistics).
       use_fast_variance: True: the covariance in one read of ``x``,
         ``Σ d dᵀ/n - mean_d mean_dᵀ`` with ``d = x - s`` (``s`` the first valid row); False
         (the default here, unlike batch_norm): the shifted two-pass
@@ -374,7 +375,9 @@ def batch_inhib(
             axis_index_groups=axis_index_groups, use_fast_variance=fast,
             **cfg.kwargs(),
         )  # fmt: skip
-        return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, red.axis)
+        return _ghost.ghost_batches(
+            fn, op, x, mask, virtual_batch_size, red.axis, axis_name, axis_index_groups
+        )
     mask = S.mask_weights(fn, mask, x.shape, red, rows_only=True)
     S.static_count(fn, x.shape, red, mask)
     if mask is not None:

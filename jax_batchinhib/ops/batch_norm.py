@@ -111,7 +111,9 @@ def batch_norm(
         no gradient, and dx is 0 there (``docs/derivations.md``, "Masks select").
       virtual_batch_size: ghost batches: normalize each run of this many examples along
         the leading axis with its own statistics (it must divide ``x.shape[0]``); the
-        returned statistics are then the mean over the sub-batches of their mean and var.
+        returned statistics are then the mean over the sub-batches of their mean and var
+        (with a mask, over the sub-batches that hold a valid value of that feature: an
+        empty sub-batch has no statistics).
       use_fast_variance: True (default, as flax): the shifted one-pass variance
         ``Σd²/n - (Σd/n)²``, one read of ``x`` for the statistics, and the backward's
         ``Σdy·x̂`` shifted alike, ``inv·(Σdy·d - mean_d·Σdy)``; False: the shifted
@@ -144,7 +146,9 @@ def batch_norm(
             axis_name=axis_name, axis_index_groups=axis_index_groups,
             use_fast_variance=fast,
         )  # fmt: skip
-        return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, cfg.axis)
+        return _ghost.ghost_batches(
+            fn, op, x, mask, virtual_batch_size, cfg.axis, axis_name, axis_index_groups
+        )
     mask = S.mask_weights(fn, mask, x.shape, cfg)
     S.static_count(fn, x.shape, cfg, mask)
     return _batch_norm(cfg, float(epsilon), fast, x, scale, bias, mask)
@@ -273,7 +277,9 @@ def batch_center(
             batch_center, bias=bias, axis=cfg.axis, axis_name=axis_name,
             axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
         )  # fmt: skip
-        return _ghost.ghost_batches(fn, op, x, mask, virtual_batch_size, cfg.axis)
+        return _ghost.ghost_batches(
+            fn, op, x, mask, virtual_batch_size, cfg.axis, axis_name, axis_index_groups
+        )
     mask = S.mask_weights(fn, mask, x.shape, cfg)
     S.static_count(fn, x.shape, cfg, mask)
     return _batch_center(cfg, x, bias, mask)
