@@ -74,9 +74,7 @@ CASES = {
     ),
     "axis not an int": dict(
         op=lambda: jbi.batch_norm(X, axis=1.5),
-        linen=lambda: bnn.BatchNorm(use_running_average=False, axis=1.5).init(
-            jax.random.key(1), X
-        ),
+        linen=lambda: bnn.BatchNorm(use_running_average=False, axis=1.5).init(jax.random.key(1), X),
         nnx=lambda: bnx.BatchNorm(N, axis=1.5, rngs=nnx.Rngs(0))(X),
     ),
     "groups do not divide N": dict(
