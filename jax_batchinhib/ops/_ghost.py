@@ -70,11 +70,13 @@ def ghost_batches(fn: str, op, x, mask, v: int, axis, axis_name=None, axis_index
         mask = jnp.broadcast_to(mask, (b,) + tuple(mask.shape[1:]))
         mg = jnp.reshape(mask, (b // v, v) + tuple(mask.shape[1:]))
         y, stats = jax.vmap(lambda xs, ms: op(xs, mask=ms))(xg, mg)
-        cfg = S.make_reduce(fn, xg[0], axis, axis_name, axis_index_groups)
-        counts = jax.vmap(lambda ms: S.count(xg.shape[1:], S.mask_bool(ms), cfg, jnp.float32))(
-            jax.vmap(lambda ms: S.mask_weights(fn, ms, xg.shape[1:], cfg))(mg)
-        )
-        valid = jnp.reshape(counts > 0, (b // v, -1))  # (sub-batches, features)
+        cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)  # a sub-batch's too
+        sub = xg.shape[1:]
+
+        def count(ms):  # per feature, summed across the devices of axis_name
+            return S.count(sub, S.mask_bool(S.mask_weights(fn, ms, sub, cfg)), cfg, jnp.float32)
+
+        valid = jnp.reshape(jax.vmap(count)(mg) > 0, (b // v, -1))  # (sub-batches, features)
         return jnp.reshape(y, x.shape), jax.tree.map(lambda s: _average(s, valid), stats)
     stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
     return jnp.reshape(y, x.shape), stats
