@@ -10,12 +10,14 @@
   as the shift degrades it, as the bound says, and the two-pass does not degrade;
 - both backward rules equal autodiff of the reference computing the same algorithm, in
   float32 and float64;
-- the one-pass backward (its shifted sum(dy * xhat)) stays within the same bound.
+- the one-pass backward (its shifted sum(dy * xhat)) stays within the same bound;
+- the shift's search for the first valid row runs on a row mask's own shape.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -54,6 +56,29 @@ def test_large_mean_batch_norm_masked_and_ghost(fast):
     xs = x64.reshape(4, 128, 4)
     want = (xs - xs.mean(1, keepdims=True)) / np.sqrt(xs.var(1, keepdims=True) + 1e-5)
     assert np.max(np.abs(np.asarray(y, np.float64) - want.reshape(512, 4))) < 1e-3
+
+
+def test_the_shift_searches_a_row_mask_over_its_rows():
+    """The first valid row is found on the mask's own shape: with a row mask of (512,)
+    the search (an argmax) runs over 512 values, not over the mask broadcast to x's
+    (512, 64). (The broadcast one was 64x the work, and XLA spent 20 s constant-folding
+    it at (1024, 512) when the mask was a constant of the jitted function.) An element
+    mask is searched whole."""
+    x = large_mean((512, 64))
+    rows = jnp.arange(512) > 3
+
+    def argmax_sizes(mask):
+        def walk(jaxpr):  # the op's custom_vjp and pjit bodies are sub-jaxprs
+            for e in jaxpr.eqns:
+                if e.primitive.name == "argmax":
+                    yield int(np.prod(e.invars[0].aval.shape))
+                for sub in jax.extend.core.jaxprs_in_params(e.params):
+                    yield from walk(sub)
+
+        return list(walk(jax.make_jaxpr(lambda x, m: jb.batch_norm(x, mask=m))(x, mask).jaxpr))
+
+    assert argmax_sizes(rows) == [512]
+    assert argmax_sizes(jnp.broadcast_to(rows[:, None], x.shape)) == [512 * 64]
 
 
 @pytest.mark.parametrize("fast", FAST, ids=IDS)

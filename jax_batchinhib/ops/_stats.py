@@ -331,18 +331,23 @@ def _first_valid(xf, mask, cfg: Reduce):
     """Per feature, the value at the first position (row-major over the reduced axes)
     where ``mask`` is True, and whether there is one: ``(sample, has)``, keepdims shapes.
 
-    Reads the mask and gathers one value per feature; it does not read the data."""
+    Reads the mask and gathers one value per feature; it does not read the data. The
+    search runs over the mask's own shape, not its broadcast to x's: along an axis where
+    the mask has size 1 the first valid position has coordinate 0, so a row mask costs
+    a search over the rows, not over rows times features (which XLA would also
+    constant-fold for seconds when the mask is a constant of the jitted function)."""
     shape = xf.shape
+    mask = jnp.reshape(mask, (1,) * (xf.ndim - jnp.ndim(mask)) + jnp.shape(mask))
     feat = tuple(shape[a] for a in cfg.feature_axes)
-    rshape = tuple(shape[a] for a in cfg.reduce_axes)
-    mb = jnp.broadcast_to(mask, shape)
-    mt = jnp.transpose(mb, cfg.reduce_axes + cfg.feature_axes).reshape((-1,) + feat)
+    mfeat = tuple(mask.shape[a] for a in cfg.feature_axes)  # 1 or the feature's size
+    mred = tuple(mask.shape[a] for a in cfg.reduce_axes)  # 1 along broadcast axes
+    mt = jnp.transpose(mask, cfg.reduce_axes + cfg.feature_axes).reshape((-1,) + mfeat)
     idx = jnp.argmax(mt, axis=0)  # first True (0 where there is none)
-    has = jnp.any(mt, axis=0)
-    coords = iter(jnp.unravel_index(idx, rshape) if rshape else ())
+    has = jnp.broadcast_to(jnp.any(mt, axis=0), feat)
+    coords = iter(jnp.unravel_index(idx, mred) if mred else ())
     grid = iter(jnp.indices(feat, sparse=True))
     index = tuple(next(grid) if a in cfg.feature_axes else next(coords) for a in range(xf.ndim))
-    sample = xf[index]  # feature-shaped: one gathered value per feature
+    sample = jnp.broadcast_to(xf[index], feat)  # one gathered value per feature
     keep = tuple(shape[a] if a in cfg.feature_axes else 1 for a in range(xf.ndim))
     return jnp.where(has, sample, 0).reshape(keep), has.reshape(keep)
 
