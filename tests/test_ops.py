@@ -502,6 +502,42 @@ def test_softmax_cross_entropy_extreme_logits():
     assert np.all(np.isfinite(ga))
 
 
+def test_softmax_cross_entropy_masked_logits_are_finite():
+    # A masked class (logit -inf, label 0) adds nothing, 0 log 0 = 0 (optax's
+    # safe_softmax_cross_entropy): the loss and dz are those of the unmasked classes alone.
+    inf = jnp.inf
+    z = jnp.array([[1.0, -inf, 2.0, 0.5], [0.0, 0.0, -inf, -inf]])
+    t = jnp.array([[0.7, 0.0, 0.3, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    keep = np.isfinite(np.asarray(z))
+    want_v, want_g = [], np.zeros(z.shape, np.float32)
+    for i in range(z.shape[0]):
+        zi, ti = z[i][keep[i]], t[i][keep[i]]
+        v, g = jax.value_and_grad(lambda zi, ti=ti: ref.softmax_cross_entropy(zi, ti))(zi)
+        want_v.append(float(v))
+        want_g[i, keep[i]] = g
+    loss = lambda f: lambda z, t: jnp.sum(f(z, t))  # noqa: E731
+    # float32 sums of O(1) terms: a few ulps
+    f = jb.softmax_cross_entropy
+    v, (gz, gt) = jax.value_and_grad(loss(f), argnums=(0, 1))(z, t)
+    np.testing.assert_allclose(f(z, t), want_v, rtol=1e-6)
+    np.testing.assert_allclose(gz, want_g, rtol=1e-6, atol=1e-7)
+    # dt = -log softmax(z) where that is finite
+    logp = jax.nn.log_softmax(z)
+    np.testing.assert_allclose(gt[keep], -logp[keep], rtol=1e-6)
+    # the naive reference (and optax's softmax_cross_entropy) gives 0 * inf = NaN there
+    assert np.all(np.isnan(ref.softmax_cross_entropy(z, t)))
+    import optax
+
+    np.testing.assert_allclose(
+        jb.softmax_cross_entropy(z, t), optax.safe_softmax_cross_entropy(z, t), rtol=1e-6
+    )
+    # at a masked class dt is -log 0 = +inf (the loss is +inf for any label > 0 there)
+    assert np.all(np.isposinf(np.asarray(gt)[~keep]))
+    # ... where the op gives about t * finfo.max (the clamp), not NaN
+    bad = jb.softmax_cross_entropy(z[:1], jnp.array([[0.5, 0.5, 0.0, 0.0]]))
+    assert float(bad[0]) >= 0.5 * float(jnp.finfo(jnp.float32).max)
+
+
 def test_dropout_edge_rates():
     x = _data((16, 8), jnp.float32)
     key = jax.random.key(1)

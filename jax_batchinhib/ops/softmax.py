@@ -74,7 +74,11 @@ def softmax_cross_entropy(logits, labels, axis: int = -1):
     ``labels`` t as probabilities (one-hot or soft) over ``axis``.
 
     Computed as :math:`(\sum_k t_k)\,\mathrm{lse}(z) - \langle t, z\rangle` with a
-    max-shifted log-sum-exp, so logits of ±1000 stay finite. Backward:
+    max-shifted log-sum-exp, so logits of ±1000 stay finite, and a class with label 0
+    adds nothing even at logit ``-inf`` (:math:`0 \log 0 = 0`, as
+    ``optax.safe_softmax_cross_entropy``): masked classes give a finite loss and a finite
+    ``dz``. (A label > 0 on a class at ``-inf`` gives about ``t * finfo.max``, 3.4e38·t in
+    float32, where the exact loss and optax's are ``inf``.) Backward:
     :math:`dz = g\,((\sum_k t_k)\,\mathrm{softmax}(z) - t)` (that is
     :math:`y_B - \hat y_B` for normalized labels), :math:`dt = -g \log\mathrm{softmax}(z)`.
     When only the logits need a gradient (float32/float64 logits), the forward keeps
@@ -129,7 +133,12 @@ def _sce_parts(axis, logits, labels):
 
 
 def _sce_loss(axis, z, t, lse, logits, labels):
-    return jnp.sum(t * (lse - z), axis=axis).astype(logits.dtype)
+    # 0 log 0 = 0: a class whose label is 0 adds nothing, even at logit -inf (masked
+    # classes), where t * (lse - z) would be 0 * inf = NaN. Clamping z at the dtype's
+    # lowest finite value does it without a select: XLA:CPU keeps the max inside the
+    # reduction's fusion, while a select makes it write the (M, N) terms first.
+    zc = jnp.maximum(z, jnp.finfo(z.dtype).min)
+    return jnp.sum(t * (lse - zc), axis=axis).astype(logits.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
