@@ -96,6 +96,41 @@ def test_json_and_markdown(results, tmp_path):
     assert bench.headline_table(back).count("\n") == 1 + len(back["cases"])
 
 
+def test_merge_runs_takes_the_median_over_whole_runs(results):
+    """``--runs K``: each figure is the median over the runs, every run's ratio kept, the
+    targets judged on the median; a case that failed once keeps its error."""
+    runs = []
+    for j, (r, t) in enumerate([(0.5, 2.0), (1.5, 1.0), (0.65, 3.0)]):
+        run = json.loads(json.dumps(results, default=bench._json_default))
+        run["date"] = f"run {j}"
+        bn = run["cases"][0]
+        bn["ratios"]["ours/autodiff"]["time"] = r
+        bn["contenders"]["ours"]["median_s"] = t
+        runs.append(run)
+    runs[1]["cases"][2] = {"name": runs[1]["cases"][2]["name"], "family": "x", "error": "E: boom"}
+    merged = bench.merge_runs(runs)
+    assert merged["runs"] == 3 and merged["run_dates"] == ["run 0", "run 1", "run 2"]
+    bn = merged["cases"][0]
+    assert bn["ratios"]["ours/autodiff"]["time"] == 0.65
+    assert bn["ratios"]["ours/autodiff"]["time_runs"] == [0.5, 1.5, 0.65]
+    assert bn["contenders"]["ours"]["median_s"] == 2.0
+    assert (
+        len(bn["contenders"]["ours"]["times_s"])
+        == bn["rounds"]
+        == 3 * results["cases"][0]["rounds"]
+    )
+    assert merged["cases"][2]["error"] == "E: boom"
+    by = {(t["family"], t["metric"]): t for t in merged["targets"]}
+    assert by[("batch_norm", "ours/autodiff")]["status"] == "met"  # 0.65 <= 0.7
+    md = bench.render_markdown([merged])
+    assert "3 whole runs" in md and "**0.65** (0.50-1.50)" in md
+    assert bench.merge_runs(runs[:1]) is runs[0]
+    with pytest.raises(ValueError, match="same cases"):
+        bench.merge_runs([runs[0], {**runs[2], "cases": runs[2]["cases"][:1]}])
+    with pytest.raises(SystemExit, match="--runs must be at least 1; got 0"):
+        bench.main(["--runs", "0", "--cases", "batch_norm/256x1024/float32"])
+
+
 def test_the_run_keeps_flax_fast_variance_in_view(results):
     """A run with a batch_norm case reports the large-mean accuracy: ours (one-pass and
     two-pass) within 1e-3 of float64 (measured 3.3e-7), flax's one-pass variance

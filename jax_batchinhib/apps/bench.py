@@ -1265,6 +1265,64 @@ def _results(info, settings, results, t0) -> dict:
     return out
 
 
+def merge_runs(runs: Sequence[dict]) -> dict:
+    """One results dict from several whole runs of the same cases (``--runs K``).
+
+    On a shared machine a ratio moves between runs a few minutes apart by more than the
+    rounds of one run show (the 2-core CPU: batch_norm's ours/flax at (4096, 512) read
+    0.98 and 0.64 in two runs twenty minutes apart). Each case's figure is then the
+    median over the runs: of each contender's median time, and of each ratio (the run's
+    ``median(ours) / median(theirs)``), with every run's ratio kept in ``time_runs``;
+    ``time_round_min`` / ``time_round_max`` span every round of every run. The hardware
+    limit is the run's whose fraction is the median. A case that failed in any run keeps
+    that run's error. Memory figures (deterministic) are the first run's.
+    """
+    if not runs:
+        raise ValueError("bench.merge_runs: runs must be a non-empty list of results dicts")
+    names = [[c["name"] for c in r["cases"]] for r in runs]
+    if any(n != names[0] for n in names):
+        raise ValueError(
+            f"bench.merge_runs: every run must time the same cases in the same order; got "
+            f"{names[0]} and {next(n for n in names if n != names[0])}"
+        )
+    if len(runs) == 1:
+        return runs[0]
+    out = json.loads(json.dumps(runs[0], default=_json_default))
+    out["runs"] = len(runs)
+    out["run_dates"] = [r["date"] for r in runs]
+    out["wall_s"] = round(sum(r["wall_s"] for r in runs), 1)
+    out["settings"]["runs"] = len(runs)
+    out["settings"]["statistic"] = (
+        "per run: median over rounds of timing / (calls * K), ratio = median(ours) / "
+        f"median(theirs); over the {len(runs)} runs: the median of each"
+    )
+    for i, case in enumerate(out["cases"]):
+        per_run = [r["cases"][i] for r in runs]
+        failed = next((c for c in per_run if "error" in c), None)
+        if failed is not None:
+            out["cases"][i] = {k: failed[k] for k in ("name", "family", "error")}
+            continue
+        for name, info in case["contenders"].items():
+            ms = [c["contenders"][name]["median_s"] for c in per_run]
+            info["median_s"] = statistics.median(ms)
+            info["median_s_runs"] = ms
+            info["min_s"] = min(c["contenders"][name]["min_s"] for c in per_run)
+            info["times_s"] = [t for c in per_run for t in c["contenders"][name]["times_s"]]
+        for pair, r in case["ratios"].items():
+            rs = [c["ratios"][pair] for c in per_run]
+            r["time"] = statistics.median(x["time"] for x in rs)
+            r["time_runs"] = [x["time"] for x in rs]
+            r["time_round_min"] = min(x["time_round_min"] for x in rs)
+            r["time_round_max"] = max(x["time_round_max"] for x in rs)
+        lims = [c["limit"] for c in per_run if c.get("limit")]
+        if lims:
+            lims.sort(key=lambda lim: lim["fraction"])
+            case["limit"] = lims[(len(lims) - 1) // 2]
+        case["rounds"] = sum(c["rounds"] for c in per_run)
+    out["targets"] = check_targets(out)
+    return out
+
+
 def check_targets(results: dict) -> list[dict]:
     """Where each of :data:`TARGETS` stands in ``results``."""
     rows = []
@@ -1401,7 +1459,13 @@ def _render_one(res: dict) -> list[str]:
         f"Machine: {m['cpu']}, {m['cores']} cores; device `{m['device_kind']}` "
         f"({m['platform']}, {m['device_count']} device(s)); jax {m['jax']}, jaxlib "
         f"{m['jaxlib']}, flax {m.get('flax')}, optax {m.get('optax')}, Python {m['python']}. "
-        f"Run {res['date']}, {res['wall_s']:.0f} s; up to {s['repeats']} rounds per case, "
+        + (
+            f"{res['runs']} whole runs ({', '.join(res['run_dates'])}), {res['wall_s']:.0f} s; "
+            "each figure is the median over the runs, with the runs' range in brackets; "
+            if res.get("runs")
+            else f"Run {res['date']}, {res['wall_s']:.0f} s; "
+        )
+        + f"up to {s['repeats']} rounds per case, "
         f"one timing >= {s['min_time_s'] * 1e3:.0f} ms, sync={s['sync']}, "
         f"method={s.get('method', 'calls')}"
         + (f", XLA_FLAGS=`{m['xla_flags']}`" if m.get("xla_flags") else "")
@@ -1425,7 +1489,11 @@ def _render_one(res: dict) -> list[str]:
 
         def ratio(pair, key="time", c=c):
             r = c["ratios"].get(pair)
-            return "-" if not r or r.get(key) is None else f"**{r[key]:.2f}**"
+            if not r or r.get(key) is None:
+                return "-"
+            runs = r.get(f"{key}_runs")
+            spread = f" ({min(runs):.2f}-{max(runs):.2f})" if runs else ""
+            return f"**{r[key]:.2f}**{spread}"
 
         trio = [d for d in (o, a, *(cs[k] for k in others)) if d]
         kept = " / ".join(_fmt_b(d.get("resid_bytes")) for d in trio)
@@ -1566,6 +1634,14 @@ def build_parser(prog="jax-batchinhib bench") -> argparse.ArgumentParser:
         help="with the loop: most steps chained in one loop iteration (default 8)",
     )
     p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="time every case this many whole runs over and report the median over runs, "
+        "with each run's ratio (for a shared machine, where ratios move between runs; "
+        "default 1)",
+    )
+    p.add_argument(
         "--large",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -1629,22 +1705,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     timing = timing_settings(args)
     cases = select_cases(args.cases, quick=timing["mode"] == "quick", large=args.large)
 
-    def save(part):
-        if args.json:
-            write_json(part, args.json)
+    if args.runs < 1:
+        raise SystemExit(f"jax-batchinhib bench: --runs must be at least 1; got {args.runs}")
+    done: list[dict] = []
 
-    res = run(
-        cases,
-        repeats=timing["repeats"],
-        min_time=timing["min_time"],
-        budget=timing["budget"],
-        sync=args.sync,
-        max_steps=args.max_steps,
-        workers=args.workers,
-        method=args.method,
-        unroll=args.unroll,
-        on_case=save,
-    )
+    def save(part):
+        # an interrupted run keeps what it measured: the runs done, or this run's cases
+        if args.json:
+            write_json(merge_runs(done) if done else part, args.json)
+
+    for i in range(args.runs):
+        if args.runs > 1:
+            print(f"run {i + 1} of {args.runs}")
+        done.append(
+            run(
+                cases,
+                repeats=timing["repeats"],
+                min_time=timing["min_time"],
+                budget=timing["budget"],
+                sync=args.sync,
+                max_steps=args.max_steps,
+                workers=args.workers,
+                method=args.method,
+                unroll=args.unroll,
+                on_case=save,
+            )
+        )
+    res = merge_runs(done)
     print()
     print(headline_table(res))
     if args.json:
