@@ -145,7 +145,8 @@ BENCH = README.parent / "benchmarks"
 def _machine(res: dict) -> str:
     m = res["machine"]
     who = m["cpu"] + f", {m['cores']} cores" if m["platform"] == "cpu" else m["device_kind"]
-    return f"{who}; {res['date'][:10]}" + (
+    runs = f", median of {res['runs']} runs" if res.get("runs") else ""
+    return f"{who}; {res['date'][:10]}{runs}" + (
         " (an earlier run of earlier code)" if res.get("label") else ""
     )
 
