@@ -687,6 +687,12 @@ def test_errors_name_function_argument_and_shapes():
         jnp.ones((4, 4)),
     )
     _raises(
+        ValueError,
+        r"batch_norm: .* got x of shape \(0, 4\), which has 0 values per feature",
+        jb.batch_norm,
+        jnp.ones((0, 4)),
+    )
+    _raises(
         TypeError,
         r"softmax_cross_entropy: labels must be probabilities.*one_hot",
         jb.softmax_cross_entropy,

@@ -278,7 +278,8 @@ def static_count(fn: str, x_shape, cfg: Reduce, mask) -> int:
     if mask is None and cfg.axis_name is None and m <= 1:
         raise ValueError(
             f"{fn}: training-mode statistics need more than one value per feature; got x of "
-            f"shape {shape_str(x_shape)}, which has {m} value per feature over axes "
+            f"shape {shape_str(x_shape)}, which has {m} value{'' if m == 1 else 's'} per "
+            f"feature over axes "
             f"{cfg.reduce_axes}. Use the inference form with running statistics for single "
             f"examples (as torch.nn.BatchNorm refuses a batch of one in training mode)."
         )
