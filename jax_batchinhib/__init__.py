@@ -28,6 +28,9 @@ from jax_batchinhib.ops import iter_norm as iter_norm
 from jax_batchinhib.ops import iter_norm_inference as iter_norm_inference
 from jax_batchinhib.ops import softmax as softmax
 from jax_batchinhib.ops import softmax_cross_entropy as softmax_cross_entropy
+from jax_batchinhib.ops import (
+    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+)
 from jax_batchinhib.ops import zca_norm as zca_norm
 from jax_batchinhib.ops import zca_norm_inference as zca_norm_inference
 from jax_batchinhib.testing import check_vjp as check_vjp
@@ -66,6 +69,7 @@ __all__ = [
     "iter_norm_inference",
     "softmax",
     "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
     "zca_norm",
     "zca_norm_inference",
 ]

@@ -423,6 +423,16 @@ def softmax_cross_entropy(logits, labels, axis=-1):
     return (-jnp.sum(labels.astype(cd) * logp, axis=axis)).astype(logits.dtype)
 
 
+def softmax_cross_entropy_with_integer_labels(logits, labels, axis=-1):
+    """Reference cross-entropy with class indices: -log_softmax(logits) at the label."""
+    cd = _f32(logits.dtype)
+    z = logits.astype(cd)
+    m = lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
+    logp = z - m - jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True))
+    idx = jnp.expand_dims(labels, axis)
+    return (-jnp.squeeze(jnp.take_along_axis(logp, idx, axis=axis), axis)).astype(logits.dtype)
+
+
 def _whiten(whitening, x, scale, bias, groups, epsilon, axis, axis_name, axis_index_groups, mask):
     """Shared forward of the whitening references: centre, covariance, W, x̂ = X_c W."""
     cd = _f32(x.dtype)

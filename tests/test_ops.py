@@ -95,6 +95,13 @@ def _cases(shape, dtype, axis=-1, groups=1, seed=0):
             (x, labels),
             {},
         ),
+        (
+            "softmax_cross_entropy_with_integer_labels",
+            jb.softmax_cross_entropy_with_integer_labels,
+            ref.softmax_cross_entropy_with_integer_labels,
+            (x, jax.random.randint(jax.random.key(seed + 6), shape[:-1], 0, shape[-1])),
+            {},
+        ),
         ("dropout", jb.dropout, ref.dropout, (x, 0.25, jax.random.key(seed + 7)), {}),
     ]
 
@@ -536,6 +543,76 @@ def test_softmax_cross_entropy_masked_logits_are_finite():
     # ... where the op gives about t * finfo.max (the clamp), not NaN
     bad = jb.softmax_cross_entropy(z[:1], jnp.array([[0.5, 0.5, 0.0, 0.0]]))
     assert float(bad[0]) >= 0.5 * float(jnp.finfo(jnp.float32).max)
+
+
+def test_integer_label_cross_entropy_equals_the_one_hot_op_and_optax():
+    import optax
+
+    f = jb.softmax_cross_entropy_with_integer_labels
+    z = _data((6, 3, 5), jnp.float32, 4) * 3
+    y = jax.random.randint(jax.random.key(5), (6, 3), 0, 5)
+    ct = _data((6, 3), jnp.float32, 6)
+
+    def vg(fn, z, *a, **k):
+        return jax.value_and_grad(lambda z: jnp.sum(fn(z, *a, **k) * ct))(z)
+
+    # float32, sums of O(1) terms: a few ulps
+    for other in (
+        vg(jb.softmax_cross_entropy, z, jax.nn.one_hot(y, 5)),
+        vg(optax.softmax_cross_entropy_with_integer_labels, z, y),
+    ):
+        for a, b in zip(vg(f, z, y), other, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # the class axis elsewhere
+    zt = jnp.moveaxis(z, -1, 1)
+    for a, b in zip(vg(f, zt, y, axis=1), vg(f, z, y), strict=True):
+        np.testing.assert_allclose(jnp.moveaxis(a, 1, -1) if a.ndim == 3 else a, b, rtol=1e-6)
+    # bfloat16 logits (the recompute path): within bfloat16 rounding (2^-8) of float32
+    zb = z.astype(jnp.bfloat16)
+    vb, gb = vg(f, zb, y)
+    assert gb.dtype == jnp.bfloat16
+    v32, g32 = vg(f, zb.astype(jnp.float32), y)
+    np.testing.assert_allclose(jnp.float32(vb), v32, rtol=2**-8)
+    np.testing.assert_allclose(gb.astype(jnp.float32), g32, rtol=2**-7, atol=2**-9)
+    # a masked class (logit -inf) other than the label adds nothing, finitely
+    zm = z.at[..., 0].set(-jnp.inf)
+    ym = jnp.maximum(y, 1)
+    v, g = vg(f, zm, ym)
+    vo, go = vg(f, z[..., 1:], ym - 1)
+    np.testing.assert_allclose(v, vo, rtol=1e-6)
+    np.testing.assert_allclose(g[..., 1:], go, rtol=1e-5, atol=1e-7)
+    assert np.all(g[..., 0] == 0)
+    # a label out of range: NaN loss and dz = g softmax(z), as optax's
+    yb = y.at[0, 0].set(5)
+    assert np.isnan(f(z, yb)[0, 0]) and np.isfinite(f(z, yb)[1:]).all()
+    g = jax.grad(lambda z: jnp.sum(f(z, yb)[0, 0] * 1.0))(z)
+    np.testing.assert_allclose(g[0, 0], jax.nn.softmax(z[0, 0]), rtol=1e-6)
+    # second order: the backward is differentiable (grad of grad against the reference)
+    r = ref.softmax_cross_entropy_with_integer_labels
+    gg = [
+        jax.grad(lambda z, fn=fn: jnp.sum(jax.grad(lambda z: jnp.sum(fn(z, y) * ct))(z) ** 2))(z)
+        for fn in (f, r)
+    ]
+    np.testing.assert_allclose(gg[0], gg[1], rtol=1e-5, atol=1e-6)
+    # jit and vmap
+    np.testing.assert_allclose(jax.jit(f)(z, y), jax.vmap(f)(z, y), rtol=1e-6)
+
+
+def test_integer_label_cross_entropy_errors():
+    f = jb.softmax_cross_entropy_with_integer_labels
+    z = jnp.zeros((4, 3))
+    name = "softmax_cross_entropy_with_integer_labels"
+    want = rf"{name}: labels must be integer class indices; got dtype float32\. For labels "
+    want += r"as probabilities .* use softmax_cross_entropy"
+    with pytest.raises(TypeError, match=want):
+        f(z, jnp.zeros((4,)))
+    want = rf"{name}: labels must have the shape of logits \(4, 3\) without axis 1, \(4,\); "
+    with pytest.raises(ValueError, match=want + r"got \(4, 3\)"):
+        f(z, jnp.zeros((4, 3), jnp.int32))
+    with pytest.raises(ValueError, match=rf"{name}: logits must have at least one dimension"):
+        f(jnp.float32(0), jnp.int32(0))
+    with pytest.raises(TypeError, match=rf"{name}: logits must be"):
+        f(jnp.zeros((4, 3), jnp.int32), jnp.zeros((4,), jnp.int32))
 
 
 def test_dropout_edge_rates():

@@ -70,3 +70,20 @@ def test_sce_logits_grad_has_one_exp():
     g1 = jax.grad(loss)(z, t)
     g2 = jax.grad(loss, argnums=(0, 1))(z, t)[0]
     np.testing.assert_allclose(g1, g2, rtol=0, atol=1e-6)  # measured 1.2e-7
+
+
+def test_integer_label_sce_keeps_what_its_backward_needs():
+    # float32 logits: one exp (the forward's) and no (M, C) one-hot among the residuals;
+    # bfloat16 logits: the logits are kept and the backward recomputes the exp (two).
+    f = jb.softmax_cross_entropy_with_integer_labels
+    z, _ = _data((4, 5), jnp.float32)
+    y = jnp.array([0, 4, 2, 1])
+
+    def loss(z):
+        return jnp.sum(f(z, y))
+
+    assert _count_exp(jax.make_jaxpr(jax.value_and_grad(loss))(z)) == 1
+    assert _count_exp(jax.make_jaxpr(jax.value_and_grad(loss))(z.astype(jnp.bfloat16))) == 2
+    _, vjp = jax.vjp(lambda z: f(z, y), z)
+    kept = sorted((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(vjp))
+    assert kept == [((4,), "int32"), ((4, 1), "float32"), ((4, 5), "float32")], kept

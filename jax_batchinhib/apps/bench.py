@@ -370,6 +370,36 @@ def _sce_case(shape) -> Case:
     )
 
 
+def _sce_int_case(shape) -> Case:
+    """softmax_cross_entropy_with_integer_labels against autodiff of its reference and
+    optax's (no target: reported beside the one-hot case)."""
+    import optax
+
+    import jax_batchinhib as jb
+    from jax_batchinhib import reference as ref
+
+    def build():
+        k = _keys(3, 3)
+        logits = 3 * jax.random.normal(k[0], shape, jnp.float32)
+        labels = jax.random.randint(k[1], shape[:-1], 0, shape[-1])
+        ct = jax.random.normal(k[2], shape[:-1], jnp.float32)
+        fwds = {
+            "ours": jb.softmax_cross_entropy_with_integer_labels,
+            "autodiff": ref.softmax_cross_entropy_with_integer_labels,
+            "optax": optax.softmax_cross_entropy_with_integer_labels,
+        }
+        return _contenders(fwds, (logits,), (labels,), ct)
+
+    return Case(
+        f"sce_integer_labels/{'x'.join(map(str, shape))}/float32",
+        "sce_integer_labels",
+        tuple(shape),
+        "float32",
+        build,
+        note="grad w.r.t. logits, integer labels",
+    )
+
+
 def _cnn_case(batch=128, image=32, channels=3, classes=10) -> Case:
     """A jitted optax train step of jax_batchinhib.apps.models.CNN, our norm vs flax's."""
 
@@ -467,6 +497,7 @@ def all_cases(large: bool | None = None) -> list[Case]:
     cases += whitening_cases()
     cases.append(_dropout_case((4096, 1000)))
     cases.append(_sce_case((4096, 1000)))
+    cases.append(_sce_int_case((4096, 1000)))
     cases.append(_cnn_case())
     return cases
 

@@ -15,7 +15,11 @@ from jax_batchinhib.ops.batch_norm import (
     batch_norm_inference,
 )
 from jax_batchinhib.ops.dropout import dropout, keep_mask
-from jax_batchinhib.ops.softmax import softmax, softmax_cross_entropy
+from jax_batchinhib.ops.softmax import (
+    softmax,
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
+)
 from jax_batchinhib.ops.whitening import (
     WhiteningStats,
     iter_norm,
@@ -42,6 +46,7 @@ __all__ = [
     "keep_mask",
     "softmax",
     "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
     "zca_norm",
     "zca_norm_inference",
 ]

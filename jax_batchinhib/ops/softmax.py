@@ -193,3 +193,105 @@ def _sce_bwd(axis, res, g):
 
 
 _sce.defvjp(_sce_fwd, _sce_bwd, symbolic_zeros=True)
+
+
+def softmax_cross_entropy_with_integer_labels(logits, labels, axis: int = -1):
+    r"""Per-example cross-entropy :math:`\mathrm{lse}(z) - z_y` with ``labels`` y as class
+    indices (optax's ``softmax_cross_entropy_with_integer_labels``): no one-hot array.
+
+    The forward picks :math:`z_y` with a gather of one value per example. Backward:
+    :math:`dz = g\,(\mathrm{softmax}(z) - e_y)`: :math:`g\,\mathrm{softmax}(z)`, then
+    :math:`-g` added at each label (a scatter of one value per example). For
+    float32/float64 logits the forward keeps :math:`e^{z - \max z}` and
+    :math:`1 / \sum_k e^{z_k - \max z}` and the backward has no exp; for
+    float16/bfloat16 it keeps the logits and the log-sum-exp (half the bytes) and
+    recomputes the exp. Masked classes (logit ``-inf``) other than the label add nothing.
+    A label outside ``[0, C)`` cannot be refused at trace time: its loss is NaN (JAX's
+    out-of-bounds gather fill, as optax's) and its ``dz`` is ``g softmax(z)``.
+
+    Args:
+      logits: floating array ``z``.
+      labels: integer array of ``logits``' shape without ``axis``: the class of each
+        example, in ``[0, C)`` with C = ``logits.shape[axis]``.
+      axis: the class axis.
+
+    Returns:
+      The loss, ``labels``' shape, in the dtype of ``logits`` (computed in at least
+      float32).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jax_batchinhib import softmax_cross_entropy_with_integer_labels as sce
+      >>> float(sce(jnp.zeros((1, 4)), jnp.array([2]))[0]) == float(jnp.log(4.0))
+      True
+    """
+    fn = "softmax_cross_entropy_with_integer_labels"
+    S.check_float(fn, "logits", logits)
+    if jnp.ndim(logits) == 0:
+        raise ValueError(f"{fn}: logits must have at least one dimension; got a scalar")
+    ldt = jnp.result_type(labels)
+    if not jnp.issubdtype(ldt, jnp.integer):
+        raise TypeError(
+            f"{fn}: labels must be integer class indices; got dtype {ldt}. For labels as "
+            f"probabilities (one-hot or soft) use softmax_cross_entropy."
+        )
+    ax = S.normalize_axis(fn, axis, jnp.ndim(logits))
+    want = tuple(d for i, d in enumerate(jnp.shape(logits)) if i != ax)
+    if tuple(jnp.shape(labels)) != want:
+        raise ValueError(
+            f"{fn}: labels must have the shape of logits {S.shape_str(jnp.shape(logits))} "
+            f"without axis {ax}, {S.shape_str(want)}; got {S.shape_str(jnp.shape(labels))}"
+        )
+    return _sce_int(ax, logits, jnp.asarray(labels))
+
+
+def _label_logit(axis, z, labels):
+    # one value per example; out-of-range labels read NaN (mode="fill"), as optax's
+    idx = jnp.expand_dims(labels, axis)
+    return jnp.squeeze(jnp.take_along_axis(z, idx, axis=axis, mode="fill"), axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sce_int(axis, logits, labels):
+    z = logits.astype(S.compute_dtype(logits.dtype))
+    lse = jnp.squeeze(_lse(axis, z), axis)
+    return (lse - _label_logit(axis, z, labels)).astype(logits.dtype)
+
+
+def _sce_int_fwd(axis, logits, labels):
+    cd = S.compute_dtype(logits.dtype)
+    z = logits.astype(cd)
+    if cd != logits.dtype:
+        # low-precision logits: keep them (half the bytes of float32 probabilities) and
+        # recompute exp(z - lse) in the backward
+        lse = _lse(axis, z)
+        loss = jnp.squeeze(lse, axis) - _label_logit(axis, z, labels)
+        return loss.astype(logits.dtype), (logits, labels, lse, None)
+    mx = jax.lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
+    e = jnp.exp(z - mx)
+    se = jnp.sum(e, axis=axis, keepdims=True)
+    loss = jnp.squeeze(mx + jnp.log(se), axis) - _label_logit(axis, z, labels)
+    return loss.astype(logits.dtype), (e, labels, 1 / se)
+
+
+def _sce_int_bwd(axis, res, g):
+    a, labels, b = res[:3]
+    if len(res) == 3:  # (e, labels, 1 / sum e)
+        p = a * b
+    else:  # (logits, labels, lse, None)
+        p = jnp.exp(a.astype(b.dtype) - b)
+    g = g.astype(p.dtype)
+    # dz = g p everywhere, then -g added at each example's label: a scatter of one value
+    # per example (the structure of autodiff's backward of a gather), no one-hot array;
+    # an out-of-range label adds nothing (mode="drop")
+    idx = tuple(
+        labels
+        if i == axis
+        else jax.lax.broadcasted_iota(labels.dtype, labels.shape, i - (i > axis))
+        for i in range(p.ndim)
+    )
+    dz = (jnp.expand_dims(g, axis) * p).at[idx].add(-g, mode="drop")
+    return dz.astype(a.dtype), None
+
+
+_sce_int.defvjp(_sce_int_fwd, _sce_int_bwd)
