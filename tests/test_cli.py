@@ -35,6 +35,7 @@ def test_verify_cases_cover_every_op_and_option():
         "dropout",
         "softmax",
         "softmax_cross_entropy",
+        "softmax_cross_entropy_with_integer_labels",
     ):
         assert op in names
         assert sum(c.name == op for c in verify.cases()) >= 2, f"{op}: one shape only"

@@ -177,6 +177,15 @@ def _sce_args(shape):
     return make
 
 
+def _sce_int_args(shape):
+    def make(rng, dtype):
+        logits = _normal(rng, shape, dtype, 2.0)
+        labels = rng.integers(0, shape[-1], size=shape[:-1])  # a class index per example
+        return logits, jnp.asarray(labels, jnp.int32)
+
+    return make
+
+
 # -------------------------------------------------------------------------- cases
 
 SHAPES_2D = ((8, 4), (33, 7))
@@ -270,6 +279,15 @@ def cases(quick: bool = False) -> list[Case]:
                 ref.softmax_cross_entropy,
                 s,
                 _sce_args(s),
+            )
+        )
+        out.append(
+            Case(
+                "softmax_cross_entropy_with_integer_labels",
+                ops.softmax_cross_entropy_with_integer_labels,
+                ref.softmax_cross_entropy_with_integer_labels,
+                s,
+                _sce_int_args(s),
             )
         )
     return out
