@@ -582,6 +582,12 @@ def test_integer_label_cross_entropy_equals_the_one_hot_op_and_optax():
     np.testing.assert_allclose(v, vo, rtol=1e-6)
     np.testing.assert_allclose(g[..., 1:], go, rtol=1e-5, atol=1e-7)
     assert np.all(g[..., 0] == 0)
+    # a negative label counts from the end, as optax's
+    yn = y.at[0, 0].set(-1)
+    np.testing.assert_allclose(vg(f, z, yn)[1], vg(f, z, y.at[0, 0].set(4))[1], rtol=1e-6)
+    np.testing.assert_allclose(
+        f(z, yn), optax.softmax_cross_entropy_with_integer_labels(z, yn), rtol=1e-6
+    )
     # a label out of range: NaN loss and dz = g softmax(z), as optax's
     yb = y.at[0, 0].set(5)
     assert np.isnan(f(z, yb)[0, 0]) and np.isfinite(f(z, yb)[1:]).all()

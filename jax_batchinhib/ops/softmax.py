@@ -206,13 +206,15 @@ def softmax_cross_entropy_with_integer_labels(logits, labels, axis: int = -1):
     :math:`1 / \sum_k e^{z_k - \max z}` and the backward has no exp; for
     float16/bfloat16 it keeps the logits and the log-sum-exp (half the bytes) and
     recomputes the exp. Masked classes (logit ``-inf``) other than the label add nothing.
-    A label outside ``[0, C)`` cannot be refused at trace time: its loss is NaN (JAX's
-    out-of-bounds gather fill, as optax's) and its ``dz`` is ``g softmax(z)``.
+    A negative label counts from the end (JAX's indexing, as optax's); one outside
+    ``[-C, C)`` cannot be refused at trace time: its loss is NaN (JAX's out-of-bounds
+    gather fill, as optax's) and its ``dz`` is ``g softmax(z)``.
 
     Args:
       logits: floating array ``z``.
       labels: integer array of ``logits``' shape without ``axis``: the class of each
-        example, in ``[0, C)`` with C = ``logits.shape[axis]``.
+        example, in ``[0, C)`` with C = ``logits.shape[axis]`` (or ``[-C, 0)``, from
+        the end).
       axis: the class axis.
 
     Returns:
@@ -282,8 +284,8 @@ def _sce_int_bwd(axis, res, g):
         p = jnp.exp(a.astype(b.dtype) - b)
     g = g.astype(p.dtype)
     # dz = g p everywhere, then -g added at each example's label: a scatter of one value
-    # per example (the structure of autodiff's backward of a gather), no one-hot array;
-    # an out-of-range label adds nothing (mode="drop")
+    # per example (the structure of autodiff's backward of a gather), no one-hot array.
+    # Negative labels wrap as in the forward's gather; one out of range adds nothing.
     idx = tuple(
         labels
         if i == axis
