@@ -54,11 +54,17 @@ def test_verify_json_passes(capsys):
     assert code == 0
     d = json.loads(out)
     assert d["ok"] and d["n_failed"] == 0
-    assert d["n_checks"] == len(d["results"]) == 6  # 2 cases x 3 dtypes
+    # 3 cases ("softmax_cross" also names the integer-label loss) x 3 dtypes
+    assert d["n_checks"] == len(d["results"]) == 9
     assert {r["dtype"] for r in d["results"]} == {"float32", "float64", "bfloat16"}
+    inputs = {
+        "batch_inhib[groups=2]": {"x", "alpha"},
+        "softmax_cross_entropy": {"logits", "labels"},
+        "softmax_cross_entropy_with_integer_labels": {"logits"},  # integer labels: no gradient
+    }
     for r in d["results"]:
         assert r["ok"]
-        assert set(r["errors"]) >= {"output"} and len(r["errors"]) >= 3  # output + 2 inputs
+        assert set(r["errors"]) == {"output"} | inputs[r["op"]], r["errors"]
         for k, e in r["errors"].items():
             assert 0 <= e <= r["tols"][k]
         if r["dtype"] == "float64":
