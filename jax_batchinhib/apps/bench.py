@@ -342,61 +342,39 @@ def _dropout_case(shape, rate=0.5) -> Case:
     )
 
 
-def _sce_case(shape) -> Case:
+def _sce_case(shape, integer: bool = False) -> Case:
+    """softmax_cross_entropy with one-hot labels (``integer=False``) or
+    softmax_cross_entropy_with_integer_labels (``integer=True``: no target, reported beside
+    the one-hot case), against autodiff of its reference and optax's."""
     import optax
 
     import jax_batchinhib as jb
     from jax_batchinhib import reference as ref
 
-    def build():
-        k = _keys(3, 3)
-        logits = 3 * jax.random.normal(k[0], shape, jnp.float32)
-        labels = jax.nn.one_hot(jax.random.randint(k[1], shape[:-1], 0, shape[-1]), shape[-1])
-        ct = jax.random.normal(k[2], shape[:-1], jnp.float32)
-        fwds = {
-            "ours": lambda z, t: jb.softmax_cross_entropy(z, t),
-            "autodiff": lambda z, t: ref.softmax_cross_entropy(z, t),
-            "optax": lambda z, t: optax.softmax_cross_entropy(z, t),
-        }
-        return _contenders(fwds, (logits,), (labels,), ct)
-
-    return Case(
-        f"softmax_cross_entropy/{'x'.join(map(str, shape))}/float32",
-        "softmax_cross_entropy",
-        tuple(shape),
-        "float32",
-        build,
-        note="grad w.r.t. logits, one-hot labels",
-    )
-
-
-def _sce_int_case(shape) -> Case:
-    """softmax_cross_entropy_with_integer_labels against autodiff of its reference and
-    optax's (no target: reported beside the one-hot case)."""
-    import optax
-
-    import jax_batchinhib as jb
-    from jax_batchinhib import reference as ref
+    name = "softmax_cross_entropy" + ("_with_integer_labels" if integer else "")
 
     def build():
         k = _keys(3, 3)
         logits = 3 * jax.random.normal(k[0], shape, jnp.float32)
         labels = jax.random.randint(k[1], shape[:-1], 0, shape[-1])
+        if not integer:
+            labels = jax.nn.one_hot(labels, shape[-1])
         ct = jax.random.normal(k[2], shape[:-1], jnp.float32)
         fwds = {
-            "ours": jb.softmax_cross_entropy_with_integer_labels,
-            "autodiff": ref.softmax_cross_entropy_with_integer_labels,
-            "optax": optax.softmax_cross_entropy_with_integer_labels,
+            "ours": getattr(jb, name),
+            "autodiff": getattr(ref, name),
+            "optax": getattr(optax, name),
         }
         return _contenders(fwds, (logits,), (labels,), ct)
 
+    family = "sce_integer_labels" if integer else "softmax_cross_entropy"
     return Case(
-        f"sce_integer_labels/{'x'.join(map(str, shape))}/float32",
-        "sce_integer_labels",
+        f"{family}/{'x'.join(map(str, shape))}/float32",
+        family,
         tuple(shape),
         "float32",
         build,
-        note="grad w.r.t. logits, integer labels",
+        note=f"grad w.r.t. logits, {'integer' if integer else 'one-hot'} labels",
     )
 
 
@@ -497,7 +475,7 @@ def all_cases(large: bool | None = None) -> list[Case]:
     cases += whitening_cases()
     cases.append(_dropout_case((4096, 1000)))
     cases.append(_sce_case((4096, 1000)))
-    cases.append(_sce_int_case((4096, 1000)))
+    cases.append(_sce_case((4096, 1000), integer=True))
     cases.append(_cnn_case())
     return cases
 
