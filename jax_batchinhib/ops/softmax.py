@@ -120,9 +120,17 @@ def softmax_cross_entropy(logits, labels, axis: int = -1):
     return _sce(ax, logits, labels)
 
 
-def _lse(axis, z):
+def _exp_sum(axis, z):
+    """``e = exp(z - max z)`` (the max held constant), its sum and the log-sum-exp, all
+    keepdims: the one exp both cross-entropies' forwards share with their backwards."""
     mx = jax.lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
-    return mx + jnp.log(jnp.sum(jnp.exp(z - mx), axis=axis, keepdims=True))
+    e = jnp.exp(z - mx)
+    se = jnp.sum(e, axis=axis, keepdims=True)
+    return e, se, mx + jnp.log(se)
+
+
+def _lse(axis, z):
+    return _exp_sum(axis, z)[2]
 
 
 def _sce_parts(axis, logits, labels):
@@ -163,10 +171,7 @@ def _sce_fwd(axis, logits, labels):
     # Only dz is needed: keep e = exp(z - max) and 1/sum(e) (the bytes of the logits), so
     # the backward is dz = g (sum(t) e / sum(e) - t) with no exp: the one exp of the
     # forward feeds both the log-sum-exp and the backward.
-    mx = jax.lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
-    e = jnp.exp(z - mx)
-    se = jnp.sum(e, axis=axis, keepdims=True)
-    lse = mx + jnp.log(se)
+    e, se, lse = _exp_sum(axis, z)
     loss = _sce_loss(axis, z, t, lse, logits, labels)
     st = jnp.sum(t, axis=axis, keepdims=True)
     return loss, (e, labels, st / se)
@@ -253,11 +258,14 @@ def _label_logit(axis, z, labels):
     return jnp.squeeze(jnp.take_along_axis(z, idx, axis=axis, mode="fill"), axis)
 
 
+def _sce_int_loss(axis, z, labels, lse, dtype):
+    return (jnp.squeeze(lse, axis) - _label_logit(axis, z, labels)).astype(dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sce_int(axis, logits, labels):
     z = logits.astype(S.compute_dtype(logits.dtype))
-    lse = jnp.squeeze(_lse(axis, z), axis)
-    return (lse - _label_logit(axis, z, labels)).astype(logits.dtype)
+    return _sce_int_loss(axis, z, labels, _lse(axis, z), logits.dtype)
 
 
 def _sce_int_fwd(axis, logits, labels):
@@ -267,13 +275,9 @@ def _sce_int_fwd(axis, logits, labels):
         # low-precision logits: keep them (half the bytes of float32 probabilities) and
         # recompute exp(z - lse) in the backward
         lse = _lse(axis, z)
-        loss = jnp.squeeze(lse, axis) - _label_logit(axis, z, labels)
-        return loss.astype(logits.dtype), (logits, labels, lse, None)
-    mx = jax.lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
-    e = jnp.exp(z - mx)
-    se = jnp.sum(e, axis=axis, keepdims=True)
-    loss = jnp.squeeze(mx + jnp.log(se), axis) - _label_logit(axis, z, labels)
-    return loss.astype(logits.dtype), (e, labels, 1 / se)
+        return _sce_int_loss(axis, z, labels, lse, logits.dtype), (logits, labels, lse, None)
+    e, se, lse = _exp_sum(axis, z)
+    return _sce_int_loss(axis, z, labels, lse, logits.dtype), (e, labels, 1 / se)
 
 
 def _sce_int_bwd(axis, res, g):
