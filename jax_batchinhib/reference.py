@@ -410,6 +410,11 @@ def softmax(x, axis=-1):
     return (e / jnp.sum(e, axis=axis, keepdims=True)).astype(x.dtype)
 
 
+def _log_softmax(z, axis):
+    m = lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
+    return z - m - jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True))
+
+
 def softmax_cross_entropy(logits, labels, axis=-1):
     """Reference cross-entropy: -sum(labels * log_softmax(logits)).
 
@@ -417,18 +422,13 @@ def softmax_cross_entropy(logits, labels, axis=-1):
     gives 0 * inf = NaN here, where the op takes 0 log 0 = 0.
     """
     cd = _f32(jnp.result_type(logits.dtype, labels.dtype))
-    z = logits.astype(cd)
-    m = lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
-    logp = z - m - jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True))
+    logp = _log_softmax(logits.astype(cd), axis)
     return (-jnp.sum(labels.astype(cd) * logp, axis=axis)).astype(logits.dtype)
 
 
 def softmax_cross_entropy_with_integer_labels(logits, labels, axis=-1):
     """Reference cross-entropy with class indices: -log_softmax(logits) at the label."""
-    cd = _f32(logits.dtype)
-    z = logits.astype(cd)
-    m = lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
-    logp = z - m - jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True))
+    logp = _log_softmax(logits.astype(_f32(logits.dtype)), axis)
     idx = jnp.expand_dims(labels, axis)
     return (-jnp.squeeze(jnp.take_along_axis(logp, idx, axis=axis), axis)).astype(logits.dtype)
 
