@@ -556,7 +556,8 @@ def test_integer_label_cross_entropy_equals_the_one_hot_op_and_optax():
     def vg(fn, z, *a, **k):
         return jax.value_and_grad(lambda z: jnp.sum(fn(z, *a, **k) * ct))(z)
 
-    # float32, sums of O(1) terms: a few ulps
+    # float32: a few ulps of the largest entry (measured: 2.4e-7 absolute against a
+    # largest gradient of 2.1, 2.0e-6 relative at the smallest entries)
     for other in (
         vg(jb.softmax_cross_entropy, z, jax.nn.one_hot(y, 5)),
         vg(optax.softmax_cross_entropy_with_integer_labels, z, y),
@@ -567,13 +568,19 @@ def test_integer_label_cross_entropy_equals_the_one_hot_op_and_optax():
     zt = jnp.moveaxis(z, -1, 1)
     for a, b in zip(vg(f, zt, y, axis=1), vg(f, z, y), strict=True):
         np.testing.assert_allclose(jnp.moveaxis(a, 1, -1) if a.ndim == 3 else a, b, rtol=1e-6)
-    # bfloat16 logits (the recompute path): within bfloat16 rounding (2^-8) of float32
+    # bfloat16 logits (the recompute path) against float32 on the same values: each loss
+    # is float32's rounded to bfloat16, within half an ulp (<= 2^-8 relative; measured
+    # 3.3e-3); dz within one ulp (<= 2^-7 relative; measured 5.5e-3), since the recomputed
+    # exp and float32's kept one differ in their last bits and may round to neighbours
     zb = z.astype(jnp.bfloat16)
     vb, gb = vg(f, zb, y)
     assert gb.dtype == jnp.bfloat16
     v32, g32 = vg(f, zb.astype(jnp.float32), y)
+    np.testing.assert_allclose(
+        f(zb, y).astype(jnp.float32), f(zb.astype(jnp.float32), y), rtol=2**-8, atol=0
+    )
     np.testing.assert_allclose(jnp.float32(vb), v32, rtol=2**-8)
-    np.testing.assert_allclose(gb.astype(jnp.float32), g32, rtol=2**-7, atol=2**-9)
+    np.testing.assert_allclose(gb.astype(jnp.float32), g32, rtol=2**-7, atol=0)
     # a masked class (logit -inf) other than the label adds nothing, finitely
     zm = z.at[..., 0].set(-jnp.inf)
     ym = jnp.maximum(y, 1)
@@ -599,6 +606,7 @@ def test_integer_label_cross_entropy_equals_the_one_hot_op_and_optax():
         jax.grad(lambda z, fn=fn: jnp.sum(jax.grad(lambda z: jnp.sum(fn(z, y) * ct))(z) ** 2))(z)
         for fn in (f, r)
     ]
+    # float32 second derivatives: measured 4.8e-7 absolute against a largest entry of 2.5
     np.testing.assert_allclose(gg[0], gg[1], rtol=1e-5, atol=1e-6)
     # jit and vmap
     np.testing.assert_allclose(jax.jit(f)(z, y), jax.vmap(f)(z, y), rtol=1e-6)
