@@ -652,15 +652,18 @@ def _residual_bytes(f, *args):
     return sum(leaf.nbytes for leaf in jax.tree.leaves(vjp_fn) if hasattr(leaf, "nbytes"))
 
 
-def test_residuals_batch_norm():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_residuals_batch_norm(dtype):
+    # The README's claim: ours keeps x and per-feature vectors, autodiff of the reference
+    # at least three float32 arrays of x's size (a third of its bytes in float32, a sixth
+    # in bfloat16).
     m, n = 256, 64
-    x = _data((m, n), jnp.float32)
-    sc, b = _vec(n, jnp.float32, 1), _vec(n, jnp.float32, 2)
+    x = _data((m, n), dtype)
+    sc, b = _vec(n, dtype, 1), _vec(n, dtype, 2)
     ours = _residual_bytes(lambda x, s, b: jb.batch_norm(x, s, b)[0], x, sc, b)
     auto = _residual_bytes(lambda x, s, b: ref.batch_norm(x, s, b)[0], x, sc, b)
-    # one input-sized array plus a handful of per-feature vectors
     assert ours <= x.nbytes + 16 * n * 4, (ours, x.nbytes)
-    assert ours < auto, (ours, auto)
+    assert auto >= 3 * x.size * 4, (auto, x.size)
 
 
 def test_residuals_batch_inhib():
