@@ -1,8 +1,10 @@
 """The notebooks: each executes from top to bottom without error (nbclient, this
-interpreter's kernel), and each committed .ipynb is the jupytext pair of its .py source
-with its outputs (plots included) saved."""
+interpreter's kernel) and prints what its committed .ipynb shows, numbers aside; each
+committed .ipynb is the jupytext pair of its .py source with its outputs (plots included)
+saved."""
 
 import base64
+import re
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,35 @@ def test_notebook_executes(py):
     ).execute()
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.get("execution_count") for c in code)
+    # The committed outputs are this run's, up to the numbers: a table that gained rows,
+    # a changed label or a check mark turned to a cross means the committed notebook is
+    # stale (re-execute it). Numbers are left out: timings vary, and round-off may differ
+    # on another CPU; what the numbers must satisfy, the notebook asserts.
+    committed = nbformat.read(py.with_suffix(".ipynb"), as_version=4)
+    stored = [c for c in committed.cells if c.cell_type == "code"]
+    for i, (ran, kept) in enumerate(zip(code, stored, strict=True)):
+        assert _shape_of_outputs(ran) == _shape_of_outputs(kept), (
+            f"{py.stem}: code cell {i} printed text other than the committed notebook's; "
+            f"re-execute {py.with_suffix('.ipynb').name}"
+        )
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _shape_of_outputs(cell):
+    """A code cell's printed text and rich text (stdout, text/markdown, text/plain), its
+    numbers replaced by '#' and its runs of white space by one space."""
+    out = []
+    for o in cell.outputs:
+        if o.output_type == "stream" and o.name == "stdout":
+            text = o.text
+        elif "data" in o:
+            data = o["data"]
+            text = data.get("text/markdown") or (
+                "" if "image/png" in data else data.get("text/plain", "")
+            )
+        else:
+            continue
+        out.append(" ".join(_NUMBER.sub("#", text).split()))
+    return out
