@@ -21,6 +21,7 @@ from jax.nn import initializers
 
 from jax_batchinhib import running
 from jax_batchinhib.ops import _checks as C
+from jax_batchinhib.ops import _stats as S
 from jax_batchinhib.ops import whitening as _wh
 from jax_batchinhib.ops.batch_inhib import InhibOptions, alpha_shape
 from jax_batchinhib.running import RunningStats
@@ -111,7 +112,7 @@ def feature_axes(where: str, axis, ndim: int):
     tuple of at least two; a one-element tuple is its int)."""
     many = isinstance(axis, tuple | list)
     for a in tuple(axis) if many else (axis,):
-        if isinstance(a, bool) or not isinstance(a, int):  # the ops' words
+        if not C.is_int(a):  # the ops' words
             raise TypeError(f"{where}: axis must be an int or a tuple of ints; got {axis!r}")
     if not many:
         return C.axis(where, axis, ndim)
@@ -139,10 +140,16 @@ def feature_shape(x, ax) -> tuple[int, ...]:
 
 
 def check_input(where: str, x, axis, mask, num_features: int | None = None):
-    """Check ``x`` (floating, ``axis`` in range, the layer's feature count when known:
-    for several feature axes the product of their sizes, as flax.nnx) and the mask's
-    dtype; return the feature axis (non-negative int) or axes (sorted tuple)."""
-    C.float_array(where, "x", x)
+    """Check ``x`` (real: an integer or boolean x is promoted to floating point by the
+    dtype policy, as flax's; ``axis`` in range; the layer's feature count when known:
+    for several feature axes the product of their sizes, as flax.nnx) and the mask (its
+    dtype, and its shape against x's: see ``ops._stats.mask_shape``); return the feature
+    axis (non-negative int) or axes (sorted tuple)."""
+    dtype = jnp.result_type(x)
+    if not (jnp.issubdtype(dtype, jnp.number) or dtype == jnp.bool_) or jnp.issubdtype(
+        dtype, jnp.complexfloating
+    ):
+        C.float_array(where, "x", x)  # its error: a real floating-point array expected
     ax = feature_axes(where, axis, jnp.ndim(x))
     n = math.prod(feature_shape(x, ax))
     if num_features is not None and n != num_features:
@@ -150,7 +157,9 @@ def check_input(where: str, x, axis, mask, num_features: int | None = None):
             f"{where}: x has {n} features on axis {axis} (shape {tuple(x.shape)}), "
             f"but the layer was built with num_features={num_features}"
         )
-    C.mask_dtype(where, mask)
+    if mask is not None:
+        C.mask_dtype(where, mask)
+        S.mask_shape(where, mask, jnp.shape(x), ax if isinstance(ax, tuple) else (ax,))
     return ax
 
 
@@ -205,11 +214,11 @@ class WhitenOptions:
             _wh._check_iterations(where, iterations)
         _wh._check_whitening_epsilon(where, mdl.epsilon)
         groups = mdl.groups
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        if not C.is_int(groups) or groups < 1:
             raise ValueError(f"{where}: groups must be an int >= 1; got {groups!r}")
         if n is not None:
             _wh._check_groups(where, n, groups)
-        return cls(method, groups, int(iterations), float(mdl.epsilon))
+        return cls(method, int(groups), int(iterations), float(mdl.epsilon))
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -291,12 +300,17 @@ def _flat_features(kind, where, x, params, state, step, kw):
     xt = jnp.transpose(x, perm)
     xf = jnp.reshape(xt, (*xt.shape[: len(other)], -1))
     mask = kw["mask"]
-    if mask is not None and jnp.ndim(mask) == x.ndim:
-        # x's shape, or x's with feature dims of 1: the feature dims are flattened too
+    if mask is not None:
+        # x's rank first, read against x's own shape (a row mask gets feature dimensions
+        # of 1, a broadcast one leading 1s); a mask that varies along some feature axis
+        # is spelled out along all of them; then the feature dimensions are flattened
+        C.mask_dtype(where, mask)
+        mask = S.mask_shape(where, mask, x.shape, axes)
         ms = tuple(jnp.shape(mask))
-        fd = tuple(ms[a] for a in axes)
-        if fd == tuple(x.shape[a] for a in axes) or set(fd) == {1}:
-            mask = jnp.reshape(jnp.transpose(mask, perm), (*(ms[a] for a in other), -1))
+        if any(ms[a] != 1 for a in axes):
+            ms = tuple(int(x.shape[a]) if a in axes else d for a, d in enumerate(ms))
+            mask = jnp.broadcast_to(mask, ms)
+        mask = jnp.reshape(jnp.transpose(mask, perm), (*(ms[a] for a in other), -1))
     if kind == "batch_inhib":
         flat, keep = params, ("cov", "count")
     else:
@@ -374,7 +388,7 @@ def check_broadcast_dims(where: str, broadcast_dims) -> tuple:
         dims = tuple(broadcast_dims)
     except TypeError:
         dims = None
-    if dims is None or any(isinstance(d, bool) or not isinstance(d, int) for d in dims):
+    if dims is None or any(not C.is_int(d) for d in dims):
         raise TypeError(
             f"{where}: broadcast_dims must be a sequence of ints (axes that share one mask "
             f"entry, e.g. (1, 2) for spatial dropout on NHWC); got {broadcast_dims!r}"

@@ -264,7 +264,7 @@ def fold_whitening_after(layer_params, module_params, batch_stats, *, groups: in
     n = k.shape[-1]
     mean = jnp.asarray(batch_stats["mean"])
     _check_n(fn, "batch_stats['mean']", mean, n)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or n % groups:
+    if not C.is_int(groups) or groups < 1 or n % groups:
         raise ValueError(
             f"{fn}: groups must be an int >= 1 dividing the layer's {n} output features; "
             f"got {groups!r}"

@@ -193,7 +193,8 @@ class BatchNorm(nn.Module):
         Args:
           x: the input, features on ``axis``.
           use_running_average: overrides nothing: give it here or at construction.
-          mask: boolean, x's shape or x's shape without the feature axis: positions
+          mask: boolean, of a shape that broadcasts to x (flax's) or x's shape without
+            the feature axes (rows); as :func:`jax_batchinhib.batch_norm`'s: positions
             counted in the statistics (and in the count m).
         """
         where, use_ra, ax, momentum = _start(self, x, use_running_average, mask)

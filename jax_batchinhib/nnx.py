@@ -135,7 +135,7 @@ class _Stats(nnx.Module):
         self.num_features = n
         self.promote_dtype = _check_promote_dtype(where, promote_dtype)
         for k, v in attrs.items():
-            setattr(self, k, v)
+            setattr(self, k, C.plain(v))
         self.momentum = M.check_common(where, self)
         specs = M.stat_specs(self._kind, n, M.stats_dtype(self), self.momentum, groups)
         for name, (_, init_fn) in specs.items():
@@ -394,9 +394,9 @@ class BatchInhib(_Stats):
         where = "BatchInhib"
         alpha_md = _metadata(where, "alpha_metadata", alpha_metadata)
         n = C.num_features(where, num_features)
-        self.rho, self.epsilon, self.groups = rho, epsilon, groups
+        self.rho, self.epsilon, self.groups = C.plain(rho), C.plain(epsilon), C.plain(groups)
         self.correlation, self.denominator = correlation, denominator
-        self.guard, self.guard_mode = guard, guard_mode
+        self.guard, self.guard_mode = C.plain(guard), guard_mode
         options = M.inhib_options(where, self, n)
         self._setup(
             where, n, options.groups, use_running_average=use_running_average, axis=axis,
@@ -420,9 +420,9 @@ class _Whiten(_Stats):
     def _build(self, where, num_features, groups, epsilon, iterations, use_scale, use_bias,
                scale_init, bias_init, param_dtype, rngs, **attrs):  # fmt: skip
         n = C.num_features(where, num_features)
-        self.groups, self.epsilon = groups, epsilon
+        self.groups, self.epsilon = C.plain(groups), C.plain(epsilon)
         if iterations is not None:
-            self.iterations = iterations
+            self.iterations = C.plain(iterations)
         M.WhitenOptions.checked(where, self._kind, self, n)
         self._setup(where, n, groups, param_dtype=param_dtype, **attrs)
         self.scale = _param_or_none(use_scale, scale_init, rngs.params, (n,), param_dtype, {})
@@ -547,7 +547,7 @@ class Dropout(nnx.Module):
         rngs: nnx.Rngs | nnx.RngStream | None = None,
     ):
         M.check_dropout("Dropout", rate, broadcast_dims)
-        self.rate = rate
+        self.rate = C.plain(rate)
         self.broadcast_dims = tuple(broadcast_dims)
         self.deterministic = deterministic
         self.rng_collection = rng_collection

@@ -131,12 +131,12 @@ CASES = {
     "batch_norm float mask": (
         lambda: jb.batch_norm(X, mask=jnp.ones((8, N))),
         TypeError,
-        r"batch_norm: mask must be a boolean array; got dtype float32",
+        r"batch_norm: mask must be a boolean array \(or integer 0/1\); got dtype float32",
     ),
     "batch_inhib float row mask": (
         lambda: jb.batch_inhib(X, ALPHA, mask=jnp.ones(8)),
         TypeError,
-        r"batch_inhib: mask must be a boolean array; got dtype float32",
+        r"batch_inhib: mask must be a boolean array \(or integer 0/1\); got dtype float32",
     ),
     # softmax_cross_entropy
     "softmax_cross_entropy labels (8, 3)": (

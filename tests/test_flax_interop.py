@@ -24,6 +24,7 @@ import optax
 import pytest
 from flax import nnx
 
+import jax_batchinhib as jbi
 from jax_batchinhib import linen as bnn
 from jax_batchinhib import nnx as bnx
 
@@ -467,3 +468,117 @@ def test_tuple_axis_errors():
         bnn.ZCANorm(axis=(1, 2)).init(jax.random.key(0), x, use_running_average=False)
     with pytest.raises(ValueError, match=r"BatchNorm: virtual_batch_size splits the leading"):
         ours(24, axis=(0, 1), virtual_batch_size=4, rngs=nnx.Rngs(0))(x)
+
+
+# ------------------------------------------------------ what flax accepts, we accept
+
+
+def _linen_train(mdl, x, **kw):
+    """One training-mode forward of a linen layer: (y, batch_stats)."""
+    v = mdl.init(jax.random.key(1), x, use_running_average=False, **kw)
+    y, upd = mdl.apply(v, x, use_running_average=False, mutable=["batch_stats"], **kw)
+    return y, upd["batch_stats"]
+
+
+def test_integer_input_is_promoted_like_flax():
+    """flax's dtype policy promotes an integer x to float32; so do our modules."""
+    xi = jnp.arange(24).reshape(8, 3) % 5
+    y, st = _linen_train(bnn.BatchNorm(unbiased=False), xi)
+    yf, stf = _linen_train(nn.BatchNorm(use_fast_variance=False), xi)
+    assert y.dtype == yf.dtype == jnp.float32
+    np.testing.assert_allclose(y, yf, atol=EVAL_ATOL)
+    np.testing.assert_allclose(st["var"], stf["var"], rtol=TRAIN_ATOL)
+    o, f = ours(3, rngs=nnx.Rngs(0)), theirs(3, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(o(xi), f(xi), atol=EVAL_ATOL)
+    for m in (bnx.BatchCenter(3, rngs=nnx.Rngs(0)), bnx.BatchInhib(3, rngs=nnx.Rngs(0))):
+        assert m(xi).dtype == jnp.float32
+
+
+def test_numpy_scalar_hyperparameters_like_flax():
+    """np.float32 / np.int64 hyperparameters (what configs and np.prod give) work as the
+    Python numbers they hold, under nnx.jit too (stored as Python scalars, not state)."""
+    x = jax.random.normal(jax.random.key(0), (8, 3))
+    kw = dict(momentum=np.float32(0.5), epsilon=np.float32(1e-3))
+    o = ours(np.int64(3), **kw, rngs=nnx.Rngs(0))
+    f = theirs(3, **kw, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(o, x), f(x), atol=EVAL_ATOL)
+    np.testing.assert_allclose(o.var[...], f.var[...], rtol=TRAIN_ATOL)
+    assert type(o.epsilon) is float and type(o.num_features) is int
+    y, st = _linen_train(bnn.BatchNorm(unbiased=False, **kw), x)
+    yf, stf = _linen_train(nn.BatchNorm(use_fast_variance=False, **kw), x)
+    np.testing.assert_allclose(y, yf, atol=EVAL_ATOL)
+    np.testing.assert_allclose(st["var"], stf["var"], rtol=TRAIN_ATOL)
+    k = jax.random.key(2)
+    ours_d = bnn.Dropout(np.float32(0.5)).apply({}, x, deterministic=False, rngs={"dropout": k})
+    flax_d = nn.Dropout(np.float32(0.5)).apply({}, x, deterministic=False, rngs={"dropout": k})
+    np.testing.assert_array_equal(ours_d, flax_d)
+    y, _ = _linen_train(bnn.IterNorm(groups=np.int64(3), iterations=np.int32(2)), x)
+    assert y.shape == x.shape
+    for bad in (np.bool_(True), np.array(0.5), "0.5"):  # a bool or an array is no number
+        with pytest.raises(TypeError, match=r"BatchNorm: momentum must be a float in \[0, 1\]"):
+            bnn.BatchNorm(momentum=bad).init(jax.random.key(0), x, use_running_average=False)
+
+
+@pytest.mark.parametrize("kind", ["BatchNorm", "BatchCenter", "BatchInhib", "IterNorm", "ZCANorm"])
+def test_axis_index_groups_without_axis_name_is_unused_like_flax(kind):
+    """flax ignores axis_index_groups while its axis name is unbound (linen's init) or
+    None; ours did not (NameError from the op)."""
+    x = jax.random.normal(jax.random.key(0), (8, 4))
+    groups = [[0, 1], [2, 3]]
+    m = getattr(bnn, kind)(use_running_average=False, axis_name="d", axis_index_groups=groups)
+    v = m.init(jax.random.key(1), x)
+    assert jax.tree.leaves(v)
+    a = getattr(bnx, kind)(4, axis_index_groups=groups, rngs=nnx.Rngs(0))(x)
+    b = getattr(bnx, kind)(4, rngs=nnx.Rngs(0))(x)
+    np.testing.assert_array_equal(a, b)
+
+
+XM = jax.random.normal(jax.random.key(5), (4, 3, 5))
+MASK = jax.random.bernoulli(jax.random.key(6), 0.7, (4, 3, 5)).at[0].set(True)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [MASK, MASK[..., :1], MASK[:, :1, :], MASK[:1], MASK[0]],
+    ids=["full", "(4,3,1)", "(4,1,5)", "(1,3,5)", "(3,5)"],
+)
+@pytest.mark.parametrize("axis", [-1, (1, 2)], ids=["axis-1", "axis(1,2)"])
+def test_masks_broadcast_like_flax(axis, mask):
+    """Any mask that broadcasts to x means what it means to flax, with one feature axis
+    or several (before: a tuple axis refused partial broadcasts, quoting the flattened
+    shape)."""
+    y, st = _linen_train(bnn.BatchNorm(axis=axis, unbiased=False), XM, mask=mask)
+    yf, stf = _linen_train(nn.BatchNorm(axis=axis, use_fast_variance=False), XM, mask=mask)
+    np.testing.assert_allclose(y, yf, atol=1e-5)  # float32, O(1) outputs
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(st[k], stf[k], rtol=1e-5, atol=1e-7)
+
+
+def test_a_mask_read_two_ways_is_refused():
+    """A (4,) mask for x of shape (4, 4) is a row mask here and a feature mask to flax:
+    refused with both spellings named, where it used to be read as rows silently. Given
+    x's rank, each reading matches flax's."""
+    x = jax.random.normal(jax.random.key(0), (4, 4))
+    m = jnp.array([True, True, True, False])
+    both = r"\(4, 1\) for rows, \(1, 4\) for flax's reading"
+    with pytest.raises(ValueError, match=r"BatchNorm: mask of shape \(4,\) is ambiguous.*" + both):
+        _linen_train(bnn.BatchNorm(), x, mask=m)
+    with pytest.raises(ValueError, match=r"batch_norm: mask of shape \(4,\) is ambiguous"):
+        jbi.batch_norm(x, mask=m)
+    for spelled in (m[:, None], m[None, :]):
+        y, st = _linen_train(bnn.BatchNorm(unbiased=False), x, mask=spelled)
+        yf, stf = _linen_train(nn.BatchNorm(use_fast_variance=False), x, mask=spelled)
+        keep = np.isfinite(np.asarray(yf))  # flax: NaN on a feature with no valid row
+        np.testing.assert_allclose(np.asarray(y)[keep], np.asarray(yf)[keep], atol=1e-5)
+    # not square: a (4,) row mask is unambiguous (flax cannot broadcast it against (4, 3))
+    y, _ = _linen_train(bnn.BatchNorm(unbiased=False), x[:, :3], mask=m)
+    y1, _ = _linen_train(bnn.BatchNorm(unbiased=False), x[:, :3], mask=m[:, None])
+    np.testing.assert_array_equal(y, y1)
+
+
+def test_a_numeric_mask_is_refused_with_the_fix():
+    """flax casts a float mask to bool; ours refuses it (a mask selects, it never
+    weights) and says what to pass."""
+    msg = r"BatchNorm: mask must be a boolean array .*got dtype float32.*pass mask != 0"
+    with pytest.raises(TypeError, match=msg):
+        _linen_train(bnn.BatchNorm(), XM, mask=MASK.astype(jnp.float32))

@@ -13,23 +13,42 @@ call these, so the same bad value gets the same exception and the same text from
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def shape_str(shape) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + (",)" if len(shape) == 1 else ")")
 
 
+def plain(v):
+    """A NumPy scalar (``np.float32(0.9)``, ``np.int64(3)``) as the Python scalar it
+    holds; anything else as it is."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool | np.bool_)
+
+
+def is_int(v) -> bool:
+    """A Python or NumPy integer, not a bool (what an axis, a count or ``groups`` may be)."""
+    return isinstance(v, numbers.Integral) and not _is_bool(v)
+
+
 def _static_number(fn: str, name: str, v, expect: str) -> float:
-    """``v`` as a Python float; TypeError for a tracer, a bool or a non-number."""
+    """``v`` as a Python float; TypeError for a tracer, a bool or a non-number. NumPy
+    scalars (``np.float32(0.9)``, ``np.int64(3)``) count as numbers, as in flax; arrays
+    do not (a hyperparameter is a value known at trace time)."""
     if isinstance(v, jax.core.Tracer):
         raise TypeError(
             f"{fn}: {name} must be a Python float known at trace time; got a tracer. Close "
             f"over it or mark it static in jax.jit."
         )
-    if isinstance(v, bool) or not isinstance(v, int | float):
+    if _is_bool(v) or not isinstance(v, numbers.Real):
         raise TypeError(f"{fn}: {name} must be {expect}; got {v!r}")
     return float(v)
 
@@ -46,7 +65,7 @@ def float_array(fn: str, name: str, x) -> None:
 
 def axis(fn: str, ax, ndim: int) -> int:
     """The feature axis as a non-negative int for an ``ndim``-dimensional x."""
-    if isinstance(ax, bool) or not isinstance(ax, int):
+    if not is_int(ax):
         raise TypeError(
             f"{fn}: axis must be an int (one feature axis; statistics reduce over every "
             f"other axis); got {ax!r}"
@@ -58,7 +77,7 @@ def axis(fn: str, ax, ndim: int) -> int:
             f"{fn}: axis {ax} is out of range for x with {ndim} dimensions; "
             f"expected an int in [{-ndim}, {ndim - 1}]"
         )
-    return ax % ndim
+    return int(ax) % ndim
 
 
 def vector(fn: str, name: str, v, n: int) -> None:
@@ -111,12 +130,13 @@ def guard(fn: str, v, default: float) -> float:
 
 
 def positive_int(fn: str, name: str, v) -> int:
-    """A Python int >= 1 (``groups``, ``num_features``, ``virtual_batch_size``)."""
-    if isinstance(v, bool) or not isinstance(v, int):
+    """An int >= 1 (``groups``, ``num_features``, ``virtual_batch_size``): Python's, or a
+    NumPy integer (what ``np.prod`` returns)."""
+    if _is_bool(v) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{fn}: {name} must be an int >= 1; got {v!r}")
     if v < 1:
         raise ValueError(f"{fn}: {name} must be an int >= 1; got {v!r}")
-    return v
+    return int(v)
 
 
 def groups(fn: str, v, n: int | None = None) -> int:
@@ -137,10 +157,10 @@ def virtual_batch_size(fn: str, v) -> int | None:
 
 
 def flag(fn: str, name: str, v) -> bool:
-    """A Python bool (``use_fast_variance``, ``unbiased``, ...)."""
-    if not isinstance(v, bool):
+    """A bool (``use_fast_variance``, ``unbiased``, ...): Python's or NumPy's."""
+    if not _is_bool(v):
         raise TypeError(f"{fn}: {name} must be a bool (True or False); got {v!r}")
-    return v
+    return bool(v)
 
 
 def mask_dtype(fn: str, mask) -> None:
@@ -149,7 +169,10 @@ def mask_dtype(fn: str, mask) -> None:
         return
     dtype = jnp.result_type(mask)
     if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
-        raise TypeError(f"{fn}: mask must be a boolean array; got dtype {dtype}")
+        raise TypeError(
+            f"{fn}: mask must be a boolean array (or integer 0/1); got dtype {dtype}. A mask "
+            f"selects, it does not weight: pass mask != 0 (what flax makes of a numeric mask)."
+        )
 
 
 def momentum(fn: str, v) -> float | None:

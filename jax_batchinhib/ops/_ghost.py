@@ -60,17 +60,14 @@ def ghost_batches(fn: str, op, x, mask, v: int, axis, axis_name=None, axis_index
     if mask is None:
         y, stats = jax.vmap(lambda xs: op(xs, mask=None))(xg)
     else:
-        mask = jnp.asarray(mask)
-        if mask.ndim not in (x.ndim, x.ndim - 1):
-            raise ValueError(
-                f"{fn}: with virtual_batch_size the mask must have x's shape "
-                f"{tuple(x.shape)} (or broadcast to it with the same number of dimensions) "
-                f"or be a row mask without the feature axis; got shape {tuple(mask.shape)}"
-            )
+        cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)  # a sub-batch's too
+        C.mask_dtype(fn, mask)
+        # x's rank before splitting (a row mask gets feature dimensions of 1), so that
+        # each sub-batch's mask has its sub-batch's rank and reads the same way
+        mask = S.mask_shape(fn, mask, x.shape, cfg.axes)
         mask = jnp.broadcast_to(mask, (b,) + tuple(mask.shape[1:]))
         mg = jnp.reshape(mask, (b // v, v) + tuple(mask.shape[1:]))
         y, stats = jax.vmap(lambda xs, ms: op(xs, mask=ms))(xg, mg)
-        cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)  # a sub-batch's too
         sub = xg.shape[1:]
 
         def count(ms):  # per feature, summed across the devices of axis_name

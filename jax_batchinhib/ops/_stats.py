@@ -143,14 +143,14 @@ def normalize_axes(fn: str, axis, ndim: int) -> tuple[int, ...]:
     if many and not items:
         raise ValueError(f"{fn}: axis must be an int or a non-empty tuple of ints; got ()")
     for a in items:
-        if isinstance(a, bool) or not isinstance(a, int):
+        if not C.is_int(a):
             raise TypeError(f"{fn}: axis must be an int or a tuple of ints; got {axis!r}")
         if not -ndim <= a < ndim:
             raise ValueError(
                 f"{fn}: axis {a} is out of range for x with {ndim} dimensions; "
                 f"expected an int in [{-ndim}, {ndim - 1}]" + (f" (axis={axis!r})" if many else "")
             )
-    out = tuple(sorted(a % ndim for a in items))
+    out = tuple(sorted(int(a) % ndim for a in items))
     if len(set(out)) != len(out):
         raise ValueError(f"{fn}: axis must not repeat an axis; got {axis!r} for x with {ndim} dims")
     if len(out) == ndim:
@@ -225,7 +225,9 @@ def make_reduce(fn: str, x, axis, axis_name=None, axis_index_groups=None) -> Red
     else:  # 1-D x: its one axis is the feature axis (the inference forms take it)
         ax = (normalize_axis(fn, axis, ndim),)
     check_axis_name(fn, axis_name)
-    if axis_index_groups is not None and is_typed(axis_name):
+    if axis_name is None:
+        axis_index_groups = None  # as flax: the groups split a named axis, else unused
+    elif axis_index_groups is not None and is_typed(axis_name):
         raise NotImplementedError(
             f"{fn}: axis_index_groups={axis_index_groups!r} is not supported by "
             f"jax.shard_map with check_vma=True (JAX's psum refuses it there). Give the mesh "
@@ -236,8 +238,42 @@ def make_reduce(fn: str, x, axis, axis_name=None, axis_index_groups=None) -> Red
     return Reduce(ndim, ax, red, axis_name, as_groups(axis_index_groups))
 
 
+def mask_shape(fn: str, mask, x_shape: Sequence[int], axes: tuple[int, ...]):
+    """A mask of x's rank: a row mask (x's shape without the feature ``axes``) gets size-1
+    feature dimensions; any other mask must broadcast to x (flax's reading, leading 1s
+    added). A mask that fits both readings with different meanings (a (4,) mask for x of
+    shape (4, 4): rows, or features?) is refused, not guessed: flax reads it as
+    broadcast, this library's row mask as rows."""
+    x_shape = tuple(int(s) for s in x_shape)
+    mshape = tuple(int(s) for s in jnp.shape(mask))
+    ndim = len(x_shape)
+    row_shape = tuple(s for a, s in enumerate(x_shape) if a not in axes)
+    padded = (1,) * (ndim - len(mshape)) + mshape
+    try:
+        fits_x = jnp.broadcast_shapes(padded, x_shape) == x_shape and len(mshape) <= ndim
+    except ValueError:
+        fits_x = False
+    if ndim > 1 and mshape == row_shape:
+        rows = tuple(1 if a in axes else s for a, s in enumerate(x_shape))
+        if fits_x and padded != rows:
+            raise ValueError(
+                f"{fn}: mask of shape {shape_str(mshape)} is ambiguous for x of shape "
+                f"{shape_str(x_shape)}: it is a row mask (x's shape without the feature "
+                f"axes), but flax would broadcast it against x as {shape_str(padded)}. Give "
+                f"it x's rank: {shape_str(rows)} for rows, {shape_str(padded)} for flax's "
+                f"reading."
+            )
+        return jnp.reshape(mask, rows)
+    if not fits_x:
+        raise ValueError(
+            f"{fn}: mask must have the shape of x {shape_str(x_shape)}, broadcast to it, or "
+            f"be a row mask of shape {shape_str(row_shape)}; got {shape_str(mshape)}"
+        )
+    return jnp.reshape(mask, padded)
+
+
 def mask_weights(fn: str, mask, x_shape: Sequence[int], cfg: Reduce, *, rows_only=False):
-    """Turn a boolean mask into float weights broadcastable against x.
+    """Check a mask and give it x's rank (:func:`mask_shape`).
 
     Accepted: a mask of x's shape (or broadcastable to it), or a row mask of x's shape
     without the feature axis. With ``rows_only`` the mask may not vary along the feature
@@ -245,28 +281,16 @@ def mask_weights(fn: str, mask, x_shape: Sequence[int], cfg: Reduce, *, rows_onl
     """
     if mask is None:
         return None
-    x_shape = tuple(x_shape)
-    mshape = tuple(jnp.shape(mask))
-    row_shape = tuple(s for a, s in enumerate(x_shape) if a not in cfg.axes)
-    if mshape == row_shape and len(x_shape) > 1 and mshape != x_shape:
-        mask = jnp.expand_dims(mask, cfg.axes)
-        mshape = tuple(jnp.shape(mask))
-    try:
-        b = jnp.broadcast_shapes(mshape, x_shape)
-    except ValueError:
-        b = None
-    if b != x_shape:
-        raise ValueError(
-            f"{fn}: mask must have the shape of x {shape_str(x_shape)}, broadcast to it, or "
-            f"be a row mask of shape {shape_str(row_shape)}; got {shape_str(mshape)}"
-        )
-    if rows_only and len(mshape) == len(x_shape) and any(mshape[a] != 1 for a in cfg.axes):
+    C.mask_dtype(fn, mask)
+    given = tuple(jnp.shape(mask))
+    mask = mask_shape(fn, mask, x_shape, cfg.axes)
+    if rows_only and any(jnp.shape(mask)[a] != 1 for a in cfg.axes):
+        row_shape = tuple(s for a, s in enumerate(x_shape) if a not in cfg.axes)
         raise ValueError(
             f"{fn}: mask must select whole rows (the same for every feature): give a row mask "
             f"of shape {shape_str(row_shape)} or a feature dimension of 1; got "
-            f"{shape_str(mshape)}"
+            f"{shape_str(given)}"
         )
-    C.mask_dtype(fn, mask)
     return mask
 
 
@@ -281,7 +305,9 @@ def static_count(fn: str, x_shape, cfg: Reduce, mask) -> int:
             f"shape {shape_str(x_shape)}, which has {m} value{'' if m == 1 else 's'} per "
             f"feature over axes "
             f"{cfg.reduce_axes}. Use the inference form with running statistics for single "
-            f"examples (as torch.nn.BatchNorm refuses a batch of one in training mode)."
+            f"examples (as torch.nn.BatchNorm refuses a batch of one in training mode; "
+            f"flax returns zeros). To trace shapes (nnx.eval_shape, nnx.tabulate), pass a "
+            f"batch of two or call in eval mode."
         )
     return m
 

@@ -332,7 +332,8 @@ def batch_inhib(
       axis: the feature axis, or a tuple of feature axes: they are flattened (row-major,
         in increasing axis order) into N = the product of their sizes features, so
         alpha is (N, N) and the statistics have N entries.
-      mask: row mask (x's shape without the feature axis, or with a feature dim of 1).
+      mask: row mask: x's shape without the feature axis, or a shape that broadcasts
+        to x with feature dimensions of 1.
         Masked rows are selected away from the statistics (they may hold NaN or inf);
         they are still transformed, but pass no gradient (dx is 0 there).
       axis_name, axis_index_groups: sum the statistics across the devices of this mapped

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _stats as S
 
 Array = jax.Array
@@ -86,7 +87,7 @@ def _mm(a, b):
 
 
 def _check_groups(fn, nfeat, groups):
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    if not C.is_int(groups) or groups < 1:
         raise ValueError(f"{fn}: groups must be an int >= 1; got {groups!r}")
     if nfeat % groups:
         raise ValueError(
@@ -96,7 +97,7 @@ def _check_groups(fn, nfeat, groups):
 
 
 def _check_iterations(fn, iterations):
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    if not C.is_int(iterations) or iterations < 1:
         raise ValueError(
             f"{fn}: iterations must be a Python int >= 1 (the number of Newton steps); "
             f"got {iterations!r}"
@@ -212,7 +213,8 @@ def iter_norm(
       axis: the feature axis; statistics reduce over every other axis.
       axis_name, axis_index_groups: sum the statistics across the devices of this
         mapped axis (``shard_map``/``pmap``); see ``docs/scaling.md``.
-      mask: row mask (x's shape without the feature axis, or with a feature dim of 1);
+      mask: row mask (x's shape without the feature axis, or a shape that broadcasts to
+        x with a feature dimension of 1);
         masked rows are whitened but not counted in the statistics.
 
     Returns:
