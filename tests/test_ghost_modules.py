@@ -304,3 +304,19 @@ def test_errors_name_the_module_and_the_argument():
             with pytest.raises(TypeError, match=rf"{kind}: virtual_batch_size must be an int"):
                 mdl = getattr(bl, kind)(virtual_batch_size=2.0)
                 mdl.init(jax.random.key(0), x, use_running_average=False)
+
+
+def test_a_mask_that_broadcasts_to_x_is_split_as_x():
+    """A mask of fewer dimensions than x that broadcasts to it (flax's reading: here one
+    flag per (position, feature), shared by every row) is given x's rank before the
+    batch is split, so each sub-batch gets the same mask; it used to be taken for a row
+    mask and refused with a broadcasting error. The output equals the op per
+    sub-batch."""
+    with jax.enable_x64(True):
+        x, _ = data()
+        fm = jnp.array([[True, False, True, True], [True, True, True, False]])  # (S, N)
+        y, st = jb.batch_norm(x, mask=fm, virtual_batch_size=V)
+        subs = [jb.batch_norm(x[i : i + V], mask=fm) for i in range(0, B, V)]
+        close(y, jnp.concatenate([s[0] for s in subs]))
+        close(st.mean, jnp.mean(jnp.stack([s[1].mean for s in subs]), 0))
+        close(st.var, jnp.mean(jnp.stack([s[1].var for s in subs]), 0))
