@@ -554,26 +554,24 @@ def test_masks_broadcast_like_flax(axis, mask):
         np.testing.assert_allclose(st[k], stf[k], rtol=1e-5, atol=1e-7)
 
 
-def test_a_mask_read_two_ways_is_refused():
-    """A (4,) mask for x of shape (4, 4) is a row mask here and a feature mask to flax:
-    refused with both spellings named, where it used to be read as rows silently. Given
-    x's rank, each reading matches flax's."""
+def test_a_row_shaped_mask_is_rows_at_every_batch_size():
+    """A mask of x's shape without the feature axis is a row mask, also for a square x
+    where flax would broadcast it over the features (the one documented difference: a
+    padding mask must not change meaning when the batch size happens to equal the
+    number of features). Spelled at x's rank, each reading matches flax's."""
     x = jax.random.normal(jax.random.key(0), (4, 4))
     m = jnp.array([True, True, True, False])
-    both = r"\(4, 1\) for rows, \(1, 4\) for flax's reading"
-    with pytest.raises(ValueError, match=r"BatchNorm: mask of shape \(4,\) is ambiguous.*" + both):
-        _linen_train(bnn.BatchNorm(), x, mask=m)
-    with pytest.raises(ValueError, match=r"batch_norm: mask of shape \(4,\) is ambiguous"):
-        jbi.batch_norm(x, mask=m)
+    y, _ = _linen_train(bnn.BatchNorm(unbiased=False), x, mask=m)
+    y_rows, _ = _linen_train(bnn.BatchNorm(unbiased=False), x, mask=m[:, None])
+    np.testing.assert_array_equal(y, y_rows)
     for spelled in (m[:, None], m[None, :]):
         y, st = _linen_train(bnn.BatchNorm(unbiased=False), x, mask=spelled)
         yf, stf = _linen_train(nn.BatchNorm(use_fast_variance=False), x, mask=spelled)
         keep = np.isfinite(np.asarray(yf))  # flax: NaN on a feature with no valid row
         np.testing.assert_allclose(np.asarray(y)[keep], np.asarray(yf)[keep], atol=1e-5)
-    # not square: a (4,) row mask is unambiguous (flax cannot broadcast it against (4, 3))
-    y, _ = _linen_train(bnn.BatchNorm(unbiased=False), x[:, :3], mask=m)
-    y1, _ = _linen_train(bnn.BatchNorm(unbiased=False), x[:, :3], mask=m[:, None])
-    np.testing.assert_array_equal(y, y1)
+    np.testing.assert_array_equal(
+        jbi.batch_norm(x, mask=m)[0], jbi.batch_norm(x, mask=m[:, None])[0]
+    )
 
 
 def test_a_numeric_mask_is_refused_with_the_fix():

@@ -426,7 +426,7 @@ def test_errors_name_the_module_and_the_argument():
     raises(r"Dropout: rate must be a float in \[0, 1\]", lambda: bnn.Dropout(2.0).init(k, x))
     raises(
         r"BatchNorm: x must be a floating-point array",
-        lambda: bnn.BatchNorm(use_running_average=True).init(k, jnp.ones((4, 3), jnp.int32)),
+        lambda: bnn.BatchNorm(use_running_average=True).init(k, jnp.ones((4, 3), jnp.complex64)),
     )
     raises(
         r"MLP: norm must be one of",

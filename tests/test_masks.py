@@ -252,10 +252,7 @@ def test_garbage_on_eight_devices(name, dtype):
             )
         )
         for fill in FILLS:
-            # each device holds 4 rows of 4 features: a (4,) mask would be ambiguous (rows,
-            # or flax's broadcast over features?) and is refused; (4, 1) is rows
-            rows = jnp.asarray(valid)[:, None]
-            y, st, dx, dp = f(jnp.where(valid[:, None], x, fill), p, ct, rows)
+            y, st, dx, dp = f(jnp.where(valid[:, None], x, fill), p, ct, jnp.asarray(valid))
             close(y[valid], ys[0], dtype)
             close(st, st_w, dtype)
             close(dx[valid], dxs[0], dtype)

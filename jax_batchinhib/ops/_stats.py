@@ -241,9 +241,10 @@ def make_reduce(fn: str, x, axis, axis_name=None, axis_index_groups=None) -> Red
 def mask_shape(fn: str, mask, x_shape: Sequence[int], axes: tuple[int, ...]):
     """A mask of x's rank: a row mask (x's shape without the feature ``axes``) gets size-1
     feature dimensions; any other mask must broadcast to x (flax's reading, leading 1s
-    added). A mask that fits both readings with different meanings (a (4,) mask for x of
-    shape (4, 4): rows, or features?) is refused, not guessed: flax reads it as
-    broadcast, this library's row mask as rows."""
+    added). A mask of the row shape is always rows, also where it would broadcast to x
+    too (a (4,) mask for x of shape (4, 4)): so a padding mask means the same at every
+    batch size. flax reads that one square case as a feature mask; spell it (1, 4) for
+    that reading here."""
     x_shape = tuple(int(s) for s in x_shape)
     mshape = tuple(int(s) for s in jnp.shape(mask))
     ndim = len(x_shape)
@@ -254,16 +255,7 @@ def mask_shape(fn: str, mask, x_shape: Sequence[int], axes: tuple[int, ...]):
     except ValueError:
         fits_x = False
     if ndim > 1 and mshape == row_shape:
-        rows = tuple(1 if a in axes else s for a, s in enumerate(x_shape))
-        if fits_x and padded != rows:
-            raise ValueError(
-                f"{fn}: mask of shape {shape_str(mshape)} is ambiguous for x of shape "
-                f"{shape_str(x_shape)}: it is a row mask (x's shape without the feature "
-                f"axes), but flax would broadcast it against x as {shape_str(padded)}. Give "
-                f"it x's rank: {shape_str(rows)} for rows, {shape_str(padded)} for flax's "
-                f"reading."
-            )
-        return jnp.reshape(mask, rows)
+        return jnp.reshape(mask, tuple(1 if a in axes else s for a, s in enumerate(x_shape)))
     if not fits_x:
         raise ValueError(
             f"{fn}: mask must have the shape of x {shape_str(x_shape)}, broadcast to it, or "

@@ -106,13 +106,13 @@ def batch_norm(
         gradients come out summed over devices. Without ``axis_name`` the groups are
         unused (as flax's).
       mask: boolean (or integer 0/1), of a shape that broadcasts to x (flax's
-        reading), or x's shape without the feature axes (a row mask). A mask that fits
-        both readings differently (shape (4,) for x of shape (4, 4)) is refused: give it
-        x's rank. False entries are selected away from the statistics and the count,
-        so they may hold anything (NaN, inf). Their outputs are still normalized (as
-        flax does: NaN stays NaN there), but they are constants to differentiation: a
-        cotangent there reaches no gradient, and dx is 0 there
-        (``docs/derivations.md``, "Masks select").
+        reading), or x's shape without the feature axes (a row mask; always rows, also
+        where flax would broadcast it: shape (4,) for x of shape (4, 4) masks rows here,
+        features in flax, which (1, 4) spells here). False entries are selected away
+        from the statistics and the count, so they may hold anything (NaN, inf). Their
+        outputs are still normalized (as flax does: NaN stays NaN there), but they are
+        constants to differentiation: a cotangent there reaches no gradient, and dx is
+        0 there (``docs/derivations.md``, "Masks select").
       virtual_batch_size: ghost batches: normalize each run of this many examples along
         the leading axis with its own statistics (it must divide ``x.shape[0]``); the
         returned statistics are then the mean over the sub-batches of their mean and var
