@@ -690,6 +690,18 @@ def _raises(exc, match, f, *a, **k):
         f(*a, **k)
 
 
+def test_alpha_shape_checks_its_arguments():
+    assert jb.alpha_shape(6) == (6, 6) and jb.alpha_shape(6, 3) == (3, 2, 2)
+    # it returned (2, 2, 2) for (5, 2), (8, 0, 0) for (4, 8) and (4, 4) for groups=True
+    _raises(ValueError, r"alpha_shape: groups=2 must divide the number of features N=5",
+            jb.alpha_shape, 5, 2)  # fmt: skip
+    _raises(ValueError, r"alpha_shape: groups=8 must divide", jb.alpha_shape, 4, 8)
+    _raises(TypeError, r"alpha_shape: groups must be an int >= 1; got True", jb.alpha_shape, 4,
+            True)  # fmt: skip
+    _raises(ValueError, r"alpha_shape: groups must be an int >= 1; got 0", jb.alpha_shape, 4, 0)
+    _raises(TypeError, r"alpha_shape: num_features must be an int", jb.alpha_shape, 4.0)
+
+
 def test_errors_name_function_argument_and_shapes():
     x = jnp.ones((8, 64))
     _raises(

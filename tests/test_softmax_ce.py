@@ -87,3 +87,24 @@ def test_integer_label_sce_keeps_what_its_backward_needs():
     _, vjp = jax.vjp(lambda z: f(z, y), z)
     kept = sorted((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(vjp))
     assert kept == [((4,), "int32"), ((4, 1), "float32"), ((4, 5), "float32")], kept
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "int16", "uint16"])
+def test_integer_labels_of_a_narrow_dtype_give_the_int32_gradient(dtype):
+    """300 rows, more than uint8 or int8 can index: the backward's row indices are int32
+    whatever the labels' dtype (they wrapped past 255 in uint8, putting -g on the wrong
+    rows, and overflowed int8). The same dz as int32 labels, exactly, and as optax's."""
+    import optax
+
+    z = jax.random.normal(jax.random.key(0), (300, 4))
+    lab = jnp.arange(300) % 4
+
+    def grad(f, labels):
+        return jax.grad(lambda z: f(z, labels).sum())(z)
+
+    want = grad(jb.softmax_cross_entropy_with_integer_labels, lab)
+    got = grad(jb.softmax_cross_entropy_with_integer_labels, lab.astype(dtype))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(
+        got, grad(optax.softmax_cross_entropy_with_integer_labels, lab.astype(dtype))
+    )

@@ -99,3 +99,14 @@ def test_bad_tuple_axis(axis, err, msg):
 def test_scale_must_have_feature_shape():
     with pytest.raises(ValueError, match=r"batch_norm: scale must have the feature shape \(3, 2\)"):
         jb.batch_norm(data(), jnp.ones(6), axis=(1, 3))
+
+
+def test_inference_with_a_feature_axis_of_size_one():
+    """Feature shape (3, 1): the inference backward kept its (3, 1) shape (it squeezed
+    the size-1 axis and broadcast (3,) against (3, 1) into (3, 3) before)."""
+    x = jax.random.normal(jax.random.key(0), (8, 3, 1))
+    mean, var = 0.1 * jnp.ones((3, 1)), 2.0 * jnp.ones((3, 1))
+    sc, b = jnp.full((3, 1), 1.5), jnp.full((3, 1), 0.2)
+    check_vjp(jb.batch_norm_inference, ref.batch_norm_inference, x, sc, b, mean, var, axis=(1, 2))
+    check_vjp(jb.batch_norm_inference, ref.batch_norm_inference, x, None, None, mean, var,
+              axis=(1, 2))  # fmt: skip

@@ -370,6 +370,12 @@ def test_errors(name):
         r"features and groups=2; got \(6, 6\)",
         inf, x, None, None, jnp.zeros(6), jnp.eye(6), groups=2,
     )  # fmt: skip
+    # one feature axis only (a tuple reached x.shape[axis] with a tuple before)
+    x3 = jnp.ones((8, 3, 2))
+    one = r"axis must be an int \(one feature axis: the features are whitened together"
+    _raises(TypeError, rf"{name}: {one}.*got \(1, 2\)", op, x3, axis=(1, 2))
+    _raises(TypeError, rf"{name}_inference: {one}", inf, x3, None, None, jnp.zeros(6),
+            jnp.eye(6), axis=(1, 2))  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

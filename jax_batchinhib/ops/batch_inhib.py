@@ -227,7 +227,7 @@ def alpha_shape(num_features: int, groups: int = 1) -> tuple[int, ...]:
 
     Args:
       num_features: N, the number of features.
-      groups: G, the number of contiguous feature groups (it should divide N).
+      groups: G, the number of contiguous feature groups; it must divide N.
 
     Returns:
       ``(N, N)`` for ``groups=1``, else ``(G, N/G, N/G)``.
@@ -237,7 +237,9 @@ def alpha_shape(num_features: int, groups: int = 1) -> tuple[int, ...]:
       >>> alpha_shape(6), alpha_shape(6, groups=3)
       ((6, 6), (3, 2, 2))
     """
-    n = num_features // groups
+    nfeat = C.positive_int("alpha_shape", "num_features", num_features)
+    groups = C.groups("alpha_shape", groups, nfeat)
+    n = nfeat // groups
     return (n, n) if groups == 1 else (groups, n, n)
 
 

@@ -394,9 +394,10 @@ def _bn_inf_bwd(cfg, epsilon, res, dy):
     dxhat = dy if scale is None else dy * _vec(scale, cfg, cd)
     dx = dxhat * inv
     dmean = -jnp.sum(dx, axis=cfg.reduce_axes).astype(mean.dtype)
-    dvar = (-0.5 * jnp.sum(dxhat * xhat, axis=cfg.reduce_axes) * jnp.squeeze(inv) ** 2).astype(
-        var.dtype
-    )
+    # inv has the kept dims of x; reshaped (not squeezed: a feature axis of size 1 must
+    # stay) to the reduced sum's feature shape
+    inv_f = jnp.reshape(inv, cfg.feature_shape(x.shape))
+    dvar = (-0.5 * jnp.sum(dxhat * xhat, axis=cfg.reduce_axes) * inv_f**2).astype(var.dtype)
     dvar = jnp.reshape(dvar, var.shape)
     dmean = jnp.reshape(dmean, mean.shape)
     return (

@@ -290,10 +290,13 @@ def _sce_int_bwd(axis, res, g):
     # dz = g p everywhere, then -g added at each example's label: a scatter of one value
     # per example (the structure of autodiff's backward of a gather), no one-hot array.
     # Negative labels wrap as in the forward's gather; one out of range adds nothing.
+    # The indices in int32 (at least): a row index in the labels' own dtype would wrap
+    # past 255 for uint8 labels, or overflow int8's, with more rows than the dtype holds.
+    it = jnp.promote_types(labels.dtype, jnp.int32)
     idx = tuple(
-        labels
+        labels.astype(it)
         if i == axis
-        else jax.lax.broadcasted_iota(labels.dtype, labels.shape, i - (i > axis))
+        else jax.lax.broadcasted_iota(it, labels.shape, i - (i > axis))
         for i in range(p.ndim)
     )
     dz = (jnp.expand_dims(g, axis) * p).at[idx].add(-g, mode="drop")

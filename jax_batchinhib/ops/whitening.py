@@ -86,6 +86,16 @@ def _mm(a, b):
 # ------------------------------------------------------------------------- validation
 
 
+def _one_axis(fn, axis, red):
+    """The whitening ops take one feature axis (the modules say the same)."""
+    if len(red.axes) > 1:
+        raise TypeError(
+            f"{fn}: axis must be an int (one feature axis: the features are whitened "
+            f"together by an N x N matrix); got {axis!r}"
+        )
+    return red
+
+
 def _check_groups(fn, nfeat, groups):
     if not C.is_int(groups) or groups < 1:
         raise ValueError(f"{fn}: groups must be an int >= 1; got {groups!r}")
@@ -140,7 +150,7 @@ def _from_matrix(y2, tshape, axis):
 def _prepare(fn, method, x, scale, bias, groups, iterations, epsilon, axis, axis_name,
              axis_index_groups, mask):  # fmt: skip
     S.check_float(fn, "x", x)
-    red = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
+    red = _one_axis(fn, axis, S.make_reduce(fn, x, axis, axis_name, axis_index_groups))
     nfeat = x.shape[red.axis]
     S.check_vector(fn, "scale", scale, nfeat)
     S.check_vector(fn, "bias", bias, nfeat)
@@ -541,7 +551,7 @@ def zca_norm_inference(x, scale, bias, mean, whitening_matrix, *, groups: int = 
 
 def _inference(fn, x, scale, bias, mean, wmat, groups, axis):
     S.check_float(fn, "x", x)
-    red = S.make_reduce(fn, x, axis)
+    red = _one_axis(fn, axis, S.make_reduce(fn, x, axis))
     nfeat = x.shape[red.axis]
     S.check_vector(fn, "scale", scale, nfeat)
     S.check_vector(fn, "bias", bias, nfeat)
