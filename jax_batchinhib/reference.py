@@ -448,23 +448,33 @@ def _whiten(whitening, x, scale, bias, groups, epsilon, axis, axis_name, axis_in
         if mk.ndim == x.ndim:
             mk = jnp.squeeze(jnp.moveaxis(mk, axis, -1), -1)
         w = jnp.broadcast_to(mk, xt.shape[:-1]).reshape(-1, 1).astype(cd)
+    # masked rows selected away (never weighted: NaN * 0 is NaN); their outputs are the
+    # same formula on the raw rows, as constants to differentiation (docs/derivations.md,
+    # "Masks select")
+    sel = None if mask is None else w > 0
     n = _psum(jnp.sum(w), axis_name, axis_index_groups)
-    mu = _psum(jnp.sum(w * X, axis=0), axis_name, axis_index_groups) / n
+    mu = _psum(jnp.sum(_where(sel, X), axis=0), axis_name, axis_index_groups) / n
     Xc = (X - mu).reshape(X.shape[0], groups, k)
+    Xv = Xc if sel is None else _where(sel[:, :, None], Xc)
     cov = (
         _psum(
-            jnp.einsum("mgi,mgk->gik", w[:, :, None] * Xc, Xc, precision=_HIGHEST),
+            jnp.einsum("mgi,mgk->gik", Xv, Xv, precision=_HIGHEST),
             axis_name,
             axis_index_groups,
         )
         / n
     )
     W = whitening(cov + epsilon * jnp.eye(k, dtype=cd))
-    Y = jnp.einsum("mgi,gik->mgk", Xc, W, precision=_HIGHEST).reshape(X.shape)
-    if scale is not None:
-        Y = Y * scale.astype(cd)
-    if bias is not None:
-        Y = Y + bias.astype(cd)
+
+    def out(Xc):
+        Y = jnp.einsum("mgi,gik->mgk", Xc, W, precision=_HIGHEST).reshape(X.shape)
+        if scale is not None:
+            Y = Y * scale.astype(cd)
+        if bias is not None:
+            Y = Y + bias.astype(cd)
+        return Y
+
+    Y = _masked_output(sel, out(Xv), out(Xc))
     y = jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), -1, axis)
     return y, jax.tree.map(lax.stop_gradient, WhiteningStats(mu, cov, W))
 

@@ -337,6 +337,46 @@ def test_shard_map_equals_full_batch(name, check_vma):
             np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-10, atol=1e-12)
 
 
+# ------------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("name", list(OPS))
+def test_garbage_at_masked_rows_changes_nothing(name, groups):
+    """NaN or inf in masked (padding) rows: the valid rows' outputs, the statistics and
+    every gradient equal those with zeros there (the covariance was a product with the
+    mask, NaN * 0 = NaN, which made every output NaN); the masked rows' cotangent
+    reaches no gradient and dx is 0 there, as for batch_norm (docs/derivations.md,
+    "Masks select"). float32: the same program on the same valid values, so equal to
+    the last bit."""
+    op = OPS[name][0]
+    x = _data((16, 4), jnp.float32, 21)
+    mask = jnp.arange(16) < 12
+    sc, b = jnp.full((4,), 1.3), jnp.full((4,), 0.2)
+    ct = jax.random.normal(jax.random.key(4), (16, 4))
+
+    @jax.jit
+    def run(x):
+        def loss(x, sc, b):
+            y, st = op(x, sc, b, mask=mask, groups=groups)
+            return jnp.sum(y * ct), (y, st)
+
+        return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(x, sc, b)
+
+    want = run(x.at[12:].set(0.0))
+    for fill in (jnp.nan, jnp.inf):
+        (dx, dsc, db), (y, st) = run(x.at[12:].set(fill))
+        np.testing.assert_array_equal(y[:12], want[1][0][:12])
+        for a, w in zip(
+            jax.tree.leaves((st, dsc, db)),
+            jax.tree.leaves((want[1][1], *want[0][1:])),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, w)
+        np.testing.assert_array_equal(dx[:12], want[0][0][:12])
+        assert np.all(np.asarray(dx[12:]) == 0)
+
+
 # ------------------------------------------------------------------------------ errors
 
 

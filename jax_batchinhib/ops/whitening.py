@@ -398,6 +398,12 @@ def _center(cfg, red, x2, mask):
     return xc, s, mean_d, cnt, w
 
 
+def _rows(v, mask):
+    """``v`` (M, G, n) with the masked rows selected to 0 (``mask``: (M, 1) or None)."""
+    mb = S.mask_bool(mask)
+    return v if mb is None else S.select(v, mb.reshape(v.shape[0], 1, 1))
+
+
 def _affine(xh, scale, bias, cd):
     y = xh
     if scale is not None:
@@ -410,8 +416,9 @@ def _affine(xh, scale, bias, cd):
 def _wh_forward(cfg, red, x2, scale, bias, mask):
     xc, s, mean_d, cnt, w = _center(cfg, red, x2, mask)
     m, g, n = xc.shape
-    wc = xc if w is None else xc * w.reshape(m, 1, 1)
-    cov = red.psum(jnp.einsum("mgi,mgk->gik", wc, xc, precision=S.PRECISION))
+    # masked rows selected away, not weighted (NaN * 0 is NaN): docs/derivations.md
+    wc = _rows(xc, mask)
+    cov = red.psum(jnp.einsum("mgi,mgk->gik", wc, wc, precision=S.PRECISION))
     cov = cov / jnp.maximum(cnt, 1)
     sigma = cov + cfg.epsilon * jnp.eye(n, dtype=cov.dtype)
     if cfg.method == "iter":
@@ -452,12 +459,14 @@ def _whiten_bwd(cfg, red, res, cts):
     else:
         u, r = mres
         wmat = _zca_matrix(u, r)
-    xc = ((x2.astype(cd) - s) - mean_d).reshape(m, g, n)
-    dy = dy2.astype(cd)
+    # Masked rows are constants to differentiation (as batch_norm's): their cotangent and
+    # their data are selected away, so garbage there (NaN, inf) reaches no gradient.
+    xc = _rows(((x2.astype(cd) - s) - mean_d).reshape(m, g, n), mask)
+    dy = S.select(dy2.astype(cd), S.mask_bool(mask))
     dxh = dy if scale is None else dy * scale.astype(cd)
     dxh = dxh.reshape(m, g, n)
-    # W̄ = X_cᵀ dx̂ over every row (masked rows are whitened too), and the column sums of
-    # dx̂ for the mean's term: both global sums across devices.
+    # W̄ = X_cᵀ dx̂ over the valid rows, and the column sums of dx̂ for the mean's term:
+    # both global sums across devices.
     wbar, colsum = red.psum(
         (jnp.einsum("mgi,mgk->gik", xc, dxh, precision=S.PRECISION), jnp.sum(dxh, axis=0))
     )
@@ -468,11 +477,10 @@ def _whiten_bwd(cfg, red, res, cts):
     mb = S.mask_bool(mask)
     w = None if mb is None else mb.astype(cd)
     wn = (1.0 / jnp.maximum(cnt, 1)) if w is None else w.reshape(m, 1, 1) / jnp.maximum(cnt, 1)
-    wxc = xc if w is None else xc * w.reshape(m, 1, 1)
     dx = (
         jnp.einsum("mgk,gik->mgi", dxh, wmat, precision=S.PRECISION)
         - wn * jnp.einsum("gk,gik->gi", colsum, wmat, precision=S.PRECISION)
-        + jnp.einsum("mgi,gik->mgk", wxc, sbar + _mT(sbar), precision=S.PRECISION)
+        + jnp.einsum("mgi,gik->mgk", xc, sbar + _mT(sbar), precision=S.PRECISION)
         / jnp.maximum(cnt, 1)
     )
     dscale = dbias = None
