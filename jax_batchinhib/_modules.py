@@ -213,9 +213,7 @@ class WhitenOptions:
         if method == "iter":
             _wh._check_iterations(where, iterations)
         _wh._check_whitening_epsilon(where, mdl.epsilon)
-        groups = mdl.groups
-        if not C.is_int(groups) or groups < 1:
-            raise ValueError(f"{where}: groups must be an int >= 1; got {groups!r}")
+        groups = C.groups(where, mdl.groups)  # TypeError for a non-int, as every layer
         if n is not None:
             _wh._check_groups(where, n, groups)
         return cls(method, int(groups), int(iterations), float(mdl.epsilon))

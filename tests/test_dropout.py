@@ -133,3 +133,18 @@ def test_dropout_bad_broadcast_dims(dims, exc, match):
 def test_dropout_bad_residual():
     with pytest.raises(ValueError, match=r"dropout: residual must be one of 'bits', 'key', "):
         jb.dropout(jnp.ones((4, 3)), 0.5, jax.random.key(0), residual="mask")
+
+
+def test_dropout_refuses_a_batch_of_keys_by_name():
+    """A batch of keys (or a raw key of the wrong shape) got JAX's own error, which did
+    not name dropout; one key per example is jax.vmap over split keys."""
+    x = jnp.ones((4, 3))
+    keys = jax.random.split(jax.random.key(0), 4)
+    with pytest.raises(ValueError, match=r"dropout: key must be one PRNG key \(a typed key of "
+                       r"shape \(\)\); got shape \(4,\)"):  # fmt: skip
+        jb.dropout(x, 0.5, keys)
+    with pytest.raises(ValueError, match=r"dropout: key must be one PRNG key \(a raw uint32 "):
+        jb.dropout(x, 0.5, jnp.zeros((3,), jnp.uint32))
+    y = jax.vmap(lambda r, k: jb.dropout(r, 0.5, k))(x, keys)
+    assert y.shape == x.shape
+    np.testing.assert_array_equal(y[1], jb.dropout(x[1], 0.5, keys[1]))

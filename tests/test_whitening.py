@@ -399,9 +399,12 @@ def test_errors(name):
     _raises(ValueError, rf"{name}: epsilon must be > 0", op, x, epsilon=0.0)
     _raises(ValueError, rf"{name}: scale must have shape \(6,\) for x with 6 features; got \(5,\)",
             op, x, jnp.ones(5))  # fmt: skip
+    # the wrong type is a TypeError, a wrong int a ValueError (ops/_checks.py's rule)
+    _raises(TypeError, rf"{name}: groups must be an int >= 1; got 2.0", op, x, groups=2.0)
+    _raises(TypeError, rf"{name}: groups must be an int >= 1; got True", op, x, groups=True)
     if name == "iter_norm":
-        for bad in (0, -1, 2.0, True):
-            _raises(ValueError, rf"iter_norm: iterations must be a Python int >= 1.*{bad!r}",
+        for bad, exc in ((0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
+            _raises(exc, rf"iter_norm: iterations must be a Python int >= 1.*{bad!r}",
                     op, x, iterations=bad)  # fmt: skip
     inf = INF_OPS[name + "_inference"][0]
     _raises(

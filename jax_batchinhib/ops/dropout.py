@@ -30,6 +30,15 @@ def _check_key(fn, key):
             f"{fn}: key must be a PRNG key (jax.random.key(...) or jax.random.PRNGKey(...)); "
             f"got an array of dtype {dtype}"
         )
+    typed = jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    want = () if typed else jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
+    if tuple(jnp.shape(key)) != tuple(want):
+        kind = "a typed key of shape ()" if typed else f"a raw uint32 key of shape {want}"
+        raise ValueError(
+            f"{fn}: key must be one PRNG key ({kind}); got shape "
+            f"{C.shape_str(jnp.shape(key))}. For one mask per example, jax.vmap dropout "
+            f"over split keys."
+        )
 
 
 def _check_residual(fn, residual):

@@ -97,7 +97,9 @@ def _one_axis(fn, axis, red):
 
 
 def _check_groups(fn, nfeat, groups):
-    if not C.is_int(groups) or groups < 1:
+    if not C.is_int(groups):
+        raise TypeError(f"{fn}: groups must be an int >= 1; got {groups!r}")
+    if groups < 1:
         raise ValueError(f"{fn}: groups must be an int >= 1; got {groups!r}")
     if nfeat % groups:
         raise ValueError(
@@ -108,7 +110,7 @@ def _check_groups(fn, nfeat, groups):
 
 def _check_iterations(fn, iterations):
     if not C.is_int(iterations) or iterations < 1:
-        raise ValueError(
+        raise (ValueError if C.is_int(iterations) else TypeError)(
             f"{fn}: iterations must be a Python int >= 1 (the number of Newton steps); "
             f"got {iterations!r}"
         )
