@@ -146,9 +146,8 @@ def check_input(where: str, x, axis, mask, num_features: int | None = None):
     dtype, and its shape against x's: see ``ops._stats.mask_shape``); return the feature
     axis (non-negative int) or axes (sorted tuple)."""
     dtype = jnp.result_type(x)
-    if not (jnp.issubdtype(dtype, jnp.number) or dtype == jnp.bool_) or jnp.issubdtype(
-        dtype, jnp.complexfloating
-    ):
+    real = (jnp.floating, jnp.integer, jnp.bool_)
+    if not any(jnp.issubdtype(dtype, k) for k in real):
         C.float_array(where, "x", x)  # its error: a real floating-point array expected
     ax = feature_axes(where, axis, jnp.ndim(x))
     n = math.prod(feature_shape(x, ax))
@@ -158,7 +157,6 @@ def check_input(where: str, x, axis, mask, num_features: int | None = None):
             f"but the layer was built with num_features={num_features}"
         )
     if mask is not None:
-        C.mask_dtype(where, mask)
         S.mask_shape(where, mask, jnp.shape(x), ax if isinstance(ax, tuple) else (ax,))
     return ax
 
@@ -213,10 +211,8 @@ class WhitenOptions:
         if method == "iter":
             _wh._check_iterations(where, iterations)
         _wh._check_whitening_epsilon(where, mdl.epsilon)
-        groups = C.groups(where, mdl.groups)  # TypeError for a non-int, as every layer
-        if n is not None:
-            _wh._check_groups(where, n, groups)
-        return cls(method, int(groups), int(iterations), float(mdl.epsilon))
+        groups = C.groups(where, mdl.groups, n)  # n None: its divisibility checked later
+        return cls(method, groups, int(iterations), float(mdl.epsilon))
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -302,7 +298,6 @@ def _flat_features(kind, where, x, params, state, step, kw):
         # x's rank first, read against x's own shape (a row mask gets feature dimensions
         # of 1, a broadcast one leading 1s); a mask that varies along some feature axis
         # is spelled out along all of them; then the feature dimensions are flattened
-        C.mask_dtype(where, mask)
         mask = S.mask_shape(where, mask, x.shape, axes)
         ms = tuple(jnp.shape(mask))
         if any(ms[a] != 1 for a in axes):

@@ -132,7 +132,7 @@ def guard(fn: str, v, default: float) -> float:
 def positive_int(fn: str, name: str, v) -> int:
     """An int >= 1 (``groups``, ``num_features``, ``virtual_batch_size``): Python's, or a
     NumPy integer (what ``np.prod`` returns)."""
-    if _is_bool(v) or not isinstance(v, numbers.Integral):
+    if not is_int(v):
         raise TypeError(f"{fn}: {name} must be an int >= 1; got {v!r}")
     if v < 1:
         raise ValueError(f"{fn}: {name} must be an int >= 1; got {v!r}")

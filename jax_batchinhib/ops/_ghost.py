@@ -61,7 +61,6 @@ def ghost_batches(fn: str, op, x, mask, v: int, axis, axis_name=None, axis_index
         y, stats = jax.vmap(lambda xs: op(xs, mask=None))(xg)
     else:
         cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)  # a sub-batch's too
-        C.mask_dtype(fn, mask)
         # x's rank before splitting (a row mask gets feature dimensions of 1), so that
         # each sub-batch's mask has its sub-batch's rank and reads the same way
         mask = S.mask_shape(fn, mask, x.shape, cfg.axes)

@@ -239,23 +239,25 @@ def make_reduce(fn: str, x, axis, axis_name=None, axis_index_groups=None) -> Red
 
 
 def mask_shape(fn: str, mask, x_shape: Sequence[int], axes: tuple[int, ...]):
-    """A mask of x's rank: a row mask (x's shape without the feature ``axes``) gets size-1
+    """A mask checked (its dtype, :func:`_checks.mask_dtype`; its shape against x's) and
+    given x's rank: a row mask (x's shape without the feature ``axes``) gets size-1
     feature dimensions; any other mask must broadcast to x (flax's reading, leading 1s
     added). A mask of the row shape is always rows, also where it would broadcast to x
     too (a (4,) mask for x of shape (4, 4)): so a padding mask means the same at every
     batch size. flax reads that one square case as a feature mask; spell it (1, 4) for
     that reading here."""
+    C.mask_dtype(fn, mask)
     x_shape = tuple(int(s) for s in x_shape)
     mshape = tuple(int(s) for s in jnp.shape(mask))
     ndim = len(x_shape)
     row_shape = tuple(s for a, s in enumerate(x_shape) if a not in axes)
-    padded = (1,) * (ndim - len(mshape)) + mshape
-    try:
-        fits_x = jnp.broadcast_shapes(padded, x_shape) == x_shape and len(mshape) <= ndim
-    except ValueError:
-        fits_x = False
     if ndim > 1 and mshape == row_shape:
         return jnp.reshape(mask, tuple(1 if a in axes else s for a, s in enumerate(x_shape)))
+    padded = (1,) * (ndim - len(mshape)) + mshape  # longer than x: broadcasts to no x
+    try:
+        fits_x = jnp.broadcast_shapes(padded, x_shape) == x_shape
+    except ValueError:
+        fits_x = False
     if not fits_x:
         raise ValueError(
             f"{fn}: mask must have the shape of x {shape_str(x_shape)}, broadcast to it, or "
@@ -273,7 +275,6 @@ def mask_weights(fn: str, mask, x_shape: Sequence[int], cfg: Reduce, *, rows_onl
     """
     if mask is None:
         return None
-    C.mask_dtype(fn, mask)
     given = tuple(jnp.shape(mask))
     mask = mask_shape(fn, mask, x_shape, cfg.axes)
     if rows_only and any(jnp.shape(mask)[a] != 1 for a in cfg.axes):

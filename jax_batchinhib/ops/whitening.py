@@ -96,24 +96,12 @@ def _one_axis(fn, axis, red):
     return red
 
 
-def _check_groups(fn, nfeat, groups):
-    if not C.is_int(groups):
-        raise TypeError(f"{fn}: groups must be an int >= 1; got {groups!r}")
-    if groups < 1:
-        raise ValueError(f"{fn}: groups must be an int >= 1; got {groups!r}")
-    if nfeat % groups:
-        raise ValueError(
-            f"{fn}: groups={groups} must divide the number of features N={nfeat}; "
-            f"choose groups among the divisors of {nfeat}"
-        )
-
-
 def _check_iterations(fn, iterations):
-    if not C.is_int(iterations) or iterations < 1:
-        raise (ValueError if C.is_int(iterations) else TypeError)(
-            f"{fn}: iterations must be a Python int >= 1 (the number of Newton steps); "
-            f"got {iterations!r}"
-        )
+    msg = f"{fn}: iterations must be a Python int >= 1 (the number of Newton steps); "
+    if not C.is_int(iterations):
+        raise TypeError(msg + f"got {iterations!r}")
+    if iterations < 1:
+        raise ValueError(msg + f"got {iterations!r}")
 
 
 def _check_whitening_epsilon(fn, epsilon):
@@ -156,7 +144,7 @@ def _prepare(fn, method, x, scale, bias, groups, iterations, epsilon, axis, axis
     nfeat = x.shape[red.axis]
     S.check_vector(fn, "scale", scale, nfeat)
     S.check_vector(fn, "bias", bias, nfeat)
-    _check_groups(fn, nfeat, groups)
+    C.groups(fn, groups, nfeat)
     if method == "iter":
         _check_iterations(fn, iterations)
     _check_whitening_epsilon(fn, epsilon)
@@ -385,24 +373,22 @@ def _zca_backward(u, r, wbar):
 # ======================================================================= training op
 
 
-def _center(cfg, red, x2, mask):
-    """Float32-or-wider x, its shift/mean, the grouped centred data and the count."""
+def _center(cfg, red, x2, mb):
+    """Float32-or-wider x, its shift/mean, the grouped centred data and the count
+    (``mb``: the boolean row mask, or None)."""
     cd = S.compute_dtype(x2.dtype)
     m, nf = x2.shape
     g = cfg.groups
     xf = x2.astype(cd)
-    mb = S.mask_bool(mask)
-    w = None if mb is None else mb.astype(cd)
     cnt = S.count(x2.shape, mb, red, cd)
     s, mean_d, _ = S.moments(xf, mb, red, cnt)
     cnt = jnp.ravel(cnt)[0]  # rows are masked whole: one count for every feature
     xc = ((xf - s) - mean_d).reshape(m, g, nf // g)
-    return xc, s, mean_d, cnt, w
+    return xc, s, mean_d, cnt
 
 
-def _rows(v, mask):
-    """``v`` (M, G, n) with the masked rows selected to 0 (``mask``: (M, 1) or None)."""
-    mb = S.mask_bool(mask)
+def _rows(v, mb):
+    """``v`` (M, G, n) with the masked rows selected to 0 (``mb``: (M, 1) bool or None)."""
     return v if mb is None else S.select(v, mb.reshape(v.shape[0], 1, 1))
 
 
@@ -416,10 +402,11 @@ def _affine(xh, scale, bias, cd):
 
 
 def _wh_forward(cfg, red, x2, scale, bias, mask):
-    xc, s, mean_d, cnt, w = _center(cfg, red, x2, mask)
+    mb = S.mask_bool(mask)
+    xc, s, mean_d, cnt = _center(cfg, red, x2, mb)
     m, g, n = xc.shape
     # masked rows selected away, not weighted (NaN * 0 is NaN): docs/derivations.md
-    wc = _rows(xc, mask)
+    wc = _rows(xc, mb)
     cov = red.psum(jnp.einsum("mgi,mgk->gik", wc, wc, precision=S.PRECISION))
     cov = cov / jnp.maximum(cnt, 1)
     sigma = cov + cfg.epsilon * jnp.eye(n, dtype=cov.dtype)
@@ -463,8 +450,9 @@ def _whiten_bwd(cfg, red, res, cts):
         wmat = _zca_matrix(u, r)
     # Masked rows are constants to differentiation (as batch_norm's): their cotangent and
     # their data are selected away, so garbage there (NaN, inf) reaches no gradient.
-    xc = _rows(((x2.astype(cd) - s) - mean_d).reshape(m, g, n), mask)
-    dy = S.select(dy2.astype(cd), S.mask_bool(mask))
+    mb = S.mask_bool(mask)
+    xc = _rows(((x2.astype(cd) - s) - mean_d).reshape(m, g, n), mb)
+    dy = S.select(dy2.astype(cd), mb)
     dxh = dy if scale is None else dy * scale.astype(cd)
     dxh = dxh.reshape(m, g, n)
     # W̄ = X_cᵀ dx̂ over the valid rows, and the column sums of dx̂ for the mean's term:
@@ -476,9 +464,8 @@ def _whiten_bwd(cfg, red, res, cts):
         sbar = _newton_backward(ps, a_s, b_s, sn, t, wbar)
     else:
         sbar = _zca_backward(u, r, wbar)
-    mb = S.mask_bool(mask)
-    w = None if mb is None else mb.astype(cd)
-    wn = (1.0 / jnp.maximum(cnt, 1)) if w is None else w.reshape(m, 1, 1) / jnp.maximum(cnt, 1)
+    w = 1.0 if mb is None else mb.astype(cd).reshape(m, 1, 1)
+    wn = w / jnp.maximum(cnt, 1)
     dx = (
         jnp.einsum("mgk,gik->mgi", dxh, wmat, precision=S.PRECISION)
         - wn * jnp.einsum("gk,gik->gi", colsum, wmat, precision=S.PRECISION)
@@ -568,7 +555,7 @@ def _inference(fn, x, scale, bias, mean, wmat, groups, axis):
     if mean is None or wmat is None:
         raise ValueError(f"{fn}: mean and whitening_matrix are required (running statistics)")
     S.check_vector(fn, "mean", mean, nfeat)
-    _check_groups(fn, nfeat, groups)
+    C.groups(fn, groups, nfeat)
     _check_matrix(fn, "whitening_matrix", wmat, nfeat, groups)
     x2, tshape = _as_matrix(x, red.axis)
     y2 = _wh_inf(groups, x2, scale, bias, mean, wmat)
