@@ -58,6 +58,22 @@ class Reduce:
             return v
         return lax.psum(v, self.axis_name, axis_index_groups=self.axis_index_groups)
 
+    def varying(self, v):
+        """The statistics ``v``, made to vary along an untyped mapped axis.
+
+        The statistics are a psum: the same on every member of ``axis_name``. Under
+        ``jax.vmap(..., axis_name=...)`` a psum's result is unbatched, so a custom rule
+        returning it receives one cotangent, already summed over the members (the
+        transpose of vmap's broadcast of an unbatched output), where ``stats_ct`` expects
+        each member's own, as under ``pmap``. Selecting the statistics by the member's
+        index (always true, removed by XLA) makes them batched, so the cotangent arrives
+        per member under vmap as under pmap. Typed ``shard_map`` keeps them invariant.
+        """
+        if self.axis_name is None or is_typed(self.axis_name):
+            return v
+        member = lax.axis_index(self.axis_name) >= 0
+        return jax.tree.map(lambda a: lax.select(jnp.broadcast_to(member, a.shape), a, a), v)
+
     def stats_ct(self, ct):
         """Cotangents of the statistics outputs, made global (see ``docs/scaling.md``).
 
@@ -65,8 +81,9 @@ class Reduce:
         ``check_vma=True`` (the default) they are typed device-invariant and their
         cotangent arrives already summed over the devices (autodiff transposes the
         implicit broadcast into a psum). Untyped (``check_vma=False``, ``jax.pmap``,
-        ``jax.vmap``) each device holds its own part, and autodiff of the reference
-        transposes the forward psum into a psum: do the same here.
+        ``jax.vmap``, where ``varying`` makes the statistics per member) each device
+        holds its own part, and autodiff of the reference transposes the forward psum
+        into a psum: do the same here.
         """
         if self.axis_name is None or is_typed(self.axis_name):
             return ct
