@@ -40,6 +40,7 @@ from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _ghost
 from jax_batchinhib.ops import _stats as S
 from jax_batchinhib.ops.batch_inhib import InhibOptions
+from jax_batchinhib.ops.batch_norm import batch_center_for_running, batch_norm_for_running
 
 Array = jax.Array
 
@@ -365,7 +366,8 @@ def batch_norm_step(where: str, x, scale, bias, state: RunningStats, step: Step,
             x, scale, bias, state.mean, state.var, axis=step.axis, epsilon=epsilon
         )
         return y, state
-    op = functools.partial(impl.batch_norm, scale=scale, bias=bias, epsilon=epsilon)
+    bn = impl.batch_norm if step.use_autodiff else batch_norm_for_running
+    op = functools.partial(bn, scale=scale, bias=bias, epsilon=epsilon)
     return _train(where, step, op, x, state, mask, ("mean", "var"))
 
 
@@ -383,7 +385,8 @@ def batch_center_step(where: str, x, bias, state: RunningStats, step: Step, *, m
     impl = _impl(step.use_autodiff)
     if step.use_running_average:
         return impl.batch_center_inference(x, bias, state.mean, axis=step.axis), state
-    op = functools.partial(impl.batch_center, bias=bias)
+    bc = impl.batch_center if step.use_autodiff else batch_center_for_running
+    op = functools.partial(bc, bias=bias)
     return _train(where, step, op, x, state, mask, ("mean",))
 
 

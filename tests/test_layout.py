@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import jax_batchinhib as jbi
-from jax_batchinhib import fold, ops, reference, testing
+from jax_batchinhib import fold, ops, reference, running, testing
 from jax_batchinhib import linen as bnn
 from jax_batchinhib import nnx as bnx
 from jax_batchinhib.apps import models
@@ -151,14 +151,19 @@ def test_softmax_cross_entropy_returns_the_logits_dtype():
 @pytest.mark.parametrize("name", ["BatchNorm", "BatchCenter", "BatchInhib"])
 def test_modules_pass_use_fast_variance_to_the_op(name, monkeypatch):
     seen = []
-    op_name = {"BatchNorm": "batch_norm", "BatchCenter": "batch_center"}.get(name, "batch_inhib")
-    op = getattr(ops, op_name)
+    # BatchNorm/BatchCenter call the ops' running-average form (statistics unbatched
+    # under vmap); BatchInhib calls the op itself.
+    where, op_name = {
+        "BatchNorm": (running, "batch_norm_for_running"),
+        "BatchCenter": (running, "batch_center_for_running"),
+    }.get(name, (ops, "batch_inhib"))
+    op = getattr(where, op_name)
 
     def spy(*args, **kwargs):
         seen.append(kwargs["use_fast_variance"])
         return op(*args, **kwargs)
 
-    monkeypatch.setattr(ops, op_name, spy)
+    monkeypatch.setattr(where, op_name, spy)
     x = jax.random.normal(jax.random.key(0), (8, 4))
     for flag in (False, True):
         mdl = getattr(bnn, name)(use_running_average=False, use_fast_variance=flag)

@@ -40,6 +40,11 @@ class Reduce:
     reduce_axes: tuple[int, ...]
     axis_name: Any = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+    #: Whether ``varying`` makes the statistics per member (the ops: their statistics are
+    #: differentiable outputs); False for the modules' running averages, which are not
+    #: differentiated and stay unbatched under ``jax.vmap``, as flax's (``nn.vmap`` may
+    #: broadcast them: ``variable_axes={"batch_stats": None}``).
+    member_stats: bool = True
 
     @property
     def feature_axes(self) -> tuple[int, ...]:
@@ -69,7 +74,7 @@ class Reduce:
         index (always true, removed by XLA) makes them batched, so the cotangent arrives
         per member under vmap as under pmap. Typed ``shard_map`` keeps them invariant.
         """
-        if self.axis_name is None or is_typed(self.axis_name):
+        if not self.member_stats or self.axis_name is None or is_typed(self.axis_name):
             return v
         member = lax.axis_index(self.axis_name) >= 0
         return jax.tree.map(lambda a: lax.select(jnp.broadcast_to(member, a.shape), a, a), v)
@@ -233,7 +238,9 @@ def as_groups(axis_index_groups) -> tuple[tuple[int, ...], ...] | None:
     return tuple(tuple(int(i) for i in g) for g in axis_index_groups)
 
 
-def make_reduce(fn: str, x, axis, axis_name=None, axis_index_groups=None) -> Reduce:
+def make_reduce(
+    fn: str, x, axis, axis_name=None, axis_index_groups=None, member_stats=True
+) -> Reduce:
     ndim = jnp.ndim(x)
     if ndim < 1:
         raise ValueError(f"{fn}: x must have at least one dimension; got a scalar")
@@ -252,7 +259,7 @@ def make_reduce(fn: str, x, axis, axis_name=None, axis_index_groups=None) -> Red
             f"devices), or use check_vma=False / jax.pmap."
         )
     red = tuple(a for a in range(ndim) if a not in ax)
-    return Reduce(ndim, ax, red, axis_name, as_groups(axis_index_groups))
+    return Reduce(ndim, ax, red, axis_name, as_groups(axis_index_groups), member_stats)
 
 
 def mask_shape(fn: str, mask, x_shape: Sequence[int], axes: tuple[int, ...]):

@@ -136,9 +136,28 @@ def batch_norm(
       >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-6))
       True
     """
+    return _batch_norm_entry(
+        True, x, scale, bias, axis=axis, epsilon=epsilon, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, mask=mask,
+        virtual_batch_size=virtual_batch_size, use_fast_variance=use_fast_variance,
+    )  # fmt: skip
+
+
+def batch_norm_for_running(x, scale=None, bias=None, **kwargs):
+    """:func:`batch_norm` for the modules' running averages: the statistics left as the
+    psum gives them, unbatched under ``jax.vmap(axis_name=...)`` as flax's, so that
+    ``nn.vmap`` may broadcast the running averages. Their cotangent is then summed once
+    more per member; the modules stop their gradient, so none arrives."""
+    return _batch_norm_entry(False, x, scale, bias, **kwargs)
+
+
+def _batch_norm_entry(
+    member_stats, x, scale, bias, *, axis=-1, epsilon=1e-5, axis_name=None,
+    axis_index_groups=None, mask=None, virtual_batch_size=None, use_fast_variance=True,
+):  # fmt: skip
     fn = "batch_norm"
     S.check_float(fn, "x", x)
-    cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
+    cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups, member_stats)
     n = cfg.feature_shape(x.shape)
     S.check_vector(fn, "scale", scale, n)
     S.check_vector(fn, "bias", bias, n)
@@ -146,8 +165,8 @@ def batch_norm(
     fast = S.check_fast_variance(fn, use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
         op = functools.partial(
-            batch_norm, scale=scale, bias=bias, axis=cfg.axis, epsilon=epsilon,
-            axis_name=axis_name, axis_index_groups=axis_index_groups,
+            _batch_norm_entry, member_stats, scale=scale, bias=bias, axis=cfg.axis,
+            epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
             use_fast_variance=fast,
         )  # fmt: skip
         return _ghost.ghost_batches(
@@ -269,17 +288,34 @@ def batch_center(
       >>> y.tolist()
       [[-2.0, -2.0], [0.0, 0.0], [2.0, 2.0]]
     """
+    return _batch_center_entry(
+        True, x, bias, axis=axis, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        mask=mask, virtual_batch_size=virtual_batch_size, use_fast_variance=use_fast_variance,
+    )  # fmt: skip
+
+
+def batch_center_for_running(x, bias=None, **kwargs):
+    """:func:`batch_center` for the modules' running averages (as
+    :func:`batch_norm_for_running`)."""
+    return _batch_center_entry(False, x, bias, **kwargs)
+
+
+def _batch_center_entry(
+    member_stats, x, bias, *, axis=-1, axis_name=None, axis_index_groups=None, mask=None,
+    virtual_batch_size=None, use_fast_variance=True,
+):  # fmt: skip
     fn = "batch_center"
     S.check_float(fn, "x", x)
-    cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
+    cfg = S.make_reduce(fn, x, axis, axis_name, axis_index_groups, member_stats)
     S.check_vector(fn, "bias", bias, cfg.feature_shape(x.shape))
     # Batch centering computes no variance: either value gives the same one-read mean;
     # the flag is validated so that BatchCenter takes BatchNorm's arguments.
     C.flag(fn, "use_fast_variance", use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
         op = functools.partial(
-            batch_center, bias=bias, axis=cfg.axis, axis_name=axis_name,
-            axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+            _batch_center_entry, member_stats, bias=bias, axis=cfg.axis,
+            axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
         )  # fmt: skip
         return _ghost.ghost_batches(
             fn, op, x, mask, virtual_batch_size, cfg.axis, axis_name, axis_index_groups
