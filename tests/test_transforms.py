@@ -2,7 +2,8 @@
 same computation done without the transform (model by model, layer by layer).
 
 NNX: ``nnx.vmap`` (an ensemble built with ``nnx.split_rngs`` + ``nnx.vmap``, as flax's
-docs show), ``nnx.scan`` over a stack of layers, ``nnx.remat``, ``nnx.eval_shape``.
+docs show; and the batch split over a vmapped ``axis_name``), ``nnx.scan`` over a stack of
+layers, ``nnx.remat``, ``nnx.eval_shape``.
 Linen: ``nn.vmap`` (``variable_axes`` params/batch_stats, ``split_rngs``; and the batch
 split over a vmapped ``axis_name``), ``nn.scan``, ``nn.remat``.
 
@@ -12,8 +13,8 @@ denominator and the relative guard, which keep its gradients of O(1)) -> relu, s
 updates every kind of running statistic. The comparisons are float32: the transformed
 and the plain program compute the same values with differently batched matmuls and
 reductions, so they agree to round-off: measured difference (max |a - b| / max(1, |b|)
-over each array) given per test, at most 1.2e-7; the tolerance 1e-6 (absolute and
-relative) is about 10x that.
+over each array) given per test, at most 1.6e-7; the tolerance 1e-6 (absolute and
+relative) is about 6x that.
 """
 
 import functools
@@ -58,10 +59,10 @@ def updated(before, after):
 
 
 class Block(nnx.Module):
-    def __init__(self, n, *, rngs):
+    def __init__(self, n, *, rngs, axis_name=None):
         self.lin = nnx.Linear(n, n, use_bias=False, rngs=rngs)
-        self.bn = bnx.BatchNorm(n, momentum=0.8, rngs=rngs)
-        self.inhib = bnx.BatchInhib(n, momentum=None, rngs=rngs, **INHIB)
+        self.bn = bnx.BatchNorm(n, momentum=0.8, axis_name=axis_name, rngs=rngs)
+        self.inhib = bnx.BatchInhib(n, momentum=None, axis_name=axis_name, rngs=rngs, **INHIB)
 
     def __call__(self, x):
         return nnx.relu(self.inhib(self.bn(self.lin(x))))
@@ -108,6 +109,27 @@ def sgd_step(loss_fn, model, *args):
 
 def mse(y, t):
     return jnp.mean((y - t) ** 2)
+
+
+def test_nnx_vmap_over_examples_with_axis_name_is_full_batch_norm():
+    """nnx.vmap over the examples of one batch with ``axis_name`` (statistics reduced
+    over the vmapped axis; the module broadcast, ``in_axes=None``, so its running
+    statistics must come out unbatched, as flax's): one step equals the module on the
+    whole batch (measured difference 1.6e-7)."""
+    per_example = Block(N, rngs=nnx.Rngs(4), axis_name="batch")
+    whole = Block(N, rngs=nnx.Rngs(4))
+    x, t = data((B, N), seed=7)
+    before = stats(whole)
+
+    def per_example_loss(m, x, t):
+        y = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="batch")(m, x)
+        return mse(y, t)
+
+    sgd_step(per_example_loss, per_example, x, t)
+    sgd_step(lambda m, x, t: mse(m(x), t), whole, x, t)
+    updated(before, stats(whole))
+    trees_close(stats(per_example), stats(whole), 1e-6)
+    trees_close(params(per_example), params(whole), 1e-6)
 
 
 def test_nnx_vmap_ensemble_trains_each_member_like_alone():
