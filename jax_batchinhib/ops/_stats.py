@@ -88,9 +88,13 @@ class Reduce:
         implicit broadcast into a psum). Untyped (``check_vma=False``, ``jax.pmap``,
         ``jax.vmap``, where ``varying`` makes the statistics per member) each device
         holds its own part, and autodiff of the reference transposes the forward psum
-        into a psum: do the same here.
+        into a psum: do the same here. Without ``member_stats`` (the modules' running
+        averages, whose gradient the modules stop) the statistics stay unbatched under
+        vmap, where their cotangent arrives summed already: it is taken as it comes
+        (psumming it would multiply it by the vmap size, and without ``jit`` raise
+        ``NameError``, the unbatched cotangent being outside the vmapped axis).
         """
-        if self.axis_name is None or is_typed(self.axis_name):
+        if not self.member_stats or self.axis_name is None or is_typed(self.axis_name):
             return ct
         return self.psum(ct)
 
