@@ -148,9 +148,25 @@ def test_train_writes_json_plot_and_table(trained, capsys):
     assert any(c.startswith('BatchNorm + BatchInhib (alpha 0, "abs") vs') for c in d["comparisons"])
 
 
+def test_verify_ops_that_name_no_op_is_an_error(capsys):
+    """A typo in --ops would check nothing and report a pass: it is a usage error."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["verify", "--quick", "--ops", "dropout", "batchnorm"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ops: 'batchnorm' is in no op's name" in err and "batch_norm_inference" in err
+    with pytest.raises(ValueError, match="ops_filter 'batchnorm'"):
+        verify.run(quick=True, ops_filter=["batchnorm"])
+
+
 def test_train_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit, match="--epochs must be >= 1"):
         cli.main(["train", "--epochs", "0", "--quiet", "--no-plot"])
+    for lr in ("-1", "0", "nan"):
+        with pytest.raises(SystemExit, match=f"--lr must be a positive number; got {lr}"):
+            cli.main(["train", "--lr", lr, "--quiet", "--no-plot"])
+    with pytest.raises(SystemExit, match="--lrs needs at least 2 positive values"):
+        cli.main(["train", "--task", "digits", "--study", "--lrs", "0.01", "nan", "--quick"])
     with pytest.raises(SystemExit):
         cli.main(["train", "--variants", "resnet"])
     assert "invalid choice: 'resnet'" in capsys.readouterr().err

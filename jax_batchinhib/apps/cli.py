@@ -44,6 +44,13 @@ def _verify_parser(sub):
 def _run_verify(args, rest):
     from jax_batchinhib.apps import verify
 
+    bad, names = verify.unmatched(args.ops, args.quick)
+    if bad:  # a typo would otherwise check nothing and pass
+        sys.stderr.write(
+            f"jax-batchinhib verify: error: argument --ops: {bad[0]!r} is in no op's name "
+            f"(the names: {', '.join(names)})\n"
+        )
+        raise SystemExit(2)
     return verify.main(args)
 
 

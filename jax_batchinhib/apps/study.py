@@ -756,7 +756,7 @@ def main(args) -> int:
                 raise SystemExit(f"train: --{flag.replace('_', '-')} must be >= 1")
             cfg[flag] = val
     if args.lrs:
-        if len(args.lrs) < 2 or min(args.lrs) <= 0:
+        if len(args.lrs) < 2 or not all(math.isfinite(lr) and lr > 0 for lr in args.lrs):
             raise SystemExit("train: --lrs needs at least 2 positive values")
         cfg["lrs"] = tuple(args.lrs)
     models = args.model or (("mlp",) if args.quick and task == "digits" else cfg["models"])

@@ -499,6 +499,8 @@ def main(args) -> int:
     for flag in ("epochs", "seeds", "batch_size"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"train: --{flag.replace('_', '-')} must be >= 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise SystemExit(f"train: --lr must be a positive number; got {args.lr}")
     t0 = time.perf_counter()
     results = run(
         args.variants,

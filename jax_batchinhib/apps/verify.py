@@ -325,8 +325,21 @@ def run_case(case: Case, dtype: str, seed: int = 0) -> Result:
     )
 
 
+def unmatched(ops_filter, quick=False) -> tuple[list[str], list[str]]:
+    """The substrings of ``ops_filter`` that name no case, and the case names."""
+    names = sorted({c.name for c in cases(quick)})
+    return [f for f in ops_filter or () if not any(f in n for n in names)], names
+
+
 def run(dtypes=DTYPES, quick=False, ops_filter=None, progress=None) -> list[Result]:
-    """Check every case in every dtype; ``ops_filter``: substrings of op names to keep."""
+    """Check every case in every dtype; ``ops_filter``: substrings of op names to keep
+    (each must name at least one case: a typo is an error, not an empty pass)."""
+    bad, names = unmatched(ops_filter, quick)
+    if bad:
+        raise ValueError(
+            f"verify.run: ops_filter {bad[0]!r} is in no op's name; the names are: "
+            + ", ".join(names)
+        )
     todo = [
         (c, d)
         for c in cases(quick)
