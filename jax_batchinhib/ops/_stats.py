@@ -45,6 +45,10 @@ class Reduce:
     #: differentiated and stay unbatched under ``jax.vmap``, as flax's (``nn.vmap`` may
     #: broadcast them: ``variable_axes={"batch_stats": None}``).
     member_stats: bool = True
+    #: Whether ``axis_name`` is typed (``shard_map`` with ``check_vma=True``), decided
+    #: when the forward is traced: the backward rule may be traced where not every name
+    #: of a tuple ``axis_name`` is bound (nested vmaps batch it one level at a time).
+    typed: bool = False
 
     @property
     def feature_axes(self) -> tuple[int, ...]:
@@ -63,21 +67,46 @@ class Reduce:
             return v
         return lax.psum(v, self.axis_name, axis_index_groups=self.axis_index_groups)
 
-    def varying(self, v):
-        """The statistics ``v``, made to vary along an untyped mapped axis.
+    def varying(self, v, *params):
+        """The statistics ``v``, made batched wherever their cotangent must arrive per member.
 
-        The statistics are a psum: the same on every member of ``axis_name``. Under
-        ``jax.vmap(..., axis_name=...)`` a psum's result is unbatched, so a custom rule
-        returning it receives one cotangent, already summed over the members (the
-        transpose of vmap's broadcast of an unbatched output), where ``stats_ct`` expects
-        each member's own, as under ``pmap``. Selecting the statistics by the member's
-        index (always true, removed by XLA) makes them batched, so the cotangent arrives
-        per member under vmap as under pmap. Typed ``shard_map`` keeps them invariant.
+        A custom rule's output that JAX's vmap leaves unbatched receives one cotangent,
+        already summed over the members (the transpose of vmap's broadcast), while the
+        rule itself is vmapped whenever any residual is batched: each member would then
+        add the whole sum, and the gradient come out multiplied by the vmap size. Two
+        ways the statistics come out unbatched:
+
+        - under ``jax.vmap(..., axis_name=...)`` they are a psum, whose result is
+          unbatched; ``stats_ct`` expects each member's own cotangent, as under ``pmap``;
+        - under a plain ``jax.vmap`` of the parameters ``params`` (scale, bias) with ``x``
+          shared, they do not depend on the batched inputs.
+
+        Selecting them by a predicate that is batched like the member index and the
+        parameters (always true, and removed by XLA, as is a select of two equal
+        operands) makes them batched, so the cotangent arrives per member. Typed
+        ``shard_map`` keeps their device variance: no predicate that would change it.
         """
-        if not self.member_stats or self.axis_name is None or is_typed(self.axis_name):
+        if not self.member_stats:
             return v
-        member = lax.axis_index(self.axis_name) >= 0
-        return jax.tree.map(lambda a: lax.select(jnp.broadcast_to(member, a.shape), a, a), v)
+        preds = []
+        if self.axis_name is not None and not self.typed:
+            preds.append(lax.axis_index(self.axis_name) >= 0)
+        for p in params:
+            if p is not None:
+                first = jnp.ravel(p)[:1]
+                preds.append(jnp.all(first == first))
+        if not preds:
+            return v
+        pred = preds[0]
+        for q in preds[1:]:
+            pred = pred & q
+
+        def select(a):
+            if not vma(pred) <= vma(a):  # typed shard_map: a device-varying parameter
+                return a
+            return lax.select(jnp.broadcast_to(pred, a.shape), a, a)
+
+        return jax.tree.map(select, v)
 
     def stats_ct(self, ct):
         """Cotangents of the statistics outputs, made global (see ``docs/scaling.md``).
@@ -94,7 +123,7 @@ class Reduce:
         (psumming it would multiply it by the vmap size, and without ``jit`` raise
         ``NameError``, the unbatched cotangent being outside the vmapped axis).
         """
-        if not self.member_stats or self.axis_name is None or is_typed(self.axis_name):
+        if not self.member_stats or self.axis_name is None or self.typed:
             return ct
         return self.psum(ct)
 
@@ -253,9 +282,10 @@ def make_reduce(
     else:  # 1-D x: its one axis is the feature axis (the inference forms take it)
         ax = (normalize_axis(fn, axis, ndim),)
     check_axis_name(fn, axis_name)
+    typed = axis_name is not None and is_typed(axis_name)
     if axis_name is None:
         axis_index_groups = None  # as flax: the groups split a named axis, else unused
-    elif axis_index_groups is not None and is_typed(axis_name):
+    elif axis_index_groups is not None and typed:
         raise NotImplementedError(
             f"{fn}: axis_index_groups={axis_index_groups!r} is not supported by "
             f"jax.shard_map with check_vma=True (JAX's psum refuses it there). Give the mesh "
@@ -263,7 +293,7 @@ def make_reduce(
             f"devices), or use check_vma=False / jax.pmap."
         )
     red = tuple(a for a in range(ndim) if a not in ax)
-    return Reduce(ndim, ax, red, axis_name, as_groups(axis_index_groups), member_stats)
+    return Reduce(ndim, ax, red, axis_name, as_groups(axis_index_groups), member_stats, typed)
 
 
 def mask_shape(fn: str, mask, x_shape: Sequence[int], axes: tuple[int, ...]):

@@ -191,7 +191,7 @@ def _bn_forward(cfg, epsilon, fast, x, scale, bias, mask):
         y = y * _vec(scale, cfg, cd)
     if bias is not None:
         y = y + _vec(bias, cfg, cd)
-    stats = cfg.varying(BatchStats(_squeeze(s + mean_d, cfg), _squeeze(var, cfg)))
+    stats = cfg.varying(BatchStats(_squeeze(s + mean_d, cfg), _squeeze(var, cfg)), scale, bias)
     return y.astype(x.dtype), stats, (s, mean_d, inv, n)
 
 
@@ -335,7 +335,7 @@ def _bc_forward(cfg, x, bias, mask):
     y = (xf - s) - mean_d
     if bias is not None:
         y = y + _vec(bias, cfg, cd)
-    return y.astype(x.dtype), cfg.varying(BatchStats(_squeeze(s + mean_d, cfg), None)), n
+    return y.astype(x.dtype), cfg.varying(BatchStats(_squeeze(s + mean_d, cfg), None), bias), n
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
