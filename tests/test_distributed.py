@@ -7,8 +7,9 @@ What is shown, each against the single-device computation on the full batch:
   x and of the parameters equal the full batch on one device, and equal autodiff of the
   reference run under the same shard_map;
 - the same under ``jax.vmap`` with ``axis_name`` (with and without jit), and with a
-  tuple ``axis_name`` across two nested vmaps; under a plain vmap over the parameters
-  with x shared, the gradients through the statistics equal the reference's;
+  tuple ``axis_name`` across two nested vmaps; with x shared by the members of the
+  vmapped ``axis_name`` (and parameters per member), and under a plain vmap over the
+  parameters with x shared, the gradients equal the reference's;
 - the same under ``jax.jit`` with the batch sharded over 8 devices and no axis_name;
 - masks with uneven valid rows per device (one device with none): the statistics are those
   of the valid rows gathered on one device;
@@ -194,6 +195,37 @@ def test_vmap_with_axis_name_equals_full_batch(name, jit):
         g = jax.grad(total, argnums=(0, 1), has_aux=True)
         (dx, dp), (y, st) = (jax.jit(g) if jit else g)(xs, p)
         close((y.reshape(B, N), st, dx.reshape(B, N), dp), want)
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared_params", "member_params"])
+@pytest.mark.parametrize("name", OPS)
+def test_vmap_with_axis_name_and_x_shared_equals_reference(name, per_member):
+    """``jax.vmap(..., axis_name=...)`` over 3 members that share x (unbatched), each with
+    its own cotangent and, with ``member_params``, its own parameters (a scale that
+    differs across the members of ``axis_name``): dx and the parameters' gradients of the
+    summed loss, which uses the statistics, equal autodiff of the reference under the
+    same vmap. Before, the first came out divided by 3 through the statistics (y and dx
+    were unbatched, so vmap took one member's dx for the sum), the second wrong through
+    y (the rule took the scale out of the psum over the members)."""
+    with jax.enable_x64(True):
+        x, ct = data()
+        p = params()
+        if per_member:
+            p = jax.tree.map(lambda v: jnp.stack([v, 0.5 * v + 0.1, -v]), p)
+        cts = jnp.stack([ct, -0.5 * ct, 2.0 * ct])
+
+        def total(mod, x, p):
+            def member(p, ct):
+                return loss(name, mod, x, p, ct, n_share=3, axis_name="members")[0]
+
+            in_axes = (0 if per_member else None, 0)
+            return jnp.sum(jax.vmap(member, in_axes=in_axes, axis_name="members")(p, cts))
+
+        got, want = (
+            jax.jit(jax.grad(functools.partial(total, mod), argnums=(0, 1)))(x, p)
+            for mod in (jb, ref)
+        )
+        close(got, want)
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -81,10 +81,20 @@ class Reduce:
         - under a plain ``jax.vmap`` of the parameters ``params`` (scale, bias) with ``x``
           shared, they do not depend on the batched inputs.
 
+        The ops pass ``y`` through here too (no ``params``): under
+        ``jax.vmap(..., axis_name=...)`` with ``x`` and the parameters shared (unbatched),
+        ``y`` would be unbatched, its cotangent the sum over the members, and ``dx``
+        unbatched, which vmap takes for the sum over the members where it is one
+        member's part (the gradient through the statistics came out divided by the vmap
+        size). Batched, every cotangent and ``dx`` are per member, as under ``pmap``.
+
         Selecting them by a predicate that is batched like the member index and the
-        parameters (always true, and removed by XLA, as is a select of two equal
-        operands) makes them batched, so the cotangent arrives per member. Typed
-        ``shard_map`` keeps their device variance: no predicate that would change it.
+        parameters (a select of two equal operands, whatever the predicate) makes them
+        batched, so the cotangent arrives per member. XLA removes the select under
+        ``jit`` except where the predicate is itself batched by a plain vmap (a compare
+        and select of per-feature vectors remain there). Typed ``shard_map`` keeps their
+        device variance: no predicate that would change it (there, a device-varying
+        parameter vmapped over with ``x`` shared is not covered: ``docs/scaling.md``).
         """
         if not self.member_stats:
             return v

@@ -192,7 +192,7 @@ def _bn_forward(cfg, epsilon, fast, x, scale, bias, mask):
     if bias is not None:
         y = y + _vec(bias, cfg, cd)
     stats = cfg.varying(BatchStats(_squeeze(s + mean_d, cfg), _squeeze(var, cfg)), scale, bias)
-    return y.astype(x.dtype), stats, (s, mean_d, inv, n)
+    return cfg.varying(y.astype(x.dtype)), stats, (s, mean_d, inv, n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -234,14 +234,17 @@ def _batch_norm_bwd(cfg, epsilon, fast, res, cts):
         sdyx = inv * (jnp.sum(dy * d, axis=red, keepdims=True) - mean_d * sdy)
     else:
         sdyx = jnp.sum(dy * xhat, axis=red, keepdims=True)
-    s1, s2 = cfg.psum((sdy, sdyx))
-    a = inv if scale is None else inv * _vec(scale, cfg, cd)
+    # scale inside the psum: it may differ across the members of axis_name (a vmapped or
+    # device-varying scale); replicated, psum(scale * v) = scale * psum(v).
+    g = None if scale is None else _vec(scale, cfg, cd)
+    s1, s2 = cfg.psum((sdy, sdyx) if g is None else (g * sdy, g * sdyx))
+    a = inv if g is None else inv * g
     dmean = jnp.reshape(dmean.astype(cd), s1.shape)
     dvar = jnp.reshape(dvar.astype(cd), s1.shape)
     dmean, dvar = cfg.stats_ct((dmean, dvar))  # global cotangents of the statistics
     # dx = inv*(dxhat - (w/n)(S1 + xhat*S2)) + (w/n)(dmean + 2*(x-mean)*dvar); w = mask
     wn = 1.0 / jnp.maximum(n, 1)
-    dx = a * dy + S.select(wn * (dmean - a * s1 + xhat * (2.0 * dvar / inv - a * s2)), mask)
+    dx = a * dy + S.select(wn * (dmean - inv * s1 + xhat * (2.0 * dvar / inv - inv * s2)), mask)
     dscale = None if scale is None else jnp.reshape(sdyx, scale.shape).astype(scale.dtype)
     dbias = None if bias is None else jnp.reshape(sdy, bias.shape).astype(bias.dtype)
     dscale, dbias = S.param_ct(dscale, scale), S.param_ct(dbias, bias)  # docs/scaling.md
@@ -335,7 +338,8 @@ def _bc_forward(cfg, x, bias, mask):
     y = (xf - s) - mean_d
     if bias is not None:
         y = y + _vec(bias, cfg, cd)
-    return y.astype(x.dtype), cfg.varying(BatchStats(_squeeze(s + mean_d, cfg), None), bias), n
+    stats = cfg.varying(BatchStats(_squeeze(s + mean_d, cfg), None), bias)
+    return cfg.varying(y.astype(x.dtype)), stats, n
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
