@@ -8,6 +8,7 @@ rules on arrays; nothing here carries a custom rule of its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,10 +41,10 @@ class Reduce:
     reduce_axes: tuple[int, ...]
     axis_name: Any = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
-    #: Whether ``varying`` makes the statistics per member (the ops: their statistics are
-    #: differentiable outputs); False for the modules' running averages, which are not
-    #: differentiated and stay unbatched under ``jax.vmap``, as flax's (``nn.vmap`` may
-    #: broadcast them: ``variable_axes={"batch_stats": None}``).
+    #: Whether ``varying`` makes the outputs (statistics and y) per member (the ops: their
+    #: statistics are differentiable outputs); False for the modules' running averages,
+    #: which are not differentiated and stay unbatched under ``jax.vmap``, as flax's
+    #: (``nn.vmap`` may broadcast them: ``variable_axes={"batch_stats": None}``).
     member_stats: bool = True
     #: Whether ``axis_name`` is typed (``shard_map`` with ``check_vma=True``), decided
     #: when the forward is traced: the backward rule may be traced where not every name
@@ -58,6 +59,11 @@ class Reduce:
     def axis(self):
         """The feature axis as an ``axis`` argument: an int, or a tuple of several."""
         return self.axes[0] if len(self.axes) == 1 else self.axes
+
+    def matrix(self) -> Reduce:
+        """The same reduction of x viewed as an (M, N) matrix (features last), with the
+        same axis name, groups and flags."""
+        return dataclasses.replace(self, ndim=2, axes=(1,), reduce_axes=(0,))
 
     def feature_shape(self, x_shape) -> tuple[int, ...]:
         return tuple(int(x_shape[a]) for a in self.axes)
@@ -107,9 +113,7 @@ class Reduce:
                 preds.append(jnp.all(first == first))
         if not preds:
             return v
-        pred = preds[0]
-        for q in preds[1:]:
-            pred = pred & q
+        pred = functools.reduce(jnp.logical_and, preds)
 
         def select(a):
             if not vma(pred) <= vma(a):  # typed shard_map: a device-varying parameter
@@ -159,12 +163,6 @@ def vma(x) -> frozenset:
     if v is None:
         v = getattr(getattr(aval, "mat", None), "varying", frozenset())
     return frozenset(v)
-
-
-def is_typed(axis_name) -> bool:
-    """Whether the mapped axis ``axis_name`` tracks device variance (shard_map with
-    ``check_vma=True``): there ``axis_index`` is typed varying, elsewhere it is not."""
-    return bool(vma(lax.axis_index(axis_name)) & set(_names(axis_name)))
 
 
 def param_ct(ct, primal):
@@ -260,12 +258,14 @@ def check_fast_variance(fn: str, use_fast_variance) -> bool:
     return C.flag(fn, "use_fast_variance", use_fast_variance)
 
 
-def check_axis_name(fn: str, axis_name) -> None:
-    """Raise a readable error when ``axis_name`` names no mapped axis in scope."""
+def check_axis_name(fn: str, axis_name) -> bool:
+    """Raise a readable error when ``axis_name`` names no mapped axis in scope; return
+    whether the axis tracks device variance (shard_map with ``check_vma=True``: there
+    ``axis_index`` is typed varying, elsewhere it is not; False without ``axis_name``)."""
     if axis_name is None:
-        return
+        return False
     try:
-        lax.axis_index(axis_name)
+        index = lax.axis_index(axis_name)
     except NameError as e:
         raise NameError(
             f"{fn}: axis_name={axis_name!r} names no mapped axis in scope. Call {fn} inside "
@@ -273,6 +273,7 @@ def check_axis_name(fn: str, axis_name) -> None:
             f"axis_name=None (under jax.jit with a sharded batch the statistics are "
             f"global without it). ({e})"
         ) from None
+    return bool(vma(index) & set(_names(axis_name)))
 
 
 def as_groups(axis_index_groups) -> tuple[tuple[int, ...], ...] | None:
@@ -291,8 +292,7 @@ def make_reduce(
         ax = normalize_axes(fn, axis, ndim)
     else:  # 1-D x: its one axis is the feature axis (the inference forms take it)
         ax = (normalize_axis(fn, axis, ndim),)
-    check_axis_name(fn, axis_name)
-    typed = axis_name is not None and is_typed(axis_name)
+    typed = check_axis_name(fn, axis_name)
     if axis_name is None:
         axis_index_groups = None  # as flax: the groups split a named axis, else unused
     elif axis_index_groups is not None and typed:

@@ -389,7 +389,7 @@ def batch_inhib(
         )
         mask = _as_matrix(mask, red.axes)[0]
     x2, tshape = _as_matrix(x, red.axes)
-    mred = S.Reduce(2, (1,), (0,), red.axis_name, red.axis_index_groups, typed=red.typed)
+    mred = red.matrix()
     y2, stats = _batch_inhib(cfg, mred, fast, x2, _alpha3(alpha, groups), mask)
     stats = jax.tree.map(jax.lax.stop_gradient, stats)
     return _from_matrix(y2, tshape, red.axes), stats

@@ -146,8 +146,9 @@ def batch_norm(
 def batch_norm_for_running(x, scale=None, bias=None, **kwargs):
     """:func:`batch_norm` for the modules' running averages: the statistics left as the
     psum gives them, unbatched under ``jax.vmap(axis_name=...)`` as flax's, so that
-    ``nn.vmap`` may broadcast the running averages. Their cotangent is then summed once
-    more per member; the modules stop their gradient, so none arrives."""
+    ``nn.vmap`` may broadcast the running averages. Their cotangent is then taken as
+    already summed over the members (``Reduce.stats_ct``); the modules stop their
+    gradient, so none arrives."""
     return _batch_norm_entry(False, x, scale, bias, **kwargs)
 
 

@@ -295,7 +295,7 @@ def zca_norm(
 
 def _run(cfg, red, x, scale, bias, mask):
     x2, tshape = _as_matrix(x, red.axis)
-    mred = S.Reduce(2, (1,), (0,), red.axis_name, red.axis_index_groups, typed=red.typed)
+    mred = red.matrix()
     y2, stats = _whiten(cfg, mred, x2, scale, bias, mask)
     stats = jax.tree.map(lax.stop_gradient, stats)
     return _from_matrix(y2, tshape, red.axis), stats
