@@ -97,8 +97,8 @@ class Reduce:
         Selecting them by a predicate that is batched like the member index and the
         parameters (a select of two equal operands, whatever the predicate) makes them
         batched, so the cotangent arrives per member. XLA removes the select under
-        ``jit`` except where the predicate is itself batched by a plain vmap (a compare
-        and select of per-feature vectors remain there). Typed ``shard_map`` keeps their
+        ``jit`` except where the predicate is itself batched by a plain vmap (a select of
+        per-feature vectors may remain there). Typed ``shard_map`` keeps their
         device variance: no predicate that would change it (there, a device-varying
         parameter vmapped over with ``x`` shared is not covered: ``docs/scaling.md``).
         """
