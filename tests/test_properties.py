@@ -373,3 +373,39 @@ def test_one_feature_groups_relative_guard_float32_finite():
     np.testing.assert_array_equal(ga, 0.0)  # no off-diagonal entries: nothing to learn
     y, _ = jb.batch_inhib(x, alpha, groups=2, guard_mode="relative")
     np.testing.assert_array_equal(y, x)  # R = 0: the identity
+
+
+@pytest.mark.parametrize("guard", [0.02, 0.01, 1e-4])
+@pytest.mark.parametrize("case", ["constant_feature", "one_feature_group"])
+def test_relative_guard_small_delta_float32_matches_float64(case, guard):
+    """A row with no off-diagonal weight (a constant feature: r = 0; a group of one
+    feature) has A = D = 0, where the backward's denominator is delta^2 tau^2. Below
+    delta = 0.02 its square underflowed float32 (1.6e-39 at 0.02, tau = 1e-8) and the
+    gradients were 0/0 = NaN everywhere; dividing by it twice keeps them finite. Held to
+    the float32 tolerance, 1e-4 of the largest entry of either gradient, against the
+    float64 op: with the constant feature left out, the other two features are a
+    two-feature group whose true dalpha is 0 up to tau (docs/derivations.md,
+    "Conditioning"), the difference of O(1) terms, so float32 gives it as round-off of
+    the gradients' scale (measured 5e-7 against a largest entry of about 3)."""
+    x = np.random.default_rng(1).standard_normal((8, 3))
+    groups = 1
+    if case == "constant_feature":
+        x[:, 1] = 0.0
+    else:
+        x, groups = x[:, :2], 2
+    n = x.shape[1]
+
+    def grads(x, alpha):
+        f = lambda x, a: jnp.sum(  # noqa: E731
+            jb.batch_inhib(x, a, groups=groups, guard_mode="relative", guard=guard)[0] ** 2
+        )
+        return jax.grad(f, (0, 1))(x, alpha)
+
+    got = grads(jnp.asarray(x, jnp.float32), jnp.zeros(jb.alpha_shape(n, groups), jnp.float32))
+    with jax.enable_x64(True):
+        want = grads(jnp.asarray(x), jnp.zeros(jb.alpha_shape(n, groups), jnp.float64))
+        want = [np.asarray(w) for w in want]
+    scale = max(np.abs(w).max() for w in want)
+    for g, w in zip(got, want):
+        assert np.all(np.isfinite(g)), (case, guard, g)
+        assert np.abs(np.asarray(g, np.float64) - w).max() <= 1e-4 * scale, (case, guard)

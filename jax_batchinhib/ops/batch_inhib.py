@@ -50,8 +50,9 @@ GUARD_DEFAULTS = {"absolute": 1e-3, "relative": 0.5}
 #: τ: the floor of A in the relative guard, A² + τ², so that a row with no off-diagonal
 #: weight (A = D = 0, e.g. a group of one feature) gets R = 0 instead of 0/0. Per dtype of
 #: the computation (statistics are float32 or wider): the backward divides by
-#: (D² + δ²(A² + τ²))², which at A = D = 0 is (δ²τ²)²; with τ = 1e-12 that is ~6e-50,
-#: below float32's smallest number, and 0/0 made NaN. 1e-8 keeps it ~6e-34 in float32.
+#: E = D² + δ²(A² + τ²) twice, which at A = D = 0 is δ²τ² (1e-12 in float64; in float32
+#: τ = 1e-12 would make it 0 and 0/0 NaN, so 1e-8: δ²τ² = 4e-20 at δ = 0.02). It divides
+#: by E twice rather than by E², which underflows float32 below δ ≈ 0.03.
 RELATIVE_GUARD_FLOOR = {"float32": 1e-8, "float64": 1e-12}
 
 
@@ -193,12 +194,14 @@ def _inhib_matrix_bwd(cfg: InhibOptions, alpha, parts, dR):
     dp = dR * h[..., None]
     dh = jnp.sum(dR * p, axis=-1)
     den = d * d + s  # s = δ² (absolute) or δ²(A² + τ²) (relative)
-    dd = dh * (s - d * d) / (den * den)
+    # divided by den twice, not by den²: den² underflows float32 where den is
+    # δ²τ² (a row with no off-diagonal weight, where dh is 0 and 0/0 would be NaN)
+    dd = dh * (s - d * d) / den / den
     dgm = dp * r + dd[..., None] * q
     dq_g = dd[..., None] * gm
     dr = dp * gm + (dq_g if cfg.denominator == "signed" else dq_g * jnp.sign(r))
     if a is not None:  # relative guard: h also depends on A = Σ g|r|, ∂h/∂A = -2δ²AD/E²
-        da = -2.0 * cfg.guard * cfg.guard * a * d * dh / (den * den)
+        da = -2.0 * cfg.guard * cfg.guard * a * d * dh / den / den
         dgm = dgm + da[..., None] * jnp.abs(r)
         dr = dr + da[..., None] * gm * jnp.sign(r)
     af = alpha.astype(r.dtype)
@@ -328,7 +331,7 @@ def batch_inhib(
         ``None``: 1e-3 (absolute) or 0.5 (relative: Σ_k |R_ik| <= 1).
       guard_mode: ``"absolute"``: h(D) = D/(D²+δ²), so Σ_k |R_ik| <= A_i/(2δ) with
         A_i = Σ_l g(α_il)|r_il| (large when g is); ``"relative"``: h(D) = D/(D²+δ²A_i²)
-        (A_i² floored at τ² = 1e-24), so Σ_k |R_ik| <= 1/(2δ) whatever the scale of g and
+        (A_i² floored at τ²: τ = 1e-12 in float64, 1e-8 in float32), so Σ_k |R_ik| <= 1/(2δ) whatever the scale of g and
         r. R is then invariant to scaling g, so alpha's level no longer fades R out (the
         near-identity alpha init is not near identity in this mode).
       axis: the feature axis, or a tuple of feature axes: they are flattened (row-major,
