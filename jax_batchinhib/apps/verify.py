@@ -365,7 +365,7 @@ def format_table(results: list[Result]) -> str:
         errs = "  ".join(f"{k}={v:.1e}" for k, v in r.errors.items())
         tol = max(r.tols.values())
         lines.append(
-            f"{r.op:36} {r.shape:>9} {r.dtype:>8}  {errs:58} {tol:7.0e}  {'ok' if r.ok else 'FAIL'}"
+            f"{r.op:36} {r.shape:>9} {r.dtype:>8}  {errs:58} {tol:7.1e}  {'ok' if r.ok else 'FAIL'}"
         )
     return "\n".join(lines)
 
@@ -389,7 +389,7 @@ def summary(results: list[Result]) -> str:
     lines.append(
         f"{n_ok}/{len(results)} checks passed (worst relative gradient error over shapes and "
         f"inputs; tolerances "
-        + ", ".join(f"{t} {tol:.0e}" for t, tol in _tols().items() if t in dtypes)
+        + ", ".join(f"{t} {tol:.1e}" for t, tol in _tols().items() if t in dtypes)
         + ")"
     )
     return "\n".join(lines)
