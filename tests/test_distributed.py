@@ -348,7 +348,7 @@ def uneven_mask():
 def test_uneven_masks_give_global_statistics(name):
     """Each device holds a different number of valid rows: the statistics are those of
     the valid rows gathered on one device (counts summed, never an average of per-device
-    means, https://github.com/google/flax/issues/2417), and y and the gradients equal the
+    means), and y and the gradients equal the
     single-device masked batch."""
     with jax.enable_x64(True):
         x, ct = data()

@@ -3,7 +3,7 @@
 Each test implements one seed formula literally, next to the corrected formula of
 docs/derivations.md, and compares both to ``jax.grad`` of a naive float64 forward pass on
 small random data. The corrected formula must match to float64 round-off
-(rtol=1e-10, atol=1e-12); the seed's must miss by more than 1e-3 relative. Tests whose
+(rtol=1e-10, atol=1e-12); the seed's must miss by more than 0.1 relative. Tests whose
 names end in ``_is_correct`` check seed formulas that are right.
 
 Self-contained on purpose: imports only jax, numpy and pytest, not the package. Each test
@@ -20,8 +20,9 @@ import pytest
 
 # float64 round-off on shapes this small: a correct rule agrees with autodiff far below this.
 RTOL, ATOL = 1e-10, 1e-12
-# A wrong rule misses autodiff by at least this, relative to the largest gradient entry.
-MIN_REL_ERROR = 1e-3
+# A wrong rule misses autodiff by at least this, relative to the largest gradient entry
+# (the wrong seed formulas miss by 0.14 to 9.5 on this data).
+MIN_REL_ERROR = 0.1
 
 
 def run(compute):

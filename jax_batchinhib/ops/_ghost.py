@@ -3,8 +3,7 @@
 ``op(x, ..., virtual_batch_size=v)`` splits the leading (batch) axis of ``x`` of length
 ``B`` into ``B / v`` sub-batches of ``v`` examples, normalizes each with its own
 statistics (Keras's ``BatchNormalization(virtual_batch_size=v)``, Hoffer et al. 2017
-"Train longer, generalize better"; requested of flax in
-https://github.com/google/flax/issues/332) and returns the
+"Train longer, generalize better"; flax's BatchNorm does not offer it) and returns the
 statistics averaged over the sub-batches: the mean over sub-batches of the per-sub-batch
 mean, variance (biased, over ``v`` examples) and covariance, as Keras feeds its moving
 averages. With a mask, a sub-batch with no valid position (for a feature, with an
