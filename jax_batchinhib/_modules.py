@@ -57,8 +57,9 @@ def near_identity_alpha_init(rho: float = 1.0, value: float = -12.0) -> Initiali
     :math:`g = \mathrm{softplus}(-12) = 6.1\cdot10^{-6}`, :math:`(g/\delta)^2 =
     3.8\cdot10^{-5}`: rows of R sum to at most 0.3% for 10 features all correlated at
     0.99, 3.6% for 32 such features (use a more negative value for wider layers; the
-    bound is held by ``tests/test_linen.py``, test_batch_inhib_default_init_is_near_identity...). The
-    gradient is small as well (:math:`\partial R/\partial\alpha \approx 2R` in this
+    bound is held by ``tests/test_linen.py``,
+    ``test_batch_inhib_default_init_is_near_identity_and_eval_identity_before_training``).
+    The gradient is small as well (:math:`\partial R/\partial\alpha \approx 2R` in this
     regime), so an optimizer with normalized steps (Adam: about lr per step and entry)
     raises alpha where inhibition lowers the loss; plain SGD barely moves it. For
     full-strength inhibition from the start use ``alpha_init=jax.nn.initializers.zeros``

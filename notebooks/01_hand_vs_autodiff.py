@@ -120,7 +120,10 @@ plt.show()
 TOL = {"float64": 1e-13, "float32": 1e-4, "bfloat16": 2.0**-6}
 for (name, dtype), errs in curves.items():
     if dtype == "bfloat16":
-        print(f"{name} bfloat16: " + ", ".join(f"m={m}: {e:.1e}" for m, e in zip(BATCHES, errs)))
+        print(
+            f"{name} bfloat16: "
+            + ", ".join(f"m={m}: {e:.1e}" for m, e in zip(BATCHES, errs, strict=True))
+        )
     assert max(errs) < TOL[dtype], (name, dtype, errs)
 
 # %% [markdown]

@@ -313,7 +313,8 @@ assert curve_gap.max() < 0.01
 # noise (the test set has 450 digits: one digit is 0.22 points; the cell below asserts
 # `train.verdict`'s "ties" or "hurts"). With the default near-identity init the layer
 # stays close to the identity (alpha starts at -12, see above) and the first two test
-# curves nearly coincide (asserted below: within one point at every epoch). At full strength with the seed's **signed** denominator
+# curves nearly coincide (asserted below: within one point at every epoch). At full
+# strength with the seed's **signed** denominator
 # (`jax-batchinhib train --variants batchnorm+inhib_a0`) training diverges on digits
 # (losses in the tens to hundreds, chance accuracy): with 64 features of mixed-sign
 # correlations some denominators pass near zero, where the absolute guard still allows

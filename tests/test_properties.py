@@ -406,6 +406,6 @@ def test_relative_guard_small_delta_float32_matches_float64(case, guard):
         want = grads(jnp.asarray(x), jnp.zeros(jb.alpha_shape(n, groups), jnp.float64))
         want = [np.asarray(w) for w in want]
     scale = max(np.abs(w).max() for w in want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert np.all(np.isfinite(g)), (case, guard, g)
         assert np.abs(np.asarray(g, np.float64) - w).max() <= 1e-4 * scale, (case, guard)
