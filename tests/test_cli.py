@@ -3,6 +3,7 @@ writes its files), bench (forwards its flags), and both ways of starting it."""
 
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,45 @@ from jax_batchinhib.apps import cli, verify
 def run_cli(capsys, *argv):
     code = cli.main(list(argv))
     return code, capsys.readouterr().out
+
+
+def usage_error(capsys, *argv):
+    """Run the CLI on ``argv``: it must stop with argparse's usage error (exit status 2;
+    on stderr the subcommand's usage, then ``jax-batchinhib CMD: error: ...``). Returns
+    stderr."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: jax-batchinhib {argv[0]} "), err
+    assert f"\njax-batchinhib {argv[0]}: error: argument --" in err, err
+    return err
+
+
+@pytest.fixture
+def no_training(monkeypatch, tmp_path):
+    """Nothing may be trained, generated, timed or written: each of those fails the test.
+    The working folder is ``tmp_path`` (the default --out folders would be made there)."""
+    from jax_batchinhib.apps import bench, study, train
+
+    def fail(*a, **k):
+        pytest.fail("a bad option value must stop the command before this runs")
+
+    for mod, name in [
+        (train, "run"),
+        (train, "main"),
+        (study, "run_study"),
+        (study, "load_task"),
+        (study, "main"),
+        (study, "write_merged"),
+        (study, "merge_main"),
+        (bench, "run"),
+        (bench, "scaling"),
+        (bench, "train_step_memory"),
+    ]:
+        monkeypatch.setattr(mod, name, fail, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 # ------------------------------------------------------------------------- verify
@@ -106,7 +146,7 @@ def test_verify_table_lists_op_shape_dtype_errors_tolerance(capsys):
     code, out = run_cli(capsys, "verify", "--quick", "--ops", "dropout", "--dtypes", "float32")
     assert code == 0
     row = next(line for line in out.splitlines() if line.startswith("dropout"))
-    assert "8x4" in row and "float32" in row and "x=" in row and "1e-04" in row
+    assert "8x4" in row and "float32" in row and "x=" in row and "1.0e-04" in row
     assert row.rstrip().endswith("ok")
     assert "All 1 hand-derived VJPs agree with autodiff." in out
 
@@ -159,17 +199,290 @@ def test_verify_ops_that_name_no_op_is_an_error(capsys):
         verify.run(quick=True, ops_filter=["batchnorm"])
 
 
-def test_train_rejects_bad_flags(capsys):
-    with pytest.raises(SystemExit, match="--epochs must be >= 1"):
-        cli.main(["train", "--epochs", "0", "--quiet", "--no-plot"])
+def test_train_rejects_bad_flags(capsys, no_training):
+    err = usage_error(capsys, "train", "--epochs", "0", "--quiet", "--no-plot")
+    assert "argument --epochs: must be >= 1; got 0" in err
     for lr in ("-1", "0", "nan"):
-        with pytest.raises(SystemExit, match=f"--lr must be a positive number; got {lr}"):
-            cli.main(["train", "--lr", lr, "--quiet", "--no-plot"])
-    with pytest.raises(SystemExit, match="--lrs needs at least 2 positive values"):
-        cli.main(["train", "--task", "digits", "--study", "--lrs", "0.01", "nan", "--quick"])
-    with pytest.raises(SystemExit):
-        cli.main(["train", "--variants", "resnet"])
-    assert "invalid choice: 'resnet'" in capsys.readouterr().err
+        err = usage_error(capsys, "train", "--lr", lr, "--quiet", "--no-plot")
+        assert f"argument --lr: must be a positive number; got {float(lr)}" in err
+    err = usage_error(
+        capsys, "train", "--task", "digits", "--study", "--lrs", "0.01", "nan", "--quick"
+    )
+    assert "argument --lrs: needs at least 2 positive values; got [0.01, nan]" in err
+    err = usage_error(capsys, "train", "--variants", "resnet")
+    assert "argument --variants: invalid choice: 'resnet'" in err
+
+
+# ------------------------------------------------------------- bad option values
+
+
+def test_study_batch_size_larger_than_the_rows_is_a_usage_error(capsys, no_training):
+    """A study batch larger than the rows the learning-rate search trains on was a
+    ZeroDivisionError after the data was made; it is a usage error, found from the row
+    counts alone (MNIST-1D is not generated)."""
+    err = usage_error(
+        capsys, "train", "--task", "digits", "--study", "--quick", "--batch-size", "2000"
+    )
+    assert "argument --batch-size: 2000 is larger than the 1010 rows" in err
+    assert "--task digits --quick: 1347 training rows" in err
+    err = usage_error(capsys, "train", "--task", "mnist1d", "--quick", "--batch-size", "601")
+    assert "argument --batch-size: 601 is larger than the 600 rows" in err
+    err = usage_error(capsys, "train", "--task", "mnist1d", "--batch-size", "3001")
+    assert "3001 is larger than the 3000 rows" in err and "4000 training rows" in err
+    assert list(no_training.iterdir()) == []  # no output folder either
+
+
+STUDY_ONLY_OPTIONS = [
+    ["--model", "mlp"],
+    ["--lrs", "0.01", "0.1"],
+    ["--steps", "10"],
+    ["--eval-every", "5"],
+    ["--val-seeds", "2"],
+    ["--quick"],
+    ["--jobs", "2"],
+    ["--merge", "results.json"],
+]
+
+
+@pytest.mark.parametrize("option", STUDY_ONLY_OPTIONS, ids=lambda o: o[0])
+def test_study_options_without_the_study_are_usage_errors(capsys, no_training, option):
+    """Every option of the "study" group was silently ignored by --task digits without
+    --study."""
+    assert {o[0][2:].replace("-", "_") for o in STUDY_ONLY_OPTIONS} == set(cli.STUDY_ONLY)
+    for task in ([], ["--task", "digits"]):
+        err = usage_error(capsys, "train", *task, *option)
+        assert f"argument {option[0]}: applies to the study (--task mnist1d, or --task " in err
+        assert "got it with --task digits without --study" in err
+
+
+@pytest.mark.parametrize("option", [["--epochs", "3"], ["--lr", "0.01"], ["--devices", "2"]])
+def test_digits_options_in_the_study_are_usage_errors(capsys, no_training, option):
+    """--epochs, --lr and --devices were silently ignored by the study (it trains for
+    --steps, at the learning rate it chooses from --lrs, on one device per model)."""
+    for task in (["--task", "mnist1d"], ["--task", "digits", "--study"]):
+        err = usage_error(capsys, "train", *task, "--quick", *option)
+        assert f"argument {option[0]}: applies to --task digits without --study only" in err
+        assert "got it with the study" in err
+
+
+def test_unwritable_out_is_a_usage_error_before_training(capsys, no_training):
+    """An --out that cannot be a folder was found only when the results were written,
+    after training."""
+    (no_training / "a_file").write_text("x")
+    for mode in ([], ["--task", "mnist1d", "--quick"], ["--task", "digits", "--study"]):
+        err = usage_error(capsys, "train", *mode, "--out", "a_file/out")
+        assert "argument --out: expected a folder that can be created and written to; " in err
+        assert "got 'a_file/out' ('a_file' is a file)" in err
+        err = usage_error(capsys, "train", *mode, "--out", "a_file")
+        assert "got 'a_file' ('a_file' is a file)" in err
+
+
+def test_read_only_out_is_a_usage_error(capsys, monkeypatch, no_training):
+    ro = no_training / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.geteuid() == 0:  # root writes anywhere: the folder refuses as it would a user
+
+        def refuse(*a, **k):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
+    try:
+        for mode in ([], ["--task", "mnist1d", "--quick"]):
+            err = usage_error(capsys, "train", *mode, "--out", "ro")
+            assert "got 'ro' (cannot write in 'ro': Permission denied)" in err
+    finally:
+        ro.chmod(0o700)
+
+
+def test_out_is_created_when_the_options_are_good(monkeypatch, tmp_path):
+    """The up-front check creates a missing --out (nested) and leaves nothing in it."""
+    from jax_batchinhib.apps import train
+
+    seen = []
+    monkeypatch.setattr(train, "main", lambda args: seen.append(args.out) or 0)
+    out = tmp_path / "a" / "b"
+    assert cli.main(["train", "--out", str(out)]) == 0
+    assert seen == [str(out)] and out.is_dir() and list(out.iterdir()) == []
+
+
+def test_digits_batch_size_is_checked_against_the_data_and_devices(capsys, no_training):
+    """A batch larger than the digits' 1347 training rows, or not divisible by --devices,
+    was a traceback once training started."""
+    err = usage_error(capsys, "train", "--batch-size", "1348")
+    assert "argument --batch-size: must be at most the 1347 training rows" in err
+    assert "got 1348" in err
+    err = usage_error(capsys, "train", "--batch-size", "63", "--devices", "2")
+    assert "argument --batch-size: must be divisible by --devices 2" in err and "got 63" in err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--seeds", "0"], "argument --seeds: must be >= 1; got 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1; got 0"),
+        (["--devices", "0"], "argument --devices: must be >= 1; got 0"),
+        (["--task", "mnist1d", "--seeds", "0"], "argument --seeds: must be >= 1; got 0"),
+        (["--task", "mnist1d", "--steps", "0"], "argument --steps: must be >= 1; got 0"),
+        (["--task", "mnist1d", "--eval-every", "-1"], "argument --eval-every: must be >= 1"),
+        (["--task", "mnist1d", "--val-seeds", "0"], "argument --val-seeds: must be >= 1"),
+        (["--task", "mnist1d", "--jobs", "0"], "argument --jobs: must be >= 1; got 0"),
+        (["--task", "digits", "--study", "--model", "cnn"], "argument --model: --task digits"),
+        (["--task", "mnist1d", "--variants", "bn", "zz"], "argument --variants: invalid choice"),
+    ],
+)
+def test_range_errors_are_usage_errors(capsys, no_training, argv, message):
+    """They were SystemExit("train: ...") (exit status 1, no usage)."""
+    assert message in usage_error(capsys, "train", *argv)
+
+
+def test_study_needs_two_seeds(capsys, no_training):
+    """One seed gave an infinite confidence interval (Infinity in results.json)."""
+    for task in (["--task", "mnist1d"], ["--task", "digits", "--study"]):
+        err = usage_error(capsys, "train", *task, "--quick", "--seeds", "1")
+        assert "argument --seeds: " in err and "needs at least 2 seeds; got 1" in err
+
+
+DOCS_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def _split_study(tmp_path):
+    """The committed digits study split into two runs (bn in both), as --merge takes."""
+    d = json.loads((DOCS_RESULTS / "digits_results.json").read_text())
+    paths = []
+    for i, keep in enumerate((lambda j: j < 5, lambda j: j >= 5 or j == 2)):
+        part = json.loads(json.dumps(d))
+        for m in part["models"].values():
+            m["variants"] = [r for j, r in enumerate(m["variants"]) if keep(j)]
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(part))
+    return d, [str(p) for p in paths]
+
+
+def test_merge_errors_name_the_file(capsys, no_training):
+    """A missing, unreadable or foreign file, or runs of different tasks or settings,
+    was a traceback; each is a usage error naming the file."""
+    tmp = no_training
+    _, (a, b) = _split_study(tmp)
+    digits = ["train", "--task", "digits", "--study", "--merge"]
+    err = usage_error(capsys, *digits, a, "missing.json")
+    assert "argument --merge: missing.json: no such file" in err
+    (tmp / "notes.txt").write_text("not json")
+    err = usage_error(capsys, *digits, a, "notes.txt")
+    assert "argument --merge: notes.txt is not a JSON file" in err
+    (tmp / "train.json").write_text(json.dumps({"config": {}, "results": []}))
+    err = usage_error(capsys, *digits, a, "train.json")
+    assert "argument --merge: train.json is not the results.json of a study" in err
+    err = usage_error(capsys, *digits, a, str(tmp))
+    assert f"argument --merge: {tmp} is a folder" in err
+    mnist = str(DOCS_RESULTS / "mnist1d_results.json")
+    err = usage_error(capsys, *digits, a, mnist)
+    assert f"argument --merge: {mnist} is a --task mnist1d study; expected --task digits" in err
+    err = usage_error(capsys, "train", "--task", "mnist1d", "--merge", mnist, a)
+    assert f"argument --merge: {a} is a --task digits study; expected --task mnist1d" in err
+    other = json.loads(Path(b).read_text())
+    other["config"]["steps"] = 7
+    Path(b).write_text(json.dumps(other))
+    err = usage_error(capsys, *digits, a, b)
+    assert f"argument --merge: {b} and {a} ran with different settings (steps 7 vs 600)" in err
+    other["config"]["steps"] = 600
+    other["models"]["mlp"]["variants"][0]["test_acc_per_seed"][0] += 0.01  # bn, run twice
+    Path(b).write_text(json.dumps(other))
+    err = usage_error(capsys, *digits, a, b)
+    assert f"argument --merge: mlp bn differs between {a} and {b}" in err
+    err = usage_error(capsys, *digits, a, a, "--seeds", "3")
+    assert "argument --seeds: not allowed with --merge, which trains nothing" in err
+    assert list(tmp.glob("out*")) == []
+
+
+def test_merge_honours_no_plot_and_says_what_it_wrote(capsys, tmp_path):
+    """--merge wrote the PNGs whatever --no-plot said, and printed no "wrote" line."""
+    d, (a, b) = _split_study(tmp_path)
+    out = tmp_path / "merged"
+    argv = ["train", "--task", "digits", "--study", "--merge", a, b, "--out", str(out)]
+    code, printed = run_cli(capsys, *argv, "--no-plot")
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+    assert printed.rstrip().endswith(f"wrote {out / 'results.json'}")
+    m = json.loads((out / "results.json").read_text())
+    assert m["table_markdown"] == d["table_markdown"]  # the split study, whole again
+    assert m["table_markdown"] in printed
+    out2 = tmp_path / "merged2"
+    code, printed = run_cli(capsys, *argv[:-1], str(out2))
+    assert code == 0
+    pngs = [out2 / "accuracy.png", out2 / "curves.png"]
+    assert printed.rstrip().endswith("wrote " + ", ".join(map(str, [out2 / "results.json", *pngs])))
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_help_tells_the_study_defaults_from_its_settings(capsys, monkeypatch):
+    """--seeds said "study: 8" when the study ran 5 (4 with --quick); the help now reads
+    the study's DEFAULTS and QUICK."""
+    from jax_batchinhib.apps import study
+
+    def train_help():
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", "--help"])
+        assert e.value.code == 0
+        return " ".join(capsys.readouterr().out.split())
+
+    text = train_help()
+    assert "study: 8" not in text
+    seeds = study.DEFAULTS["mnist1d"]["seeds"]
+    assert f"study: at least 2, default {seeds} ({study.QUICK['seeds']} with --quick)" in text
+    assert "default 1500 on mnist1d, 600 on digits (40 with --quick)" in text
+    assert "(study: 100 on mnist1d, 64 on digits)" in text
+    monkeypatch.setitem(study.QUICK, "seeds", 9)
+    monkeypatch.setitem(study.DEFAULTS["digits"], "batch_size", 32)
+    text = train_help()
+    assert f"default {seeds} (9 with --quick)" in text
+    assert "(study: 100 on mnist1d, 32 on digits)" in text
+
+
+@pytest.mark.parametrize("argv", [[], ["train"], ["verify"], ["bench"]])
+def test_help_has_no_literal_double_percent(capsys, argv):
+    """argparse does not %-format a description: "95%%" was printed as is."""
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and "%%" not in out and "%(" not in out
+    if argv == ["train"]:
+        assert "(paired 95% CI)" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--repeats", "-1"], "argument --repeats: must be >= 1; got -1"),
+        (["--repeats", "0"], "argument --repeats: must be >= 1; got 0"),
+        (["--scaling", "--repeats", "0"], "argument --repeats: must be >= 1; got 0"),
+        (["--min-time", "-0.5"], "argument --min-time: must be a positive number of seconds"),
+        (["--min-time", "0"], "argument --min-time: must be a positive number of seconds"),
+        (["--min-time", "inf"], "argument --min-time: must be a positive number of seconds"),
+        (["--case-budget", "-3"], "argument --case-budget: must be a positive number"),
+        (["--case-budget", "nan"], "argument --case-budget: must be a positive number"),
+        (["--max-steps", "0"], "argument --max-steps: must be >= 1; got 0"),
+        (["--workers", "0"], "argument --workers: must be >= 1; got 0"),
+        (["--unroll", "0"], "argument --unroll: must be >= 1; got 0"),
+        (["--runs", "0"], "argument --runs: must be >= 1; got 0"),
+        (["--cases", "nope/*"], "argument --cases: ['nope/*'] matched no case"),
+        (["--json", "."], "argument --json: expected a file in a folder"),
+    ],
+)
+def test_bench_rejects_bad_timing_settings(capsys, no_training, argv, message):
+    """Negative --repeats / --min-time / --case-budget were accepted and recorded (and 0
+    silently meant the default); --runs 0 and an unknown case exited with status 1."""
+    err = usage_error(capsys, "bench", *argv)
+    assert message in err
+
+
+def test_bench_output_folder_is_checked_first(capsys, no_training):
+    (no_training / "a_file").write_text("x")
+    err = usage_error(capsys, "bench", "--json", "a_file/r.json")
+    assert "argument --json: " in err and "got 'a_file/r.json' ('a_file' is a file)" in err
+    err = usage_error(capsys, "bench", "--markdown", "a_file/r.md")
+    assert "argument --markdown: " in err
 
 
 def test_verdict_words():

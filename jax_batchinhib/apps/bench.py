@@ -500,13 +500,13 @@ def select_cases(
 ) -> list[Case]:
     """``patterns`` (names or globs) from every case (the large ones included unless
     ``large`` is False); else the quick subset, or every case of this platform
-    (``all_cases(large)``)."""
+    (``all_cases(large)``). Raises ``ValueError`` when ``patterns`` match no case."""
     if patterns:
         cases = all_cases(large=large is not False)
         sel = [c for c in cases if any(fnmatch.fnmatch(c.name, p) or c.name == p for p in patterns)]
         if not sel:
             names = ", ".join(c.name for c in cases)
-            raise SystemExit(f"bench: --cases {list(patterns)} matched no case; cases: {names}")
+            raise ValueError(f"{list(patterns)} matched no case; cases: {names}")
         return sel
     cases = all_cases(large)
     if quick:
@@ -1136,8 +1136,8 @@ def run(
 
     ``on_case(partial_results)`` is called after each case (``main`` writes the JSON
     there, so an interrupted run keeps what it measured). ``workers``: threads compiling a
-    case's contenders at once (default 1 on CPU, 4 on an accelerator, where compiling
-    dominates the wall time).
+    case's contenders at once (default 1 on CPU; on an accelerator, where compiling
+    dominates the wall time, a quarter of the CPU cores, from 1 to 4).
     """
     info = machine_info()
     if sync == "auto":
@@ -1597,19 +1597,23 @@ def build_parser(prog="jax-batchinhib bench") -> argparse.ArgumentParser:
     )
     p.add_argument("--list", action="store_true", help="list the case names and exit")
     p.add_argument(
-        "--repeats", type=int, default=None, help="rounds per case (default 7 quick, 21 full)"
+        "--repeats",
+        type=int,
+        default=None,
+        help="rounds per case, >= 1 (default 7 quick, 21 full; 5 with --scaling)",
     )
     p.add_argument(
         "--min-time",
         type=float,
         default=None,
-        help="seconds per timing (default 0.005 quick, 0.02 full)",
+        help="seconds per timing, > 0 (default 0.005 quick, 0.02 full)",
     )
     p.add_argument(
         "--case-budget",
         type=float,
         default=None,
-        help="timing seconds per case (default 4 quick, 12 full)",
+        help="timing seconds per case, > 0; at least 3 rounds run whatever it is (default "
+        "4 quick, 12 full)",
     )
     p.add_argument(
         "--sync",
@@ -1627,7 +1631,8 @@ def build_parser(prog="jax-batchinhib bench") -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=None,
-        help="threads compiling a case's contenders at once (default 1 on CPU, 4 otherwise)",
+        help="threads compiling a case's contenders at once (default 1 on CPU; otherwise a "
+        "quarter of the CPU cores, from 1 to 4)",
     )
     p.add_argument(
         "--method",
@@ -1687,9 +1692,47 @@ def timing_settings(args: argparse.Namespace) -> dict:
     }
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """The first problem with parsed ``jax-batchinhib bench`` arguments, as argparse
+    words it (``"argument --repeats: must be >= 1; got 0"``), or None. The output files
+    (``--json``, ``--markdown``, ``--plot``) are checked last: their folders are created
+    if missing, and must be writable."""
+    from jax_batchinhib.apps.cli import output_file_problem
+
+    for flag in ("repeats", "max_steps", "workers", "unroll", "runs"):
+        val = getattr(args, flag)
+        if val is not None and val < 1:
+            return f"argument --{flag.replace('_', '-')}: must be >= 1; got {val}"
+    for flag in ("min_time", "case_budget"):
+        val = getattr(args, flag)
+        if val is not None and not (math.isfinite(val) and val > 0):
+            return (
+                f"argument --{flag.replace('_', '-')}: must be a positive number of seconds; "
+                f"got {val}"
+            )
+    for flag in ("json", "markdown", "plot"):
+        path = getattr(args, flag)
+        if path is not None:
+            problem = output_file_problem(path)
+            if problem:
+                return f"argument --{flag}: {problem}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``jax-batchinhib bench [--quick | --full] [--cases ...] [--json P] [--markdown P]``."""
-    args = build_parser().parse_args(argv)
+    """``jax-batchinhib bench [--quick | --full] [--cases ...] [--json P] [--markdown P]``.
+    A bad option exits with status 2 (argparse's usage error) before anything runs."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cases = None
+    if not (args.list or args.memory or args.scaling):
+        try:  # --quick, or neither: the quick mode (timing_settings)
+            cases = select_cases(args.cases, quick=not args.full, large=args.large)
+        except ValueError as e:
+            parser.error(f"argument --cases: {e}")
+    problem = check_args(args)
+    if problem:
+        parser.error(problem)
     if args.list:
         small = {c.name for c in all_cases(large=False)}
         for c in all_cases(large=True):
@@ -1712,10 +1755,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_json(sc, args.json)
         return 0
     timing = timing_settings(args)
-    cases = select_cases(args.cases, quick=timing["mode"] == "quick", large=args.large)
-
-    if args.runs < 1:
-        raise SystemExit(f"jax-batchinhib bench: --runs must be at least 1; got {args.runs}")
     done: list[dict] = []
 
     def save(part):

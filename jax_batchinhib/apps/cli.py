@@ -7,12 +7,80 @@
 - ``bench``: the speed and memory harness (``benchmarks``), ``--quick`` by default.
 
 Heavy imports (training, benchmarks) happen inside the subcommand that needs them.
+
+A bad option value is a usage error, reported the argparse way (the usage, then
+``jax-batchinhib train: error: argument --batch-size: ...``; exit status 2), before
+anything is trained or written.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+
+#: ``train`` options of the study only (their ``dest``), and of ``--task digits`` without
+#: ``--study`` only; the study's options are None (or False) when not given
+STUDY_ONLY = ("model", "lrs", "steps", "eval_every", "val_seeds", "quick", "jobs", "merge")
+DIGITS_ONLY = ("epochs", "lr", "devices")
+#: the settings of a training run, which ``--merge`` (it trains nothing) does not take
+TRAINING = (*STUDY_ONLY[:-1], "seeds", "variants", "batch_size")
+STUDY_MODE = "the study (--task mnist1d, or --task digits --study)"
+DIGITS_MODE = "--task digits without --study"
+
+
+def _folder_problem(path: str) -> str | None:
+    """Why the folder ``path`` cannot be written to (it is created when missing, then a
+    temporary file is made and removed in it), or None."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parent = path
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if parent and not os.path.isdir(parent):
+            return f"{parent!r} is a file"
+        return f"cannot create {path!r}: {e.strerror or e}"
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return f"cannot write in {path!r}: {e.strerror or e}"
+    return None
+
+
+def output_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be an output folder, or None when it can (it is then created
+    if it was missing)."""
+    why = _folder_problem(path)
+    if why:
+        return f"expected a folder that can be created and written to; got {path!r} ({why})"
+    return None
+
+
+def output_file_problem(path: str) -> str | None:
+    """Why the file ``path`` cannot be written, or None when it can (its folder is then
+    created if it was missing)."""
+    if os.path.isdir(path):
+        why = f"{path!r} is a folder"
+    elif os.path.exists(path) and not os.access(path, os.W_OK):
+        why = f"{path!r} is not writable"
+    else:
+        why = _folder_problem(os.path.dirname(path) or ".")
+    if why:
+        return (
+            f"expected a file in a folder that can be created and written to; got {path!r} ({why})"
+        )
+    return None
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _given(args, dest: str) -> bool:
+    return getattr(args, dest, None) not in (None, False)
 
 
 def _verify_parser(sub):
@@ -38,7 +106,7 @@ def _verify_parser(sub):
     p.add_argument(
         "--summary", action="store_true", help="print only the per-op summary (markdown)"
     )
-    p.set_defaults(func=_run_verify)
+    p.set_defaults(func=_run_verify, _parser=p)
 
 
 def _run_verify(args, rest):
@@ -46,15 +114,34 @@ def _run_verify(args, rest):
 
     bad, names = verify.unmatched(args.ops, args.quick)
     if bad:  # a typo would otherwise check nothing and pass
-        sys.stderr.write(
-            f"jax-batchinhib verify: error: argument --ops: {bad[0]!r} is in no op's name "
-            f"(the names: {', '.join(names)})\n"
+        args._parser.error(
+            f"argument --ops: {bad[0]!r} is in no op's name (the names: {', '.join(names)})"
         )
-        raise SystemExit(2)
     return verify.main(args)
 
 
+def _study_default(key: str, fmt=str) -> str:
+    """The study's default of ``key`` per task (one value when the tasks agree), and
+    with ``--quick`` when that differs: from ``study.DEFAULTS`` and ``study.QUICK``."""
+    from jax_batchinhib.apps.study import DEFAULTS, QUICK
+
+    per_task = {task: fmt(d[key]) for task, d in DEFAULTS.items()}
+    if len(set(per_task.values())) == 1:
+        text = next(iter(per_task.values()))
+    else:
+        text = ", ".join(f"{v} on {task}" for task, v in per_task.items())
+    if key in QUICK and {fmt(QUICK[key])} != set(per_task.values()):
+        text += f" ({fmt(QUICK[key])} with --quick)"
+    return text
+
+
 def _train_parser(sub):
+    from jax_batchinhib.apps.study import (
+        BASELINE,
+        HEATMAP_VARIANT,
+        MNIST1D_SAMPLES,
+        QUICK_VARIANTS,
+    )
     from jax_batchinhib.apps.train import DEFAULT_VARIANTS, DEFAULTS, VARIANTS
 
     p = sub.add_parser(
@@ -65,9 +152,9 @@ def _train_parser(sub):
         "test accuracy (mean ± std over seeds) and steps/s; write curves.png and "
         "results.json. --task mnist1d (or --task digits --study): the study -- each "
         "variant's learning rate chosen on a validation split, then several seeds scored "
-        "on the test set and compared with our BatchNorm (paired 95%% CI); writes "
-        "results.json, accuracy.png, curves.png and inhib_<model>.png. MNIST-1D is "
-        "generated offline by the mnist1d package.",
+        "on the test set and compared with our BatchNorm (paired 95% CI); writes "
+        f"results.json, accuracy.png, curves.png and, when {HEATMAP_VARIANT} runs, "
+        "inhib_<model>.png. MNIST-1D is generated offline by the mnist1d package.",
     )
     p.add_argument(
         "--task",
@@ -81,14 +168,15 @@ def _train_parser(sub):
     p.add_argument(
         "--epochs",
         type=int,
-        default=DEFAULTS["epochs"],
-        help="digits: epochs (default %(default)s)",
+        default=None,
+        help=f"digits without --study: epochs (default {DEFAULTS['epochs']})",
     )
     p.add_argument(
         "--seeds",
         type=int,
         default=None,
-        help=f"seeds per variant (default {DEFAULTS['seeds']}; study: 8)",
+        help=f"seeds per variant (default {DEFAULTS['seeds']}; study: at least 2, default "
+        f"{_study_default('seeds')})",
     )
     p.add_argument(
         "--variants",
@@ -99,16 +187,21 @@ def _train_parser(sub):
         + ", ".join(DEFAULT_VARIANTS)
         + "; also: "
         + ", ".join(v for v in VARIANTS if v not in DEFAULT_VARIANTS)
-        + "). Study: every variant of jax_batchinhib.apps.study.VARIANTS by default",
+        + "). Study: every variant of jax_batchinhib.apps.study.VARIANTS by default ("
+        + " ".join(QUICK_VARIANTS)
+        + f" with --quick); {BASELINE}, the baseline, always runs",
     )
     p.add_argument(
         "--batch-size",
         type=int,
         default=None,
-        help=f"default {DEFAULTS['batch_size']} (study: 100 on mnist1d, 64 on digits)",
+        help=f"default {DEFAULTS['batch_size']} (study: {_study_default('batch_size')})",
     )
     p.add_argument(
-        "--lr", type=float, default=DEFAULTS["lr"], help="Adam learning rate (default %(default)s)"
+        "--lr",
+        type=float,
+        default=None,
+        help=f"digits without --study: Adam learning rate (default {DEFAULTS['lr']})",
     )
     p.add_argument("--out", default=None, help="output folder (default out/train, out/study-TASK)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNGs")
@@ -116,20 +209,51 @@ def _train_parser(sub):
     p.add_argument(
         "--devices",
         type=int,
-        default=1,
-        help="digits: data-parallel over this many devices: the GPUs, or on CPU this many "
-        "host devices (XLA's host platform device count); the batch size must divide "
-        "evenly (default %(default)s)",
+        default=None,
+        help="digits without --study: data-parallel over this many devices: the GPUs, or "
+        "on CPU this many host devices (XLA's host platform device count); the batch size "
+        "must divide evenly (default 1)",
     )
     s = p.add_argument_group("study (--task mnist1d, or --task digits --study)")
     s.add_argument(
-        "--model", nargs="+", choices=["mlp", "cnn"], default=None, help="default: mlp cnn"
+        "--model",
+        nargs="+",
+        choices=["mlp", "cnn"],
+        default=None,
+        help=f"default {_study_default('models', ' '.join)}",
     )
-    s.add_argument("--lrs", nargs="+", type=float, default=None, help="the learning-rate grid")
-    s.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
-    s.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
-    s.add_argument("--val-seeds", type=int, default=None, help="seeds per grid value")
-    s.add_argument("--quick", action="store_true", help="a tiny study (for tests)")
+    s.add_argument(
+        "--lrs",
+        nargs="+",
+        type=float,
+        default=None,
+        help="the learning-rate grid, at least 2 positive values; default "
+        + _study_default("lrs", lambda v: " ".join(f"{x:g}" for x in v)),
+    )
+    s.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps per run; default {_study_default('steps')}",
+    )
+    s.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help=f"steps between evaluations; default {_study_default('eval_every')}",
+    )
+    s.add_argument(
+        "--val-seeds",
+        type=int,
+        default=None,
+        help=f"seeds per grid value; default {_study_default('val_seeds')}",
+    )
+    s.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny study (for tests): the --quick defaults above, and MNIST-1D of "
+        f"{MNIST1D_SAMPLES[True]} examples instead of {MNIST1D_SAMPLES[False]}",
+    )
     s.add_argument(
         "--jobs",
         type=int,
@@ -142,20 +266,53 @@ def _train_parser(sub):
         nargs="+",
         default=None,
         metavar="JSON",
-        help="train nothing: merge these results.json files of one task (variants split "
-        "over several runs) into --out, with its tables and plots",
+        help="train nothing: merge these results.json files of one task and configuration "
+        "(variants split over several runs) into --out: results.json, accuracy.png and "
+        "curves.png (--no-plot: results.json only), and print its tables",
     )
-    p.set_defaults(func=_run_train)
+    p.set_defaults(func=_run_train, _parser=p)
+
+
+def _check_modes(args, study_mode: bool) -> str | None:
+    """An option given to the mode it does not apply to, as an argparse error message."""
+    if args.merge:
+        for dest in TRAINING:
+            if _given(args, dest):
+                return (
+                    f"argument {_flag(dest)}: not allowed with --merge, which trains nothing "
+                    "(the merged files' settings are kept)"
+                )
+    wrong, mode = (DIGITS_ONLY, DIGITS_MODE) if study_mode else (STUDY_ONLY, STUDY_MODE)
+    other = STUDY_MODE if study_mode else DIGITS_MODE
+    for dest in wrong:
+        if _given(args, dest):
+            return f"argument {_flag(dest)}: applies to {mode} only; got it with {other}"
+    return None
 
 
 def _run_train(args, rest):
-    if args.task == "mnist1d" or args.study:
+    error = args._parser.error
+    study_mode = args.task == "mnist1d" or args.study
+    problem = _check_modes(args, study_mode)
+    if problem:
+        error(problem)
+    if study_mode:
         from jax_batchinhib.apps import study
 
         if args.out is None:
             args.out = f"out/study-{args.task}"
         if args.merge:
-            return study.merge_main(args.merge, args.out)
+            try:
+                merged = study.merge_files(args.merge, task=args.task)
+            except ValueError as e:
+                error(str(e))
+            _check_out(args.out, error)
+            return study.write_merged(merged, args.out, plot=not args.no_plot)
+        try:
+            study.config_from_args(args)
+        except ValueError as e:
+            error(str(e))
+        _check_out(args.out, error)
         return study.main(args)
     from jax_batchinhib.apps.train import DEFAULTS, VARIANTS
 
@@ -165,23 +322,40 @@ def _run_train(args, rest):
         args.variants = list(DEFAULT_VARIANTS)
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
-        sys.stderr.write(
-            f"jax-batchinhib train: error: argument --variants: invalid choice: {bad[0]!r} "
-            f"(choose from {', '.join(VARIANTS)})\n"
+        error(
+            f"argument --variants: invalid choice: {bad[0]!r} (choose from {', '.join(VARIANTS)})"
         )
-        raise SystemExit(2)
-    args.seeds = DEFAULTS["seeds"] if args.seeds is None else args.seeds
-    args.batch_size = DEFAULTS["batch_size"] if args.batch_size is None else args.batch_size
-    args.out = DEFAULTS["out"] if args.out is None else args.out
-    if args.devices < 1:
-        raise SystemExit("train: --devices must be >= 1")
+    for dest in ("epochs", "seeds", "batch_size", "lr", "out"):
+        if getattr(args, dest) is None:
+            setattr(args, dest, DEFAULTS[dest])
+    if args.devices is None:
+        args.devices = 1
+    from jax_batchinhib.apps import train
+
+    try:
+        train.check_args(args)
+    except ValueError as e:
+        error(str(e))
     if args.devices > 1:  # before JAX creates its CPU backend (importing jax does not)
+        import jax
+
         from jax_batchinhib import parallel
 
         parallel.set_cpu_device_count(args.devices)
-    from jax_batchinhib.apps import train
-
+        have = len(jax.devices())
+        if have < args.devices:
+            error(
+                f"argument --devices: must be at most the {have} {jax.default_backend()} "
+                f"device(s) JAX sees; got {args.devices}"
+            )
+    _check_out(args.out, error)
     return train.main(args)
+
+
+def _check_out(path: str, error) -> None:
+    problem = output_dir_problem(path)
+    if problem:
+        error(f"argument --out: {problem}")
 
 
 def _bench_parser(sub):

@@ -3,7 +3,7 @@ help, in which configuration, against what -- under a fair protocol.
 
 Protocol, for every variant (a normalization chain of :mod:`jax_batchinhib.apps.models`):
 
-1. Learning rate: Adam at each value of a grid (``--lrs``, at least 4 values) is trained
+1. Learning rate: Adam at each value of a grid (``--lrs``, at least 2 values) is trained
    on the training set minus a validation split (25% of the training set, never the
    test set) for ``val_seeds`` seeds, and scored on the validation split after the last
    step; the value with the best mean validation accuracy is chosen.
@@ -237,6 +237,8 @@ def init_states(model: nn.Module, seeds: Sequence[int], x_example) -> State:
 def batch_order(seed: int, n: int, steps: int, batch_size: int) -> np.ndarray:
     """``(steps, batch_size)`` row indices: a fresh permutation of the n rows per epoch
     (the last partial batch of each epoch dropped), from numpy's generator at ``seed``."""
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_order: batch_size must be in [1, n={n}]; got {batch_size}")
     rng = np.random.default_rng(seed)
     per = n // batch_size
     epochs = -(-steps // per)
@@ -418,10 +420,23 @@ def run_variant(
     return out
 
 
+#: MNIST-1D examples generated (train and test), by ``quick``
+MNIST1D_SAMPLES = {False: 5000, True: 1000}
+
+
 def load_task(task: str, quick: bool) -> Split:
     if task == "digits":
         return Split(*load_digits_split())
-    return load_mnist1d(1000 if quick else 5000)
+    return load_mnist1d(MNIST1D_SAMPLES[quick])
+
+
+def n_train_rows(task: str, quick: bool) -> int:
+    """The number of training rows of :func:`load_task` (without generating MNIST-1D)."""
+    if task == "digits":
+        return len(load_digits_split()[1])
+    from mnist1d.data import get_dataset_args
+
+    return int(MNIST1D_SAMPLES[quick] * get_dataset_args().train_split)
 
 
 def for_model(data: Split, model_kind: str) -> Split:
@@ -741,35 +756,71 @@ def _jsonable(study: dict) -> dict:
     return {k: v for k, v in study.items() if not k.startswith("_")}
 
 
-def main(args) -> int:
-    """``jax-batchinhib train --task mnist1d`` (or ``--task digits --study``)."""
-    import resource
-
+def config_from_args(args) -> dict:
+    """The study's settings from parsed ``jax-batchinhib train`` arguments: ``{"cfg",
+    "models", "variants", "jobs"}`` (``cfg`` as :data:`DEFAULTS`, with ``--quick``'s and
+    the given options). Raises ``ValueError`` naming the option for a value the study
+    cannot run with; nothing is loaded or trained."""
     task = args.task
+    quick = bool(getattr(args, "quick", False))
     cfg = dict(DEFAULTS[task])
-    if args.quick:
+    if quick:
         cfg.update(QUICK)
     for flag in ("steps", "batch_size", "eval_every", "seeds", "val_seeds"):
         val = getattr(args, flag, None)
         if val is not None:
             if val < 1:
-                raise SystemExit(f"train: --{flag.replace('_', '-')} must be >= 1")
+                raise ValueError(f"argument --{flag.replace('_', '-')}: must be >= 1; got {val}")
             cfg[flag] = val
-    if args.lrs:
-        if len(args.lrs) < 2 or not all(math.isfinite(lr) and lr > 0 for lr in args.lrs):
-            raise SystemExit("train: --lrs needs at least 2 positive values")
-        cfg["lrs"] = tuple(args.lrs)
-    models = args.model or (("mlp",) if args.quick and task == "digits" else cfg["models"])
+    if cfg["seeds"] < 2:
+        raise ValueError(
+            f"argument --seeds: the study compares variants by a paired 95% interval over "
+            f"seeds, which needs at least 2 seeds; got {cfg['seeds']}"
+        )
+    lrs = getattr(args, "lrs", None)
+    if lrs is not None:
+        if len(lrs) < 2 or not all(math.isfinite(lr) and lr > 0 for lr in lrs):
+            raise ValueError(f"argument --lrs: needs at least 2 positive values; got {list(lrs)}")
+        cfg["lrs"] = tuple(lrs)
+    n = n_train_rows(task, quick)
+    rows = len(validation_rows(n, 0.25, seed=0)[0])
+    if cfg["batch_size"] > rows:
+        raise ValueError(
+            f"argument --batch-size: {cfg['batch_size']} is larger than the {rows} rows the "
+            f"learning-rate search trains on (--task {task}{' --quick' if quick else ''}: "
+            f"{n} training rows, 25% of them held out for validation)"
+        )
+    models = getattr(args, "model", None)
+    models = models or (("mlp",) if quick and task == "digits" else cfg["models"])
+    models = tuple(dict.fromkeys(models))  # a model named twice runs once
     if task == "digits" and "cnn" in models:
-        raise SystemExit("train: --task digits has the MLP only (--model mlp)")
-    names = args.variants or (QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS)
+        raise ValueError("argument --model: --task digits has the MLP only (--model mlp)")
+    names = getattr(args, "variants", None) or (QUICK_VARIANTS if quick else DEFAULT_VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise SystemExit(
-            f"train: unknown --variants {unknown} for --task {task}; known: {list(VARIANTS)}"
+        raise ValueError(
+            f"argument --variants: invalid choice: {unknown[0]!r} for the study (choose "
+            f"from {', '.join(VARIANTS)})"
         )
+    names = list(dict.fromkeys(names))
     if BASELINE not in names:
         names = [BASELINE, *names]
+    jobs = getattr(args, "jobs", None)
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"argument --jobs: must be >= 1; got {jobs}")
+    if jobs is None:
+        jobs = min(len(models), os.cpu_count() or 1)
+    return {"cfg": cfg, "models": models, "variants": names, "jobs": jobs}
+
+
+def main(args) -> int:
+    """``jax-batchinhib train --task mnist1d`` (or ``--task digits --study``). A bad
+    setting raises ``ValueError`` (:func:`config_from_args`) before anything is written."""
+    import resource
+
+    task = args.task
+    c = config_from_args(args)
+    cfg, models, names, jobs = c["cfg"], c["models"], c["variants"], c["jobs"]
 
     def cpu_s():  # this process and its finished children (the --jobs workers)
         r = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
@@ -778,9 +829,6 @@ def main(args) -> int:
     t0, c0 = time.perf_counter(), cpu_s()
     os.makedirs(args.out, exist_ok=True)
     partial = os.path.join(args.out, "results.partial.json")
-    jobs = args.jobs if args.jobs is not None else min(len(models), os.cpu_count() or 1)
-    if jobs < 1:
-        raise SystemExit(f"train: --jobs must be >= 1; got {jobs}")
     study = run_study(
         task,
         models,
@@ -860,21 +908,38 @@ def main(args) -> int:
 # ------------------------------------------------------------------------ merging runs
 
 
-def merge(studies: Sequence[dict]) -> dict:
+#: the settings that runs must share to be merged
+MERGE_KEYS = ("steps", "batch_size", "lrs", "seeds", "val_seeds")
+
+
+def merge(studies: Sequence[dict], names: Sequence[str] | None = None) -> dict:
     """One study from several runs of the same task and configuration (e.g. the variants
-    split over several processes): variants are merged per model in order of first
-    appearance; a variant run twice must agree to 1e-6 on every seed (the runs are
-    deterministic) and is kept once; the comparisons with our BatchNorm are recomputed."""
+    split over several processes): each model's variants in the order of
+    :data:`VARIANTS` (unknown names last, in order of appearance); a variant run twice
+    must agree to 1e-6 on every seed (the runs are deterministic) and is kept once; the
+    comparisons with our BatchNorm are recomputed. ``names``: the runs' names in the
+    error messages (default ``run 0``, ``run 1``, ...)."""
     if not studies:
         raise ValueError("study.merge: nothing to merge")
+    names = [f"run {i}" for i in range(len(studies))] if names is None else list(names)
     task = studies[0]["task"]
-    keys = ("steps", "batch_size", "lrs", "seeds", "val_seeds")
-    cfg0 = {k: studies[0]["config"][k] for k in keys}
+    cfg0 = {k: studies[0]["config"][k] for k in MERGE_KEYS}
     out = {"task": task, "models": {}, "config": dict(studies[0]["config"])}
     out["config"]["merged_from"] = []
-    for s in studies:
-        if s["task"] != task or {k: s["config"][k] for k in keys} != cfg0:
-            raise ValueError("study.merge: runs of different tasks or configurations")
+    origin: dict[tuple[str, str], int] = {}
+    for i, s in enumerate(studies):
+        if s["task"] != task:
+            raise ValueError(
+                f"study.merge: {names[i]} is a {s['task']} study, {names[0]} a {task} one: "
+                "merge runs of one task"
+            )
+        cfg = {k: s["config"][k] for k in MERGE_KEYS}
+        if cfg != cfg0:
+            diff = ", ".join(f"{k} {cfg[k]} vs {cfg0[k]}" for k in MERGE_KEYS if cfg[k] != cfg0[k])
+            raise ValueError(
+                f"study.merge: {names[i]} and {names[0]} ran with different settings ({diff}): "
+                "merge runs of one configuration"
+            )
         out["config"]["merged_from"].append(
             {k: s["config"][k] for k in ("variants", "models", "wall_s", "process_cpu_s")}
         )
@@ -887,8 +952,13 @@ def merge(studies: Sequence[dict]) -> dict:
                 if r["variant"] in have:
                     a = np.asarray(have[r["variant"]]["test_acc_per_seed"])
                     if np.abs(a - np.asarray(r["test_acc_per_seed"])).max() > 1e-6:
-                        raise ValueError(f"study.merge: {mk} {r['variant']} differs between runs")
+                        j = origin[mk, r["variant"]]
+                        raise ValueError(
+                            f"study.merge: {mk} {r['variant']} differs between {names[j]} "
+                            f"and {names[i]}"
+                        )
                     continue
+                origin[mk, r["variant"]] = i
                 tgt["variants"].append(r)
     for m in out["models"].values():
         by = {r["variant"]: r for r in m["variants"]}
@@ -898,26 +968,98 @@ def merge(studies: Sequence[dict]) -> dict:
                 r["vs_bn"] = paired_difference(
                     r["test_acc_per_seed"], by[BASELINE]["test_acc_per_seed"]
                 )
-        order = list(VARIANTS)
-        m["variants"].sort(key=lambda r: order.index(r["variant"]))
+        order = {name: i for i, name in enumerate(VARIANTS)}
+        m["variants"].sort(key=lambda r: order.get(r["variant"], len(order)))
     out["config"]["wall_s"] = sum(x["wall_s"] for x in out["config"]["merged_from"])
     out["config"]["process_cpu_s"] = sum(x["process_cpu_s"] for x in out["config"]["merged_from"])
     out["table_markdown"] = format_tables(out)
     return out
 
 
-def merge_main(paths: Sequence[str], out_dir: str) -> int:
-    """Merge ``results.json`` files (see :func:`merge`) into ``out_dir``: its
-    ``results.json``, ``accuracy.png`` and ``curves.png``."""
-    studies = []
-    for p in paths:
-        with open(p) as f:
-            studies.append(json.load(f))
-    m = merge(studies)
+#: what :func:`merge` and its tables and plots read of each model, and of each variant
+MODEL_KEYS = {"n_train", "n_val", "n_test", "variants"}
+VARIANT_KEYS = {"variant", "seeds", "lr", "val_acc", "test_acc_per_seed", "test_acc_mean"}
+VARIANT_KEYS |= {"test_acc_std", "test_acc_ci95", "train_acc_mean", "curves"}
+
+
+def _read_results(path: str) -> dict:
+    """A study's ``results.json`` for :func:`merge_files`; ``ValueError`` naming ``path``
+    when it cannot be read or is not one."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"argument --merge: {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(
+            f"argument --merge: {path} is a folder; expected its results.json"
+        ) from None
+    except OSError as e:
+        raise ValueError(f"argument --merge: cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"argument --merge: {path} is not a JSON file ({e})") from None
+    need = ("variants", "models", "wall_s", "process_cpu_s", *MERGE_KEYS)
+
+    def is_model(m):
+        if not (isinstance(m, dict) and MODEL_KEYS <= m.keys() and isinstance(m["variants"], list)):
+            return False
+        return bool(m["variants"]) and all(
+            isinstance(r, dict) and VARIANT_KEYS <= r.keys() for r in m["variants"]
+        )
+
+    ok = (
+        isinstance(d, dict)
+        and d.get("task") in DEFAULTS
+        and isinstance(d.get("models"), dict)
+        and all(is_model(m) for m in d["models"].values())
+        and isinstance(d.get("config"), dict)
+        and all(k in d["config"] for k in need)
+    )
+    if not ok:
+        raise ValueError(
+            f"argument --merge: {path} is not the results.json of a study (jax-batchinhib "
+            "train --task mnist1d, or --task digits --study)"
+        )
+    return d
+
+
+def merge_files(paths: Sequence[str], task: str | None = None) -> dict:
+    """:func:`merge` of the ``results.json`` files at ``paths``, all of study ``task``
+    when given. Raises ``ValueError("argument --merge: ...")`` naming the file that is
+    missing, unreadable, not a study's results, of another task or configuration, or
+    disagrees with another; nothing is written."""
+    studies = [_read_results(p) for p in paths]
+    if task is not None:
+        for p, s in zip(paths, studies, strict=True):
+            if s["task"] != task:
+                raise ValueError(
+                    f"argument --merge: {p} is a --task {s['task']} study; expected --task "
+                    f"{task} (the --task given)"
+                )
+    try:
+        return merge(studies, names=list(paths))
+    except ValueError as e:
+        raise ValueError(f"argument --merge: {str(e).removeprefix('study.merge: ')}") from None
+
+
+def write_merged(m: dict, out_dir: str, *, plot: bool = True) -> int:
+    """Write a merged study ``m`` (:func:`merge`) into ``out_dir``: ``results.json`` and,
+    with ``plot``, ``accuracy.png`` and ``curves.png``; print its tables and the files
+    written. Returns 0."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
+    written = [os.path.join(out_dir, "results.json")]
+    with open(written[0], "w") as f:
         json.dump(m, f, indent=1)
-    plot_accuracy(m, os.path.join(out_dir, "accuracy.png"))
-    plot_curves(m, os.path.join(out_dir, "curves.png"))
+    if plot:
+        plot_accuracy(m, os.path.join(out_dir, "accuracy.png"))
+        plot_curves(m, os.path.join(out_dir, "curves.png"))
+        written += [os.path.join(out_dir, p) for p in ("accuracy.png", "curves.png")]
     print(m["table_markdown"])
+    print("wrote " + ", ".join(written))
     return 0
+
+
+def merge_main(paths: Sequence[str], out_dir: str, *, no_plot: bool = False) -> int:
+    """Merge ``results.json`` files (see :func:`merge_files`) into ``out_dir``: its
+    ``results.json`` and, unless ``no_plot``, ``accuracy.png`` and ``curves.png``."""
+    return write_merged(merge_files(paths), out_dir, plot=not no_plot)

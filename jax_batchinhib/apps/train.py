@@ -494,13 +494,37 @@ def run(variants, *, epochs, seeds, batch_size, lr, quiet=False, devices=1) -> l
     return results
 
 
-def main(args) -> int:
-    """``jax-batchinhib train`` with parsed ``args``; returns the exit status."""
+def check_args(args) -> None:
+    """Raise ``ValueError("argument --x: ...")``, naming the option, for a setting of
+    parsed ``jax-batchinhib train`` arguments (``--epochs``, ``--seeds``,
+    ``--batch-size``, ``--lr``, ``--devices``) that :func:`main` cannot run with. Nothing
+    is trained; only the digits' row count is read."""
     for flag in ("epochs", "seeds", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"train: --{flag.replace('_', '-')} must be >= 1")
+        val = getattr(args, flag)
+        if val < 1:
+            raise ValueError(f"argument --{flag.replace('_', '-')}: must be >= 1; got {val}")
     if not (math.isfinite(args.lr) and args.lr > 0):
-        raise SystemExit(f"train: --lr must be a positive number; got {args.lr}")
+        raise ValueError(f"argument --lr: must be a positive number; got {args.lr}")
+    devices = getattr(args, "devices", 1)
+    if devices < 1:
+        raise ValueError(f"argument --devices: must be >= 1; got {devices}")
+    n = len(load_digits_split()[1])
+    if args.batch_size > n:
+        raise ValueError(
+            f"argument --batch-size: must be at most the {n} training rows of the digits; "
+            f"got {args.batch_size}"
+        )
+    if args.batch_size % devices:
+        raise ValueError(
+            f"argument --batch-size: must be divisible by --devices {devices} (each device "
+            f"takes an equal share of every batch); got {args.batch_size}"
+        )
+
+
+def main(args) -> int:
+    """``jax-batchinhib train`` with parsed ``args``; returns the exit status. A bad
+    setting raises ``ValueError`` (:func:`check_args`) before anything is trained."""
+    check_args(args)
     t0 = time.perf_counter()
     results = run(
         args.variants,
