@@ -23,7 +23,7 @@ from jax_batchinhib import running
 from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _stats as S
 from jax_batchinhib.ops import whitening as _wh
-from jax_batchinhib.ops.batch_inhib import InhibOptions, alpha_shape
+from jax_batchinhib.ops.batch_inhib import InhibOptions, _check_batch_epsilon, alpha_shape
 from jax_batchinhib.running import RunningStats
 
 Initializer = Any
@@ -175,6 +175,7 @@ def single_axis(where: str, axis, ax) -> int:
 
 def inhib_options(where: str, mdl, n: int | None = None) -> InhibOptions:
     """A BatchInhib module's options (its attributes), validated with its name."""
+    check_epsilon(where, mdl)  # > 0 in the module (POSITIVE_EPSILON)
     opts = InhibOptions.checked(
         where, rho=mdl.rho, epsilon=mdl.epsilon, groups=mdl.groups,
         correlation=mdl.correlation, denominator=mdl.denominator, guard=mdl.guard,
@@ -185,10 +186,29 @@ def inhib_options(where: str, mdl, n: int | None = None) -> InhibOptions:
     return opts
 
 
+#: layers whose epsilon must be > 0, with their op's check: it keeps a denominator that a
+#: constant feature of the batch would make 0 (BatchInhib's s, the whitening ops'
+#: eigenvalues); BatchNorm's and BatchCenter's may be 0, as flax's and PyTorch's
+POSITIVE_EPSILON = {
+    "BatchInhib": _check_batch_epsilon,
+    "IterNorm": _wh._check_whitening_epsilon,
+    "ZCANorm": _wh._check_whitening_epsilon,
+}
+
+
+def check_epsilon(where: str, mdl) -> None:
+    """The module's epsilon, with the message of its op's check (named ``where``)."""
+    for c in type(mdl).__mro__:
+        if c.__name__ in POSITIVE_EPSILON:
+            POSITIVE_EPSILON[c.__name__](where, mdl.epsilon)
+            break
+    C.epsilon(where, mdl.epsilon)  # the type, and >= 0
+
+
 def check_common(where: str, mdl) -> float | None:
     """The attributes every statistics layer has; returns the momentum."""
     if hasattr(mdl, "epsilon"):
-        C.epsilon(where, mdl.epsilon)
+        check_epsilon(where, mdl)
     C.virtual_batch_size(where, mdl.virtual_batch_size)
     if hasattr(mdl, "use_fast_variance"):
         C.flag(where, "use_fast_variance", mdl.use_fast_variance)

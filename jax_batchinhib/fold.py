@@ -39,6 +39,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import block_diag
@@ -46,7 +48,8 @@ from jax.scipy.linalg import block_diag
 from jax_batchinhib import _modules as M
 from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _stats as S
-from jax_batchinhib.ops import inhibition_matrix
+from jax_batchinhib.ops import alpha_shape, inhibition_matrix
+from jax_batchinhib.ops.batch_inhib import InhibOptions
 
 __all__ = [
     "batch_norm_affine",
@@ -65,22 +68,46 @@ def _dtype(*arrays):
 
 
 def _layer(fn, layer_params):
+    """The layer's kernel (..., in, out) and bias (out,) or None, shapes checked."""
     if "kernel" not in layer_params:
         raise ValueError(
             f"{fn}: layer_params must hold 'kernel' (a Dense or Conv's params); got keys "
             f"{sorted(layer_params)}"
         )
     k = jnp.asarray(layer_params["kernel"])
+    if k.ndim < 2:
+        raise ValueError(
+            f"{fn}: layer_params['kernel'] must have shape (..., in, out) (a Dense or Conv "
+            f"kernel, at least 2 dimensions); got {S.shape_str(k.shape)}"
+        )
     b = layer_params.get("bias")
-    return k, (None if b is None else jnp.asarray(b))
+    b = None if b is None else jnp.asarray(b)
+    _check_n(fn, "layer_params['bias']", b, k.shape[-1])
+    return k, b
 
 
-def _check_n(fn, what, v, n):
+def _check_n(fn, what, v, n, of="the layer's {n} output features"):
     if v is not None and jnp.shape(v) != (n,):
         raise ValueError(
-            f"{fn}: {what} must have shape ({n},) to match the layer's {n} output features; "
+            f"{fn}: {what} must have shape ({n},) to match {of.format(n=n)}; "
             f"got {S.shape_str(jnp.shape(v))}"
         )
+
+
+def _stat(fn, name, stats, key):
+    """``stats[key]`` as an array; a clear error when the key is missing."""
+    if key not in stats:
+        raise ValueError(f"{fn}: {name} must hold {key!r}; got keys {sorted(stats)}")
+    return jnp.asarray(stats[key])
+
+
+def _check_norm(fn, prefix, params, stats, keys, n, of="the layer's {n} output features"):
+    """Per-feature vectors of a normalization layer: ``stats[k]`` for ``k`` in ``keys``
+    (required) and ``params['scale']`` / ``params['bias']`` (optional) must be ``(n,)``."""
+    for k in keys:
+        _check_n(fn, f"{prefix}_stats[{k!r}]", _stat(fn, f"{prefix}_stats", stats, k), n, of)
+    for k in ("scale", "bias"):
+        _check_n(fn, f"{prefix}_params[{k!r}]", params.get(k), n, of)
 
 
 def batch_norm_affine(bn_params, bn_stats, *, epsilon: float):
@@ -100,8 +127,17 @@ def batch_norm_affine(bn_params, bn_stats, *, epsilon: float):
     Returns:
       ``(a, c)``, each ``(N,)``, in at least float32.
     """
-    epsilon = C.epsilon("batch_norm_affine", epsilon)
-    mean, var = jnp.asarray(bn_stats["mean"]), jnp.asarray(bn_stats["var"])
+    fn = "batch_norm_affine"
+    epsilon = C.epsilon(fn, epsilon)
+    mean = _stat(fn, "bn_stats", bn_stats, "mean")
+    if mean.ndim != 1:
+        raise ValueError(
+            f"{fn}: bn_stats['mean'] must have shape (N,) (one value per feature); "
+            f"got {S.shape_str(mean.shape)}"
+        )
+    _check_norm(fn, "bn", bn_params, bn_stats, ("var",), mean.shape[0],
+                "bn_stats['mean'] ({n} features)")  # fmt: skip
+    var = jnp.asarray(bn_stats["var"])
     cd = _dtype(mean, var)
     inv = jax.lax.rsqrt(var.astype(cd) + epsilon)
     scale = bn_params.get("scale")
@@ -129,8 +165,7 @@ def fold_batch_norm(layer_params, bn_params, bn_stats, *, epsilon: float):
     fn = "fold_batch_norm"
     epsilon = C.epsilon(fn, epsilon)
     k, b = _layer(fn, layer_params)
-    n = k.shape[-1]
-    _check_n(fn, "bn_stats['mean']", bn_stats["mean"], n)
+    _check_norm(fn, "bn", bn_params, bn_stats, ("mean", "var"), k.shape[-1])
     a, c = batch_norm_affine(bn_params, bn_stats, epsilon=epsilon)
     cd = _dtype(k, a)
     new_b = c if b is None else a * b.astype(cd) + c
@@ -151,9 +186,8 @@ def fold_batch_center(layer_params, bc_params, bc_stats):
     """
     fn = "fold_batch_center"
     k, b = _layer(fn, layer_params)
-    n = k.shape[-1]
+    _check_norm(fn, "bc", bc_params, bc_stats, ("mean",), k.shape[-1])
     mean = jnp.asarray(bc_stats["mean"])
-    _check_n(fn, "bc_stats['mean']", mean, n)
     cd = _dtype(k, mean)
     new_b = -mean.astype(cd) if b is None else b.astype(cd) - mean.astype(cd)
     if bc_params.get("bias") is not None:
@@ -177,6 +211,69 @@ def inhib_options(module) -> dict:
     return M.inhib_options(type(module).__name__, module).kwargs()
 
 
+def _inhib_checked(fn, inhib_params, inhib_stats, options, n=None, side="outputs"):
+    """A BatchInhib's variables and options checked against each other (and against the
+    layer's ``n`` features on ``side`` when given), with errors that name ``fn``. Returns
+    the validated options as keyword arguments for :func:`inhibition_matrix`."""
+    fields = {f.name for f in dataclasses.fields(InhibOptions)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise TypeError(
+            f"{fn}: unexpected option(s) {unknown}; the options are {sorted(fields)} "
+            f"(pass **fold.inhib_options(module))"
+        )
+    opts = InhibOptions.checked(fn, **options)
+    g = opts.groups
+    alpha = _stat(fn, "inhib_params", inhib_params, "alpha")
+    cov = _stat(fn, "inhib_stats", inhib_stats, "cov")
+    ash = tuple(alpha.shape)
+    square = len(ash) in (2, 3) and ash[-1] == ash[-2]
+    if not square:
+        raise ValueError(
+            f"{fn}: inhib_params['alpha'] must have shape (N, N), or (groups, N/groups, "
+            f"N/groups) with groups > 1; got {S.shape_str(ash)}"
+        )
+    nfeat = ash[-1] * (ash[0] if len(ash) == 3 else 1)
+    if n is not None and nfeat != n:
+        raise ValueError(
+            f"{fn}: the BatchInhib has {nfeat} features (inhib_params['alpha'] of shape "
+            f"{S.shape_str(ash)}) but the layer has {n} {side}"
+        )
+    hint = ""
+    if len(ash) == 3 and ash[0] != g:
+        hint = (
+            f"; grouped variables: pass the module's options, "
+            f"**fold.inhib_options(module) (here groups={ash[0]})"
+        )
+    if nfeat % g:
+        raise ValueError(
+            f"{fn}: groups={g} must divide the BatchInhib's {nfeat} features (inhib_params"
+            f"['alpha'] of shape {S.shape_str(ash)}){hint}"
+        )
+    want = alpha_shape(nfeat, g)
+    if ash != want:
+        raise ValueError(
+            f"{fn}: inhib_params['alpha'] must have shape {S.shape_str(want)} for "
+            f"{nfeat} features and groups={g}; got {S.shape_str(ash)}{hint}"
+        )
+    k = nfeat // g
+    cwant = ((g, k, k),) + (((k, k),) if g == 1 else ())
+    if tuple(cov.shape) not in cwant:
+        alt = f" or {S.shape_str((k, k))}" if g == 1 else ""
+        raise ValueError(
+            f"{fn}: inhib_stats['cov'] must have shape {S.shape_str((g, k, k))}{alt} for "
+            f"{nfeat} features and groups={g}; got {S.shape_str(cov.shape)}"
+        )
+    return opts.kwargs()
+
+
+def _inhib_map(inhib_params, inhib_stats, options):
+    R = inhibition_matrix(inhib_stats["cov"], inhib_params["alpha"], **options)
+    rt = [R[g].T for g in range(R.shape[0])]
+    m = rt[0] if len(rt) == 1 else block_diag(*rt)
+    return jnp.eye(m.shape[0], dtype=m.dtype) - m
+
+
 def inhib_map(inhib_params, inhib_stats, **options):
     """The matrix M (N, N) of an eval-mode BatchInhib, ``y = x @ M``, ``M = I - R^T``
     block diagonal over the groups; R from the running covariance ``inhib_stats['cov']``
@@ -191,10 +288,8 @@ def inhib_map(inhib_params, inhib_stats, **options):
     Returns:
       M, ``(N, N)``, in at least float32.
     """
-    R = inhibition_matrix(inhib_stats["cov"], inhib_params["alpha"], **options)
-    rt = [R[g].T for g in range(R.shape[0])]
-    m = rt[0] if len(rt) == 1 else block_diag(*rt)
-    return jnp.eye(m.shape[0], dtype=m.dtype) - m
+    options = _inhib_checked("inhib_map", inhib_params, inhib_stats, options)
+    return _inhib_map(inhib_params, inhib_stats, options)
 
 
 def fold_batch_inhib_after(layer_params, inhib_params, inhib_stats, **options):
@@ -212,12 +307,8 @@ def fold_batch_inhib_after(layer_params, inhib_params, inhib_stats, **options):
     """
     fn = "fold_batch_inhib_after"
     k, b = _layer(fn, layer_params)
-    m = inhib_map(inhib_params, inhib_stats, **options)
-    if m.shape[0] != k.shape[-1]:
-        raise ValueError(
-            f"{fn}: the BatchInhib has {m.shape[0]} features but the layer has "
-            f"{k.shape[-1]} outputs"
-        )
+    options = _inhib_checked(fn, inhib_params, inhib_stats, options, k.shape[-1], "outputs")
+    m = _inhib_map(inhib_params, inhib_stats, options)
     cd = _dtype(k, m)
     hi = S.PRECISION
     new_k = jnp.einsum("...j,jo->...o", k.astype(cd), m.astype(cd), precision=hi)
@@ -240,11 +331,8 @@ def fold_batch_inhib_before(layer_params, inhib_params, inhib_stats, **options):
     """
     fn = "fold_batch_inhib_before"
     k, b = _layer(fn, layer_params)
-    m = inhib_map(inhib_params, inhib_stats, **options)
-    if m.shape[0] != k.shape[-2]:
-        raise ValueError(
-            f"{fn}: the BatchInhib has {m.shape[0]} features but the layer has {k.shape[-2]} inputs"
-        )
+    options = _inhib_checked(fn, inhib_params, inhib_stats, options, k.shape[-2], "inputs")
+    m = _inhib_map(inhib_params, inhib_stats, options)
     cd = _dtype(k, m)
     new_k = jnp.einsum("ij,...jo->...io", m.astype(cd), k.astype(cd), precision=S.PRECISION)
     new_b = jnp.zeros((k.shape[-1],), cd) if b is None else b.astype(cd)
@@ -262,19 +350,26 @@ def fold_whitening_after(layer_params, module_params, batch_stats, *, groups: in
     fn = "fold_whitening_after"
     k, b = _layer(fn, layer_params)
     n = k.shape[-1]
+    for key in ("mean", "whitening_matrix"):
+        _stat(fn, "batch_stats", batch_stats, key)
     mean = jnp.asarray(batch_stats["mean"])
     _check_n(fn, "batch_stats['mean']", mean, n)
-    if not C.is_int(groups) or groups < 1 or n % groups:
-        raise ValueError(
-            f"{fn}: groups must be an int >= 1 dividing the layer's {n} output features; "
-            f"got {groups!r}"
-        )
+    for key in ("scale", "bias"):
+        _check_n(fn, f"module_params[{key!r}]", module_params.get(key), n)
+    msg = f"{fn}: groups must be an int >= 1 dividing the layer's {n} output features; "
+    if not C.is_int(groups):
+        raise TypeError(msg + f"got {groups!r}")
+    if groups < 1 or n % groups:
+        raise ValueError(msg + f"got {groups!r}")
     wm = jnp.asarray(batch_stats["whitening_matrix"])
-    g, ng = groups, n // groups
+    g, ng = int(groups), n // groups
     if wm.shape not in ((g, ng, ng),) + (((ng, ng),) if g == 1 else ()):
+        hint = ""
+        if wm.ndim == 3 and wm.shape[0] != g and wm.shape[0] * wm.shape[-1] == n:
+            hint = f"; grouped statistics: pass the module's groups (here groups={wm.shape[0]})"
         raise ValueError(
             f"{fn}: batch_stats['whitening_matrix'] must have shape {S.shape_str((g, ng, ng))} "
-            f"for {n} features and groups={g}; got {S.shape_str(wm.shape)}"
+            f"for {n} features and groups={g}; got {S.shape_str(wm.shape)}{hint}"
         )
     wm = wm.reshape(g, ng, ng)
     w = wm[0] if g == 1 else block_diag(*[wm[i] for i in range(g)])

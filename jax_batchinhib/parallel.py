@@ -23,6 +23,7 @@ JAX creates its CPU backend); on GPUs ``jax.devices()[:N]`` are the GPUs.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -32,25 +33,60 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_batchinhib.ops import _checks as C
+
 DATA_AXIS = "data"
+
+
+_COUNT_FLAG = "xla_force_host_platform_device_count"
+
+
+def _flag_count() -> int | None:
+    """The CPU device count XLA_FLAGS forces (its last ``--xla_force_host_platform_device_count``),
+    or None."""
+    found = re.findall(rf"--{_COUNT_FLAG}=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return int(found[-1]) if found else None
 
 
 def set_cpu_device_count(n: int) -> None:
     """Make the CPU backend expose ``n`` devices (XLA's host platform device count).
 
     Must run before JAX creates its CPU backend (before the first computation); after
-    that it raises unless the process already has ``n`` or more CPU devices. A no-op for
-    ``n <= 1``. GPUs are unaffected.
+    that it raises unless the process already has ``n`` or more CPU devices. It also
+    raises when the count is already fixed at fewer than ``n`` devices, by JAX's
+    ``jax_num_cpu_devices`` option or by ``--xla_force_host_platform_device_count`` in
+    ``XLA_FLAGS``; a count fixed at ``n`` or more is left as it is (a mesh takes the first
+    ``n`` devices). A no-op for ``n <= 1``. GPUs are unaffected.
 
     Args:
       n: the number of CPU devices, an int >= 1.
 
     Returns:
       None.
+
+    Raises:
+      TypeError: ``n`` is not an int (a bool or a float included).
+      ValueError: ``n`` < 1.
+      RuntimeError: the process has, or is set to have, fewer than ``n`` CPU devices and
+        it is too late, or not this function's place, to change that.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"set_cpu_device_count: n must be an int >= 1; got {n!r}")
-    if n <= 1 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    fn = "set_cpu_device_count"
+    n = C.positive_int(fn, "n", n)
+    if n <= 1:
+        return
+    configured = jax.config.jax_num_cpu_devices  # -1: not set; it overrides XLA_FLAGS
+    flag = _flag_count()
+    if configured >= 0:
+        fixed, by = configured, f"JAX's option jax_num_cpu_devices is already {configured}"
+        fix = f"set it to {n} or more instead, before any JAX computation"
+    elif flag is not None:
+        fixed, by = flag, f"XLA_FLAGS already has --{_COUNT_FLAG}={flag}"
+        fix = f"remove it from XLA_FLAGS or make it {n} or more, before starting Python"
+    else:
+        fixed = None
+    if fixed is not None:
+        if fixed < n:
+            raise RuntimeError(f"{fn}: asked for {n} CPU devices, but {by} (fewer devices); {fix}")
         return
     try:
         jax.config.update("jax_num_cpu_devices", n)
@@ -58,9 +94,9 @@ def set_cpu_device_count(n: int) -> None:
         have = len(jax.devices("cpu"))
         if have < n:
             raise RuntimeError(
-                f"set_cpu_device_count: JAX's CPU backend was already created with {have} "
+                f"{fn}: JAX's CPU backend was already created with {have} "
                 f"device(s); call this (or pass --devices) before any JAX computation, or set "
-                f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting Python"
+                f"XLA_FLAGS=--{_COUNT_FLAG}={n} before starting Python"
             ) from err
 
 
@@ -239,8 +275,8 @@ def shard_map_step(
 
     def call(*args):
         k = len(args)
-        for i in batch_argnums:
-            for leaf in jax.tree.leaves(args[i]):
+        for i in batch_argnums:  # a position beyond the arguments given is not split
+            for leaf in jax.tree.leaves(args[i] if i < k else ()):
                 _check_divisible("shard_map_step", jnp.shape(leaf), batch_axis, n)
         if k not in cache:
             bspec = P(*([None] * batch_axis), name)

@@ -542,3 +542,21 @@ def test_wrong_rule_would_really_differ():
     g1 = jax.grad(lambda x: _wrong_softmax(x)[0, 0])(x)
     g2 = jax.grad(lambda x: ref.softmax(x)[0, 0])(x)
     assert float(jnp.max(jnp.abs(g1 - g2))) > 0.1
+
+
+def test_devices_beyond_a_count_fixed_by_xla_flags_is_a_usage_error(tmp_path):
+    """XLA_FLAGS already forces 2 host devices: --devices 4 cannot be had, and the CLI
+    says so as a usage error (parallel.set_cpu_device_count raised a traceback)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    res = subprocess.run(
+        [sys.executable, "-m", "jax_batchinhib", "train", "--devices", "4", "--out", "o"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "jax-batchinhib train: error: argument --devices:" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()

@@ -269,3 +269,58 @@ def test_nnx_batch_norm_under_shard_map_equals_full_batch():
     # With axis_name=None in the sharded model (per-device statistics) the test fails.
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=4e-6)
+
+
+# ------------------------------------------------- batch_inhib: epsilon must be > 0
+
+
+@pytest.mark.parametrize("correlation", ["pearson", "variance"])
+def test_batch_inhib_refuses_epsilon_zero(correlation):
+    """A feature constant over the batch has var = 0, and with epsilon = 0 the correlation
+    divides 0 by 0: every output and gradient was NaN, silently, for both correlations
+    (s = sqrt(var + eps) or var + eps). epsilon <= 0 is refused by name, as iter_norm and
+    zca_norm refuse it, and by the linen and NNX modules under their own name (NNX when
+    constructed), also with use_autodiff=True, where the reference (no check) runs. A
+    small positive epsilon keeps everything finite."""
+    from jax_batchinhib import linen as bnn
+
+    x = X.at[:, 1].set(2.0)  # feature 1 constant
+    kw = dict(correlation=correlation)
+    for bad in (0.0, 0, -1e-3, float("inf")):
+        with pytest.raises(
+            ValueError,
+            match=rf"^batch_inhib: epsilon must be > 0 and finite \(it keeps the correlation's "
+            rf"denominator.*\); got {bad!r}$",
+        ):
+            jb.batch_inhib(x, ALPHA, epsilon=bad, **kw)
+    with pytest.raises(TypeError, match=r"batch_inhib: epsilon must be a finite float"):
+        jb.batch_inhib(x, ALPHA, epsilon=True, **kw)
+    module_msg = r"^BatchInhib: epsilon must be > 0 and finite \(.*\); got "
+    for bad in (0.0, -1.0):
+        for autodiff in (False, True):
+            with pytest.raises(ValueError, match=module_msg + repr(bad)):
+                bnn.BatchInhib(
+                    use_running_average=False, epsilon=bad, use_autodiff=autodiff, **kw
+                ).init(jax.random.key(1), x)
+            with pytest.raises(ValueError, match=module_msg + repr(bad)):
+                bnx.BatchInhib(N, epsilon=bad, use_autodiff=autodiff, rngs=nnx.Rngs(0), **kw)
+
+    def loss(x):
+        return jnp.sum(jb.batch_inhib(x, ALPHA, epsilon=1e-12, **kw)[0])
+
+    y, g = jax.value_and_grad(loss)(x)
+    assert np.isfinite(y) and np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("name", ["IterNorm", "ZCANorm"])
+def test_whitening_modules_say_epsilon_greater_than_zero(name):
+    """The modules refused a negative epsilon with ">= 0" although 0 is refused too."""
+    from jax_batchinhib import linen as bnn
+
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=rf"^{name}: epsilon must be .*> 0") as e:
+            getattr(bnn, name)(use_running_average=False, epsilon=bad).init(jax.random.key(1), X)
+        assert ">= 0" not in str(e.value)
+        with pytest.raises(ValueError, match=rf"^{name}: epsilon must be .*> 0") as e:
+            getattr(bnx, name)(N, epsilon=bad, rngs=nnx.Rngs(0))
+        assert ">= 0" not in str(e.value)

@@ -115,3 +115,112 @@ def test_fold_whitening_into_preceding_layer(kind):
         np.testing.assert_allclose(layer.apply({"params": folded}, x), want, atol=ATOL)
     with pytest.raises(ValueError, match=r"fold_whitening_after: groups must be .* dividing"):
         fold.fold_whitening_after(lp, mp, st, groups=3)
+
+
+# ------------------------------------------------- shapes checked against each other
+
+
+def _fold_error(match, f, *args, **kw):
+    with pytest.raises(ValueError, match=match):
+        f(*args, **kw)
+
+
+LP = {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}  # a Dense 3 -> 4
+LP_BAD_BIAS = {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(5)}
+
+
+def test_fold_batch_norm_checks_every_shape():
+    """The layer's bias, the BatchNorm's scale, bias and statistics against the layer's 4
+    outputs, with errors that name fold_batch_norm and the argument (a raw broadcasting
+    error from jnp before)."""
+    st = {"mean": jnp.zeros(4), "var": jnp.ones(4)}
+    want = r"must have shape \(4,\) to match the layer's 4 output features; got \(5,\)"
+    fn = fold.fold_batch_norm
+    _fold_error(rf"fold_batch_norm: layer_params\['bias'\] {want}", fn, LP_BAD_BIAS, {}, st,
+                epsilon=1e-5)  # fmt: skip
+    _fold_error(rf"fold_batch_norm: bn_stats\['var'\] {want}", fn, LP, {},
+                {"mean": jnp.zeros(4), "var": jnp.ones(5)}, epsilon=1e-5)  # fmt: skip
+    for k in ("scale", "bias"):
+        _fold_error(rf"fold_batch_norm: bn_params\['{k}'\] {want}", fn, LP, {k: jnp.ones(5)},
+                    st, epsilon=1e-5)  # fmt: skip
+    _fold_error(r"fold_batch_norm: bn_stats must hold 'var'; got keys \['mean'\]", fn, LP, {},
+                {"mean": jnp.zeros(4)}, epsilon=1e-5)  # fmt: skip
+    _fold_error(r"fold_batch_norm: layer_params\['kernel'\] must have shape \(\.\.\., in, out\)",
+                fn, {"kernel": jnp.ones(4)}, {}, st, epsilon=1e-5)  # fmt: skip
+    _fold_error(
+        r"batch_norm_affine: bn_stats\['var'\] must have shape \(4,\) to match "
+        r"bn_stats\['mean'\] \(4 features\); got \(5,\)",
+        fold.batch_norm_affine, {}, {"mean": jnp.zeros(4), "var": jnp.ones(5)}, epsilon=1e-5,
+    )  # fmt: skip
+
+
+def test_fold_batch_center_checks_every_shape():
+    st = {"mean": jnp.zeros(4)}
+    want = r"must have shape \(4,\) to match the layer's 4 output features; got \(5,\)"
+    fn = fold.fold_batch_center
+    _fold_error(rf"fold_batch_center: layer_params\['bias'\] {want}", fn, LP_BAD_BIAS, {}, st)
+    _fold_error(rf"fold_batch_center: bc_params\['bias'\] {want}", fn, LP, {"bias": jnp.ones(5)},
+                st)  # fmt: skip
+
+
+GROUPED = ({"alpha": jnp.zeros((2, 2, 2))}, {"cov": jnp.stack([jnp.eye(2)] * 2)})  # groups=2
+
+
+@pytest.mark.parametrize("name", ["fold_batch_inhib_after", "fold_batch_inhib_before"])
+def test_fold_batch_inhib_checks_every_shape(name):
+    """The layer's bias; grouped variables without ``groups`` (the error named
+    inhibition_matrix before); cov against alpha and groups. fold_batch_inhib_before
+    returned the mismatched bias (5,) of a layer with 4 outputs unchanged, silently."""
+    f = getattr(fold, name)
+    lp = LP if name.endswith("after") else {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}
+    n_out = lp["kernel"].shape[-1]
+    bad = {"kernel": lp["kernel"], "bias": jnp.zeros(5)}
+    ip, st = GROUPED
+    _fold_error(
+        rf"{name}: layer_params\['bias'\] must have shape \({n_out},\) to match the layer's "
+        rf"{n_out} output features; got \(5,\)",
+        f, bad, ip, st, groups=2,
+    )  # fmt: skip
+    _fold_error(
+        rf"{name}: inhib_params\['alpha'\] must have shape \(4, 4\) for 4 features and "
+        r"groups=1; got \(2, 2, 2\); grouped variables: pass the module's options, "
+        r"\*\*fold.inhib_options\(module\) \(here groups=2\)",
+        f, lp, ip, st,
+    )  # fmt: skip
+    _fold_error(
+        rf"{name}: inhib_stats\['cov'\] must have shape \(2, 2, 2\) for 4 features and "
+        r"groups=2; got \(4, 4\)",
+        f, lp, ip, {"cov": jnp.eye(4)}, groups=2,
+    )  # fmt: skip
+    _fold_error(rf"{name}: inhib_stats must hold 'cov'", f, lp, ip, {}, groups=2)
+    with pytest.raises(TypeError, match=rf"{name}: unexpected option\(s\) \['group'\]"):
+        f(lp, ip, st, group=2)
+    folded = f(lp, ip, st, groups=2)  # the right options fold
+    assert folded["kernel"].shape == lp["kernel"].shape and folded["bias"].shape == (n_out,)
+
+
+def test_inhib_map_errors_name_inhib_map():
+    ip, st = GROUPED
+    _fold_error(r"inhib_map: inhib_params\['alpha'\] must have shape \(4, 4\) .*groups=2\)",
+                fold.inhib_map, ip, st)  # fmt: skip
+    assert fold.inhib_map(ip, st, groups=2).shape == (4, 4)
+
+
+def test_fold_whitening_after_checks_every_shape():
+    ws = {"mean": jnp.zeros(4), "whitening_matrix": jnp.stack([jnp.eye(2)] * 2)}
+    want = r"must have shape \(4,\) to match the layer's 4 output features; got \(5,\)"
+    fn = fold.fold_whitening_after
+    _fold_error(rf"fold_whitening_after: layer_params\['bias'\] {want}", fn, LP_BAD_BIAS, {}, ws,
+                groups=2)  # fmt: skip
+    for k in ("scale", "bias"):
+        _fold_error(rf"fold_whitening_after: module_params\['{k}'\] {want}", fn, LP,
+                    {k: jnp.ones(5)}, ws, groups=2)  # fmt: skip
+    _fold_error(
+        r"fold_whitening_after: batch_stats\['whitening_matrix'\] must have shape \(1, 4, 4\) "
+        r"for 4 features and groups=1; got \(2, 2, 2\); grouped statistics: pass the "
+        r"module's groups \(here groups=2\)",
+        fn, LP, {}, ws,
+    )  # fmt: skip
+    for bad in (2.0, True):  # the wrong type: TypeError (a ValueError before)
+        with pytest.raises(TypeError, match=r"fold_whitening_after: groups must be an int >= 1"):
+            fn(LP, {}, ws, groups=bad)

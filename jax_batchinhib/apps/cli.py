@@ -341,7 +341,10 @@ def _run_train(args, rest):
 
         from jax_batchinhib import parallel
 
-        parallel.set_cpu_device_count(args.devices)
+        try:
+            parallel.set_cpu_device_count(args.devices)
+        except RuntimeError as e:  # XLA_FLAGS or jax's config already fixed fewer
+            error(f"argument --devices: {e}")
         have = len(jax.devices())
         if have < args.devices:
             error(

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -218,6 +219,20 @@ def _inhib_matrix_bwd(cfg: InhibOptions, alpha, parts, dR):
 # ------------------------------------------------------------------------- validation
 
 
+def _check_batch_epsilon(fn, epsilon):
+    """The training form divides by s = sqrt(var + epsilon) (pearson) or var + epsilon
+    (variance): a constant feature of the batch (var = 0) with epsilon = 0 makes every
+    output NaN, so epsilon must be > 0 there. Only the value is checked here; the type
+    (a Python float known at trace time) is :func:`_check_config`'s."""
+    v = C.plain(epsilon)
+    if isinstance(v, numbers.Real) and not isinstance(v, bool) and not (math.isfinite(v) and v > 0):
+        raise ValueError(
+            f"{fn}: epsilon must be > 0 and finite (it keeps the correlation's denominator, "
+            f"s = sqrt(var + epsilon) or var + epsilon, nonzero when a feature is constant "
+            f"over the batch); got {epsilon!r}"
+        )
+
+
 def _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode):
     return InhibOptions.checked(
         fn, rho=rho, epsilon=epsilon, groups=groups, correlation=correlation,
@@ -320,7 +335,8 @@ def batch_inhib(
       x: floating array ``(..., N)``.
       alpha: ``(N, N)``, or ``(groups, N/groups, N/groups)``; its diagonal takes no part.
       rho: sharpness of g(a) = softplus(rho a)/rho.
-      epsilon: added to the variance in the correlation's denominator.
+      epsilon: added to the variance in the correlation's denominator (> 0: a feature
+        constant over the batch would otherwise make every output NaN).
       groups: split the N features into this many contiguous blocks, each inhibited
         only within itself.
       correlation: ``"pearson"`` (s = std) or ``"variance"`` (the original
@@ -331,9 +347,10 @@ def batch_inhib(
         ``None``: 1e-3 (absolute) or 0.5 (relative: Σ_k |R_ik| <= 1).
       guard_mode: ``"absolute"``: h(D) = D/(D²+δ²), so Σ_k |R_ik| <= A_i/(2δ) with
         A_i = Σ_l g(α_il)|r_il| (large when g is); ``"relative"``: h(D) = D/(D²+δ²A_i²)
-        (A_i² floored at τ²: τ = 1e-12 in float64, 1e-8 in float32), so Σ_k |R_ik| <= 1/(2δ) whatever the scale of g and
-        r. R is then invariant to scaling g, so alpha's level no longer fades R out (the
-        near-identity alpha init is not near identity in this mode).
+        (A_i² floored at τ²: τ = 1e-12 in float64, 1e-8 in float32), so
+        Σ_k |R_ik| <= 1/(2δ) whatever the scale of g and r. R is then invariant to
+        scaling g, so alpha's level no longer fades R out (the near-identity alpha init
+        is not near identity in this mode).
       axis: the feature axis, or a tuple of feature axes: they are flattened (row-major,
         in increasing axis order) into N = the product of their sizes features, so
         alpha is (N, N) and the statistics have N entries.
@@ -353,8 +370,8 @@ def batch_inhib(
         ``Σ (d - mean_d)(d - mean_d)ᵀ/n`` (``docs/derivations.md``, "Numerics"). BatchInhib
         costs O(m N²/groups) in matmuls, so the extra O(m N) read saves nothing measurable,
         while the guarded reciprocal of the denominator amplifies the one-pass round-off
-        when D is near 0 (float32 at (512, 256): outputs 7e-4 apart between two one-pass
-        computations, against 1e-6 two-pass).
+        (which grows with the distance of the shift from the mean, ``docs/derivations.md``,
+        "Numerics") when D is near 0.
 
     Returns:
       ``(y, InhibStats(mean, var, cov))``; the statistics are wrapped in
@@ -371,6 +388,7 @@ def batch_inhib(
     fn = "batch_inhib"
     S.check_float(fn, "x", x)
     red = S.make_reduce(fn, x, axis, axis_name, axis_index_groups)
+    _check_batch_epsilon(fn, epsilon)
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     nfeat = math.prod(red.feature_shape(x.shape))  # several feature axes: flattened
     _check_groups_alpha(fn, nfeat, groups, alpha)
