@@ -420,10 +420,12 @@ class Dropout(nn.Module):
     """Inverted dropout (flax.linen.Dropout's interface) with the op's hand-derived VJP.
 
     The same key draws the same mask as :class:`flax.linen.Dropout`
-    (``bernoulli(key, 1 - rate, shape)``); the key comes from the ``rng_collection``
-    ('dropout') unless ``rng`` is given. ``broadcast_dims`` (flax's meaning): the axes
-    along which one mask entry is shared (spatial dropout), given to the op; the same key
-    gives flax's output.
+    (``bernoulli(key, 1 - rate, shape)``) and gives flax's output bit for bit, in every
+    dtype (the op divides by ``1 - rate`` as flax does, in ``x``'s dtype, and so does
+    the reference that ``use_autodiff=True`` runs). The key comes from the
+    ``rng_collection`` ('dropout') unless ``rng`` is given. ``broadcast_dims`` (flax's
+    meaning): the axes along which one mask entry is shared (spatial dropout), given to
+    the op.
 
     Attributes:
       rate: the probability of dropping an entry, a float in [0, 1].

@@ -524,8 +524,10 @@ class Dropout(nnx.Module):
 
     Keys come from ``rngs`` (at construction: the ``rng_collection`` stream is forked,
     as flax does; or at call time: Rngs, RngStream or a key). ``broadcast_dims`` (flax's
-    meaning): the axes along which one mask entry is shared, given to the op; the same
-    key gives flax's output.
+    meaning): the axes along which one mask entry is shared, given to the op. The same
+    key gives :class:`flax.nnx.Dropout`'s mask and output bit for bit, in every dtype
+    (the op divides by ``1 - rate`` as flax does, in ``x``'s dtype, and so does the
+    reference that ``use_autodiff=True`` runs).
 
     Args:
       rate: the probability of dropping an entry, a float in [0, 1].

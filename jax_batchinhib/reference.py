@@ -400,7 +400,8 @@ def dropout(x, rate, key, *, residual="bits", broadcast_dims=()):
     for d in broadcast_dims:
         shape[d] = 1
     keep = jax.random.bernoulli(key, 1.0 - rate, tuple(shape))
-    return jnp.where(keep, x.astype(_f32(x.dtype)) / (1.0 - rate), 0).astype(x.dtype)
+    # as flax: divided in x's dtype by 1 - rate rounded to it
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 def softmax(x, axis=-1):

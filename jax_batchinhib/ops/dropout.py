@@ -31,7 +31,13 @@ def _raw_key_shape(impl: str) -> tuple[int, ...]:
 def _check_key(fn, key):
     if key is None:
         raise ValueError(f"{fn}: key is required for rate in (0, 1); got None")
-    dtype = jnp.result_type(key)
+    try:
+        dtype = jnp.result_type(key)
+    except TypeError:  # not an array (a str, a list): JAX's own error names no function
+        raise TypeError(
+            f"{fn}: key must be a PRNG key (jax.random.key(...) or jax.random.PRNGKey(...)); "
+            f"got {key!r} ({type(key).__name__})"
+        ) from None
     if not (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.uint32):
         raise TypeError(
             f"{fn}: key must be a PRNG key (jax.random.key(...) or jax.random.PRNGKey(...)); "
@@ -49,10 +55,14 @@ def _check_key(fn, key):
 
 
 def _check_residual(fn, residual):
-    if not isinstance(residual, str) or residual not in RESIDUALS:
-        raise ValueError(
-            f"{fn}: residual must be one of {', '.join(map(repr, RESIDUALS))}; got {residual!r}"
+    choices = ", ".join(map(repr, RESIDUALS))
+    if not isinstance(residual, str):
+        raise TypeError(
+            f"{fn}: residual must be one of {choices} (a str); got {residual!r} "
+            f"({type(residual).__name__})"
         )
+    if residual not in RESIDUALS:
+        raise ValueError(f"{fn}: residual must be one of {choices}; got {residual!r}")
     return residual
 
 
@@ -70,12 +80,18 @@ def check_broadcast_dims(fn: str, broadcast_dims, ndim: int) -> tuple[int, ...]:
     Returns:
       The axes, non-negative and sorted.
     """
-    if isinstance(broadcast_dims, int | str) or not hasattr(broadcast_dims, "__iter__"):
+    dims = None
+    # a str or bytes iterates, but over characters or bytes, not axes
+    if not isinstance(broadcast_dims, int | str | bytes):
+        try:
+            dims = tuple(broadcast_dims)
+        except TypeError:  # not iterable, or a 0-d array
+            pass
+    if dims is None:
         raise TypeError(
             f"{fn}: broadcast_dims must be a sequence of ints (the axes that share one mask); "
             f"got {broadcast_dims!r}"
         )
-    dims = tuple(broadcast_dims)
     out = []
     for d in dims:
         bad = isinstance(d, bool | jnp.bool_)
@@ -140,17 +156,34 @@ def dropout(x, rate: float, key, *, residual: str = "bits", broadcast_dims=()):
     ``broadcast_dims`` (spatial dropout), one mask entry is shared along those axes: the
     mask is drawn at ``x.shape`` with 1 on ``broadcast_dims`` and broadcast, and the same
     formulas hold with :math:`M` broadcast (no reduction: each element of ``dx`` has its
-    own ``dy``). For the same key the output equals :class:`flax.linen.Dropout`'s
-    (``bernoulli(key, 1 - rate, mask_shape)``, then ``x / (1 - rate)`` where kept).
+    own ``dy``). For the same key the output equals :class:`flax.linen.Dropout`'s bit for
+    bit, in every dtype: the same mask (``bernoulli(key, 1 - rate, mask_shape)``) and the
+    same arithmetic, ``x / (1 - rate)`` where kept, divided in ``x``'s dtype by ``1 - rate``
+    rounded to it (in bfloat16, rate 0.3 divides by 0.69921875); ``dx`` equals autodiff
+    of flax's dropout bit for bit. (Where XLA compiles both alike: under ``jax.jit``, or
+    called eagerly. Under an eager ``jax.vjp`` flax's division runs op by op, a true
+    division, where a compiled one multiplies by the reciprocal of the constant: flax's
+    output there differs from its own jitted output by up to 1 ulp.) Under
+    ``jax.shard_map`` with a per-device key and ``x`` replicated, ``dx`` is summed over
+    the devices, as autodiff's is.
 
-    What the backward keeps (``residual``):
+    What the backward keeps (``residual``), for a mask of ``s`` entries (``x.size``, or
+    fewer with ``broadcast_dims``):
 
-    * ``"bits"`` (default): the keep-mask packed 32 to a uint32 word: ``ceil(s / 32)``
-      words for a mask of ``s`` entries, 1/8 of the boolean mask autodiff keeps (1/32 of
-      a float32 mask). The backward unpacks it (a shift and an and per element).
-    * ``"key"``: only the key; the backward draws the mask again from it (pays the
-      random-number generator twice, keeps nothing input-sized).
-    * ``"bytes"``: the mask as uint8, one byte an entry (as much as autodiff keeps).
+    * ``"bits"`` (default): the keep-mask packed 32 to a uint32 word, ``ceil(s / 32)``
+      words: 1/8 byte an entry. The backward unpacks it (a shift and an and per element).
+    * ``"key"``: only the key (8 bytes for the default threefry key); the backward draws
+      the mask again from it (pays the random-number generator twice, keeps nothing
+      input-sized).
+    * ``"bytes"``: the mask as uint8, 1 byte an entry.
+
+    Autodiff of ``where(mask, x / (1 - rate), 0)`` (flax's dropout; ``use_autodiff`` in
+    the modules) keeps more, as ``jax.ad_checkpoint.print_saved_residuals`` lists and
+    ``jax.vjp`` holds: the boolean mask broadcast to ``x``'s shape (1 byte per element of
+    ``x``, even with ``broadcast_dims``) and zeros of the dtype of the select for its
+    transpose, 5 bytes per element of a float32 ``x`` in all (9 for float64). Under
+    ``jax.jit`` XLA may fold those zeros (a broadcast constant) into the backward, leaving
+    the 1-byte mask: ``"bits"`` keeps 1/8 of it, ``"bytes"`` as much.
 
     ``rate=0`` returns ``x``; ``rate=1`` returns zeros with a zero (not NaN) gradient.
     ``benchmarks/notes.md`` has the measured time of each residual against autodiff.
@@ -190,10 +223,11 @@ def dropout(x, rate: float, key, *, residual: str = "bits", broadcast_dims=()):
 
 
 def _apply(rate, keep, v, dtype):
-    """``where(keep, v / (1 - rate), 0)``, divided in at least float32, cast to ``dtype``."""
-    cd = S.compute_dtype(dtype)
-    v = v.astype(cd) / jnp.asarray(1.0 - rate, cd)
-    return jnp.where(keep, v, jnp.zeros((), cd)).astype(dtype)
+    """``where(keep, v / (1 - rate), 0)`` in ``dtype``, as flax.linen.Dropout computes it:
+    ``1 - rate`` rounded to ``dtype``, then divided in ``dtype`` (bit-equal to flax in
+    every dtype; in float16/bfloat16 the kept values are ``x / fl(1 - rate)``)."""
+    v = v.astype(dtype) / jnp.asarray(1.0 - rate, dtype)
+    return jnp.where(keep, v, jnp.zeros((), dtype))
 
 
 def _pack(keep):
@@ -221,8 +255,10 @@ def _dropout(rate, residual, dims, x, key):
 def _dropout_fwd(rate, residual, dims, x, key):
     keep = keep_mask(key, rate, x.shape, dims)
     y = _apply(rate, keep, x, x.dtype)
-    # A zero-size array carries x's dtype (dy has x's shape).
-    like = jnp.zeros((0,), x.dtype)
+    # A zero-size array carries x's dtype (dy has x's shape) and, under
+    # shard_map(check_vma=True), the mesh axes x varies over (zeros_like keeps them; the
+    # same jaxpr as jnp.zeros outside shard_map): the backward sums dx over the others.
+    like = jnp.zeros_like(x, shape=(0,))
     if residual == "key":
         return y, (like, key)
     if residual == "bytes":
@@ -239,7 +275,9 @@ def _dropout_bwd(rate, residual, dims, res, dy):
         keep = kept.astype(bool)
     else:
         keep = _unpack(kept, shape)
-    return _apply(rate, keep, dy, x0.dtype), None
+    # x replicated over a mesh axis that dy varies over (a per-device key): dx is the sum
+    # over that axis, as autodiff's transpose of the implicit broadcast of x gives.
+    return S.param_ct(_apply(rate, keep, dy, x0.dtype), x0), None
 
 
 _dropout.defvjp(_dropout_fwd, _dropout_bwd)

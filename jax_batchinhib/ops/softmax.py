@@ -11,7 +11,39 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _stats as S
+
+
+def _class_axis(fn: str, name: str, x, axis) -> int:
+    """The class axis of ``x`` (the argument ``name``) as a non-negative int.
+
+    Raises, naming ``fn`` and the argument: TypeError for an ``axis`` that is not an int
+    (a tuple included: softmax normalizes over one class axis), ValueError for a scalar
+    ``x``, an axis out of range, or no class along it (size 0: the max and the log-sum-exp
+    of no classes are undefined).
+    """
+    if not C.is_int(axis):
+        raise TypeError(
+            f"{fn}: axis must be an int, the one class axis of {name} that softmax "
+            f"normalizes over; got {axis!r}"
+        )
+    shape = tuple(jnp.shape(x))
+    ndim = len(shape)
+    if ndim == 0:
+        raise ValueError(f"{fn}: {name} must have at least one dimension; got a scalar")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{fn}: axis {axis} is out of range for {name} with {ndim} dimensions; "
+            f"expected an int in [{-ndim}, {ndim - 1}]"
+        )
+    ax = int(axis) % ndim
+    if shape[ax] == 0:
+        raise ValueError(
+            f"{fn}: {name} must have at least one class along axis {axis} (the class "
+            f"axis); got shape {S.shape_str(shape)}, with size 0 there"
+        )
+    return ax
 
 
 def softmax(x, axis: int = -1):
@@ -36,10 +68,7 @@ def softmax(x, axis: int = -1):
     """
     fn = "softmax"
     S.check_float(fn, "x", x)
-    ax = S.normalize_axis(fn, axis, max(jnp.ndim(x), 1))
-    if jnp.ndim(x) == 0:
-        raise ValueError(f"{fn}: x must have at least one dimension; got a scalar")
-    return _softmax(ax, x)
+    return _softmax(_class_axis(fn, "x", x, axis), x)
 
 
 def _softmax_f(axis, x):
@@ -114,9 +143,7 @@ def softmax_cross_entropy(logits, labels, axis: int = -1):
             f"{fn}: labels must have the shape of logits {S.shape_str(jnp.shape(logits))}; "
             f"got {S.shape_str(jnp.shape(labels))}"
         )
-    if jnp.ndim(logits) == 0:
-        raise ValueError(f"{fn}: logits must have at least one dimension; got a scalar")
-    ax = S.normalize_axis(fn, axis, jnp.ndim(logits))
+    ax = _class_axis(fn, "logits", logits, axis)
     return _sce(ax, logits, labels)
 
 
@@ -185,7 +212,9 @@ def _sce_bwd(axis, res, g):
         cd = e.dtype
         g = jnp.expand_dims(g.astype(cd), axis)
         dz = g * (w * e - labels.astype(cd))
-        return dz.astype(e.dtype), None
+        # e varies where the logits do (shard_map(check_vma=True)); dz also where the
+        # labels do: summed over those devices, as autodiff does (S.param_ct)
+        return S.param_ct(dz.astype(e.dtype), e), None
     logits, labels, lse, _ = res
     cd = lse.dtype
     z = logits.astype(cd)
@@ -194,7 +223,7 @@ def _sce_bwd(axis, res, g):
     g = jnp.expand_dims(g.astype(cd), axis)
     dz = g * (jnp.sum(t, axis=axis, keepdims=True) * jnp.exp(logp) - t)
     dt = -g * logp
-    return dz.astype(logits.dtype), dt.astype(labels.dtype)
+    return S.param_ct(dz.astype(logits.dtype), logits), S.param_ct(dt.astype(labels.dtype), labels)
 
 
 _sce.defvjp(_sce_fwd, _sce_bwd, symbolic_zeros=True)
@@ -234,15 +263,13 @@ def softmax_cross_entropy_with_integer_labels(logits, labels, axis: int = -1):
     """
     fn = "softmax_cross_entropy_with_integer_labels"
     S.check_float(fn, "logits", logits)
-    if jnp.ndim(logits) == 0:
-        raise ValueError(f"{fn}: logits must have at least one dimension; got a scalar")
     ldt = jnp.result_type(labels)
     if not jnp.issubdtype(ldt, jnp.integer):
         raise TypeError(
             f"{fn}: labels must be integer class indices; got dtype {ldt}. For labels as "
             f"probabilities (one-hot or soft) use softmax_cross_entropy."
         )
-    ax = S.normalize_axis(fn, axis, jnp.ndim(logits))
+    ax = _class_axis(fn, "logits", logits, axis)
     want = tuple(d for i, d in enumerate(jnp.shape(logits)) if i != ax)
     if tuple(jnp.shape(labels)) != want:
         raise ValueError(
@@ -292,15 +319,28 @@ def _sce_int_bwd(axis, res, g):
     # Negative labels wrap as in the forward's gather; one out of range adds nothing.
     # The indices in int32 (at least): a row index in the labels' own dtype would wrap
     # past 255 for uint8 labels, or overflow int8's, with more rows than the dtype holds.
+    # Under an Explicit mesh the row indices take the labels' sharding and the scatter
+    # dz's (an unsharded iota beside sharded labels, or a scatter of unstated output
+    # sharding, is a ShardingTypeError); elsewhere the program is unchanged.
     it = jnp.promote_types(labels.dtype, jnp.int32)
-    idx = tuple(
-        labels.astype(it)
-        if i == axis
-        else jax.lax.broadcasted_iota(it, labels.shape, i - (i > axis))
-        for i in range(p.ndim)
-    )
-    dz = (jnp.expand_dims(g, axis) * p).at[idx].add(-g, mode="drop")
-    return dz.astype(a.dtype), None
+    iota = functools.partial(jax.lax.broadcasted_iota, it, labels.shape, **_sharding_kw(labels))
+    idx = tuple(labels.astype(it) if i == axis else iota(i - (i > axis)) for i in range(p.ndim))
+    dz = jnp.expand_dims(g, axis) * p
+    dz = dz.at[idx].add(-g, mode="drop", **_sharding_kw(dz))
+    # a (e or the logits) varies where the logits do; dz also where the labels do
+    return S.param_ct(dz.astype(a.dtype), a), None
+
+
+def _sharding_kw(v) -> dict:
+    """``{"out_sharding": v's sharding}`` where the sharding is part of ``v``'s type (a
+    mesh with an Explicit axis: ``jax.sharding.AxisType.Explicit``), for an array built
+    to combine with ``v``; ``{}`` elsewhere."""
+    sharding = getattr(jax.typeof(v), "sharding", None)
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+    if axis_type is None or axis_type.Explicit not in tuple(types):
+        return {}
+    return {"out_sharding": sharding}
 
 
 _sce_int.defvjp(_sce_int_fwd, _sce_int_bwd)
