@@ -468,6 +468,7 @@ def test_help_has_no_literal_double_percent(capsys, argv):
         (["--runs", "0"], "argument --runs: must be >= 1; got 0"),
         (["--cases", "nope/*"], "argument --cases: ['nope/*'] matched no case"),
         (["--json", "."], "argument --json: expected a file in a folder"),
+        (["--plot", "p.png"], "argument --plot: applies with --scaling only"),
     ],
 )
 def test_bench_rejects_bad_timing_settings(capsys, no_training, argv, message):

@@ -1710,6 +1710,8 @@ def check_args(args: argparse.Namespace) -> str | None:
                 f"argument --{flag.replace('_', '-')}: must be a positive number of seconds; "
                 f"got {val}"
             )
+    if args.plot is not None and not args.scaling:
+        return f"argument --plot: applies with --scaling only (the scaling plot); got {args.plot!r}"
     for flag in ("json", "markdown", "plot"):
         path = getattr(args, flag)
         if path is not None:
