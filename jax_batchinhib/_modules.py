@@ -288,9 +288,12 @@ def compute_input(x, out):
     return x.astype(jnp.promote_types(x.dtype, out))
 
 
-def training_form_ok(x, axis, mask, axis_name) -> bool:
-    """During init, a batch of one value per feature gets the inference form (flax's
-    init accepts any batch; our training form refuses a single value)."""
+def training_form_ok(x, axis, mask, axis_name, virtual_batch_size=None) -> bool:
+    """During init, a batch of one value per feature, or one that ``virtual_batch_size``
+    does not divide (the usual dummy batch of 1), gets the inference form: flax's init
+    accepts any batch, init updates no statistics, and our training form refuses both."""
+    if virtual_batch_size is not None and x.ndim and x.shape[0] % virtual_batch_size:
+        return False
     axes = axis if isinstance(axis, tuple) else (axis % x.ndim,)
     per_feature = math.prod(int(d) for a, d in enumerate(x.shape) if a not in axes)
     return mask is not None or axis_name is not None or per_feature > 1
@@ -360,6 +363,13 @@ def apply(
     (alpha,). ``axis``: one feature axis, or several (a sorted tuple, see
     :func:`_flat_features`). Returns ``(y, new_state)``; the module writes ``new_state``
     back."""
+    if not use_running_average and not training_form_ok(x, axis, mask, axis_name):
+        raise ValueError(
+            f"{where}: training-mode statistics need more than one value per feature; got x "
+            f"of shape {tuple(x.shape)}, one value per feature. Call it in eval mode "
+            f"(use_running_average=True) for single examples (torch.nn.BatchNorm refuses a "
+            f"batch of one in training mode; flax returns zeros)."
+        )
     out = out_dtype(mdl.dtype, x, *params)
     step = running.Step(
         use_running_average=use_running_average,

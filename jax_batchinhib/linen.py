@@ -107,7 +107,8 @@ def _run(mdl, kind, where, x, use_ra, mask, ax, momentum, make_params, options=N
     params = make_params()
     init = mdl.is_initializing()
     axis_name = None if init else mdl.axis_name
-    if init and not use_ra and not M.training_form_ok(x, ax, mask, axis_name):
+    vbs = getattr(mdl, "virtual_batch_size", None)
+    if init and not use_ra and not M.training_form_ok(x, ax, mask, axis_name, vbs):
         use_ra = True
     y, new = M.apply(
         kind, where, mdl, x, params, RunningStats(**{k: v.value for k, v in stats.items()}),
@@ -166,6 +167,14 @@ class BatchNorm(nn.Module):
     float32. Complex inputs are refused with a TypeError (flax's BatchNorm accepts
     them; the ops and their hand-derived VJPs are written for real floating point); so
     do BatchCenter and BatchInhib.
+
+    ``mask`` differs from flax's in two ways (every module here): a mask of x's shape
+    without the feature axes is a row mask, also where it would broadcast to x as a
+    feature mask (flax reads a (4,) mask for x of shape (4, 4) that way; spell it (1, 4)
+    here), and outputs at masked positions are constants to differentiation (their
+    cotangents are dropped, so padding may hold NaN or inf; flax differentiates them, so
+    the gradients agree with flax's when the loss ignores the masked outputs, as a
+    padded batch's loss does; ``docs/derivations.md``, "Masks select").
     """
 
     use_running_average: bool | None = None

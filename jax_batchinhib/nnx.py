@@ -210,7 +210,10 @@ class BatchNorm(_Stats):
     (``scale``/``bias`` None when unused); eval mode normalizes with the promoted
     statistics, training updates the stored ones. ``scale_metadata`` /
     ``bias_metadata``: given to the parameters' :class:`nnx.Param`. Complex ``x`` is
-    refused with a TypeError.
+    refused with a TypeError. ``mask`` differs from flax's as
+    :class:`jax_batchinhib.linen.BatchNorm` says: a mask of x's shape without the feature
+    axes is a row mask, and outputs at masked positions are constants to
+    differentiation.
 
     Args:
       num_features: N, the size of the feature axis (with a tuple ``axis``, the product

@@ -324,3 +324,52 @@ def test_whitening_modules_say_epsilon_greater_than_zero(name):
         with pytest.raises(ValueError, match=rf"^{name}: epsilon must be .*> 0") as e:
             getattr(bnx, name)(N, epsilon=bad, rngs=nnx.Rngs(0))
         assert ">= 0" not in str(e.value)
+
+
+def test_hyperparameters_may_be_concrete_jax_scalars():
+    """flax accepts momentum=jnp.float32(0.9); ours refused it with 'must be a float in
+    [0, 1]' (0.9 is). Concrete 0-d arrays count as numbers; a traced one is still a clear
+    TypeError (a hyperparameter is known at trace time) and a bool array still refused."""
+    from jax_batchinhib import linen as bnn
+
+    mdl = bnn.BatchNorm(
+        use_running_average=False, momentum=jnp.float32(0.9), epsilon=jnp.float32(1e-3)
+    )
+    v = mdl.init(jax.random.key(0), X)
+    _, upd = mdl.apply(v, X, mutable=["batch_stats"])
+    want = bnn.BatchNorm(  # the values the float32 scalars hold
+        use_running_average=False,
+        momentum=float(jnp.float32(0.9)),
+        epsilon=float(jnp.float32(1e-3)),
+    )
+    _, upd_want = want.apply(v, X, mutable=["batch_stats"])
+    for a, b in zip(jax.tree.leaves(upd), jax.tree.leaves(upd_want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    bnx.BatchNorm(N, momentum=jnp.float32(0.9), rngs=nnx.Rngs(0))(X)
+    jb.dropout(X, jnp.float32(0.5), jax.random.key(0))
+    with pytest.raises(TypeError, match=r"batch_norm: epsilon must be .*; got a tracer"):
+        jax.jit(lambda e: jb.batch_norm(X, epsilon=e))(1e-3)
+    with pytest.raises(TypeError, match=r"batch_norm: epsilon must be a finite float"):
+        jb.batch_norm(X, epsilon=jnp.bool_(True))
+
+
+def test_a_training_batch_of_one_names_the_module():
+    """The error came from the op ('batch_norm: ...'), so a model could not tell which
+    layer failed, and it suggested the op's inference form; it names the module (with
+    its flax name) and says use_running_average=True."""
+    import flax.linen as nn
+
+    from jax_batchinhib import linen as bnn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return bnn.BatchNorm(use_running_average=False, name="bn1")(x)
+
+    v = Net().init(jax.random.key(0), X)
+    msg = r"need more than one value per feature; got x of shape \(1, 4\).*use_running_average=True"
+    with pytest.raises(ValueError, match=r"^BatchNorm 'bn1': training-mode statistics " + msg):
+        Net().apply(v, X[:1], mutable=["batch_stats"])
+    for name in ("BatchCenter", "BatchInhib", "IterNorm", "ZCANorm"):
+        with pytest.raises(ValueError, match=rf"^{name}: training-mode statistics " + msg):
+            getattr(bnx, name)(N, rngs=nnx.Rngs(0))(X[:1])

@@ -293,9 +293,10 @@ def test_errors_name_the_module_and_the_argument():
     with jax.enable_x64(True):
         x, _ = data()
         for kind in KINDS:
+            mdl = getattr(bl, kind)(**options(kind, virtual_batch_size=5))
+            v = mdl.init(jax.random.key(0), x, use_running_average=False)  # init: eval form
             with pytest.raises(ValueError, match=rf"{kind}: virtual_batch_size=5 must divide.*16"):
-                mdl = getattr(bl, kind)(**options(kind, virtual_batch_size=5))
-                mdl.init_with_output(jax.random.key(0), x, use_running_average=False)
+                mdl.apply(v, x, use_running_average=False, mutable=["batch_stats"])
             m = getattr(bx, kind)(N, **options(kind, virtual_batch_size=5), rngs=nnx.Rngs(0))
             with pytest.raises(ValueError, match=rf"{kind}: virtual_batch_size=5 must divide.*16"):
                 m(x)
@@ -320,3 +321,23 @@ def test_a_mask_that_broadcasts_to_x_is_split_as_x():
         close(y, jnp.concatenate([s[0] for s in subs]))
         close(st.mean, jnp.mean(jnp.stack([s[1].mean for s in subs]), 0))
         close(st.var, jnp.mean(jnp.stack([s[1].var for s in subs]), 0))
+
+
+@pytest.mark.parametrize("name", ["BatchNorm", "BatchCenter", "BatchInhib", "IterNorm", "ZCANorm"])
+def test_linen_init_accepts_a_dummy_batch_that_ghost_batches_do_not_divide(name):
+    """init on the usual dummy batch of one (or any batch virtual_batch_size does not
+    divide) raised 'must divide the batch size', though init updates no statistics: it
+    uses the inference form there, and training on a divisible batch then works."""
+    mdl = getattr(bl, name)(use_running_average=False, virtual_batch_size=4)
+    v = mdl.init(jax.random.key(0), jnp.ones((1, 5, 3)))
+    x = jax.random.normal(jax.random.key(1), (8, 5, 3))
+    y, upd = mdl.apply(v, x, mutable=["batch_stats"])
+    assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
+    assert not all(
+        bool(jnp.array_equal(a, b))
+        for a, b in zip(
+            jax.tree.leaves(upd["batch_stats"]), jax.tree.leaves(v["batch_stats"]), strict=True
+        )
+    )
+    with pytest.raises(ValueError, match=r"virtual_batch_size=4 must divide the batch size 6"):
+        mdl.apply(v, x[:6], mutable=["batch_stats"])  # training still checks

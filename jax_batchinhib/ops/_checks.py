@@ -41,13 +41,16 @@ def is_int(v) -> bool:
 
 def _static_number(fn: str, name: str, v, expect: str) -> float:
     """``v`` as a Python float; TypeError for a tracer, a bool or a non-number. NumPy
-    scalars (``np.float32(0.9)``, ``np.int64(3)``) count as numbers, as in flax; arrays
-    do not (a hyperparameter is a value known at trace time)."""
+    scalars (``np.float32(0.9)``, ``np.int64(3)``) and concrete 0-d JAX arrays
+    (``jnp.float32(0.9)``) count as numbers, as in flax; other arrays do not (a
+    hyperparameter is a value known at trace time)."""
     if isinstance(v, jax.core.Tracer):
         raise TypeError(
             f"{fn}: {name} must be a Python float known at trace time; got a tracer. Close "
             f"over it or mark it static in jax.jit."
         )
+    if isinstance(v, jax.Array) and v.ndim == 0 and not jnp.issubdtype(v.dtype, jnp.bool_):
+        v = v.item()
     if _is_bool(v) or not isinstance(v, numbers.Real):
         raise TypeError(f"{fn}: {name} must be {expect}; got {v!r}")
     return float(v)
