@@ -17,9 +17,10 @@ arguments with the same names, defaults and meaning, the same variables (``param
 
 Every module takes ``use_autodiff``: False (default) calls the op with its hand-derived
 ``custom_vjp``; True calls the plain-jnp reference in :mod:`jax_batchinhib.reference` and
-lets JAX differentiate it. Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``,
-``jax.hessian``) does **not** work through a ``custom_vjp``: use ``use_autodiff=True``
-when you need it.
+lets JAX differentiate it. Pure forward mode (``jax.jvp`` or ``jax.jacfwd`` of the
+layer itself) does **not** work through a ``custom_vjp``: use ``use_autodiff=True`` when
+you need it. Forward over reverse (``jax.hessian``, ``jax.jacfwd`` of ``jax.grad``)
+works with either.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -152,7 +153,7 @@ class BatchNorm(nn.Module):
     - ``unbiased``: store m/(m-1) times the batch variance (True, PyTorch's and Ioffe &
       Szegedy's) or the biased batch variance (False, flax's).
     - ``use_autodiff``: differentiate the plain-jnp reference instead of using the
-      hand-derived VJP (needed for jax.jvp / jacfwd / hessian).
+      hand-derived VJP (needed for pure forward mode: jax.jvp / jacfwd of the layer).
     - ``virtual_batch_size``: ghost batches (Keras's ``virtual_batch_size``): in
       training mode each run of this many examples along the leading axis is normalized
       with its own statistics (it must divide ``x.shape[0]``), and the running

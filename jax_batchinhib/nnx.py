@@ -10,8 +10,8 @@ The arithmetic is the ops' (hand-derived VJPs), the running statistics follow
 :mod:`jax_batchinhib.running` (``momentum`` float or None, ``unbiased``), exactly as the
 linen modules in :mod:`jax_batchinhib.linen` do; the same variables under the same
 names. ``use_autodiff=True`` differentiates the plain-jnp reference instead (needed for
-forward mode: ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian`` do not go through a
-``custom_vjp``).
+pure forward mode: ``jax.jvp`` or ``jax.jacfwd`` of the layer do not go through a
+``custom_vjp``; ``jax.hessian``, forward over reverse, works with either).
 
 As :class:`flax.nnx.BatchNorm`, the statistics layers take ``promote_dtype`` (the
 function that casts the input, the running statistics and the parameters before the

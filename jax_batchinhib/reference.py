@@ -4,8 +4,9 @@ These are the ground truth: ``jax.vjp`` of a function here is what each hand-der
 rule in :mod:`jax_batchinhib.ops` is proved against (:func:`jax_batchinhib.testing.check_vjp`).
 They share no code with the ops on purpose: the formulas are written out as the
 derivation states them, one line per equation, in at least float32. They are also
-what a module uses with ``use_autodiff=True`` (forward-mode autodiff, ``jax.jvp``,
-``jax.hessian``, works through these and not through a ``custom_vjp``).
+what a module uses with ``use_autodiff=True`` (pure forward mode, ``jax.jvp`` or
+``jax.jacfwd`` of the op, works through these and not through a ``custom_vjp``;
+``jax.hessian``, forward over reverse, works through both).
 
 Same signatures and return values as the ops (``virtual_batch_size`` included: the
 reference is ``jax.vmap``-ed over the ghost batches); the references do not validate

@@ -577,7 +577,7 @@ def _bi_inf(cfg, x2, alpha3, cov3):
 
 
 def _bi_inf_fwd(cfg, x2, alpha3, cov3):
-    return _bi_inf(cfg, x2, alpha3, cov3), (x2, alpha3, cov3)
+    return _bi_inf.fun(cfg, x2, alpha3, cov3), (x2, alpha3, cov3)  # .fun: see _bn_inf_fwd
 
 
 def _bi_inf_bwd(cfg, res, dy2):

@@ -425,7 +425,9 @@ def _bn_inf(cfg, epsilon, x, scale, bias, mean, var):
 
 
 def _bn_inf_fwd(cfg, epsilon, x, scale, bias, mean, var):
-    return _bn_inf(cfg, epsilon, x, scale, bias, mean, var), (x, scale, bias, mean, var)
+    # the undecorated function (.fun): a custom_vjp inside the fwd rule would stop
+    # forward-over-reverse (jax.hessian, jacfwd of grad)
+    return _bn_inf.fun(cfg, epsilon, x, scale, bias, mean, var), (x, scale, bias, mean, var)
 
 
 def _bn_inf_bwd(cfg, epsilon, res, dy):
@@ -488,7 +490,7 @@ def _bc_inf(cfg, x, bias, mean):
 
 
 def _bc_inf_fwd(cfg, x, bias, mean):
-    return _bc_inf(cfg, x, bias, mean), (jnp.zeros((0,), x.dtype), bias, mean)
+    return _bc_inf.fun(cfg, x, bias, mean), (jnp.zeros((0,), x.dtype), bias, mean)
 
 
 def _bc_inf_bwd(cfg, res, dy):

@@ -589,7 +589,8 @@ def _wh_inf(groups, x2, scale, bias, mean, wmat):
 
 
 def _wh_inf_fwd(groups, x2, scale, bias, mean, wmat):
-    return _wh_inf(groups, x2, scale, bias, mean, wmat), (x2, scale, bias, mean, wmat)
+    # .fun, the undecorated function: forward-over-reverse (see batch_norm's _bn_inf_fwd)
+    return _wh_inf.fun(groups, x2, scale, bias, mean, wmat), (x2, scale, bias, mean, wmat)
 
 
 def _wh_inf_bwd(groups, res, dy2):
