@@ -258,3 +258,57 @@ def test_garbage_on_eight_devices(name, dtype):
             close(dx[valid], dxs[0], dtype)
             assert np.all(np.asarray(dx)[~valid] == 0)
             close(jax.tree.leaves(dp), jax.tree.leaves(dp_w), dtype)
+
+
+@pytest.mark.parametrize(
+    "name", ["batch_norm", "batch_norm_two_pass", "batch_inhib", "iter_norm", "zca_norm"]
+)
+def test_second_order_with_garbage_in_the_padding_equals_reference(name):
+    """grad of grad (the rule's backward differentiated by autodiff, through its forward)
+    with NaN and inf at masked positions: finite, and equal to the reference's (float64,
+    rtol 1e-10 of the largest entry). The forward built the masked outputs from the raw x
+    as plain JAX, so differentiating it gave 0 * NaN: every valid entry of the second
+    derivative was NaN (batch_center's masked outputs do not multiply x by a parameter)."""
+    from jax_batchinhib import reference as ref
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        x = jnp.asarray(rng.standard_normal((8, N)))
+        w = jnp.asarray(rng.standard_normal((8, N)))
+        s, b = jnp.asarray(rng.standard_normal(N) + 2), jnp.asarray(rng.standard_normal(N))
+        rows = jnp.array([1, 1, 0, 1, 1, 0, 1, 1], bool)
+        x = x.at[2].set(jnp.nan).at[5, 1].set(jnp.inf)
+        inhib = dict(denominator="abs", guard_mode="relative")  # O(1) gradients at alpha 0
+        calls = {
+            "batch_norm": (lambda m, x, p: m.batch_norm(x, p, b, mask=rows), s),
+            "batch_norm_two_pass": (
+                lambda m, x, p: m.batch_norm(x, p, b, mask=rows, use_fast_variance=False),
+                s,
+            ),
+            "batch_inhib": (
+                lambda m, x, p: m.batch_inhib(x, p, mask=rows, **inhib),
+                jnp.zeros((N, N)),
+            ),
+            "iter_norm": (lambda m, x, p: m.iter_norm(x, p, b, mask=rows), s),
+            "zca_norm": (lambda m, x, p: m.zca_norm(x, p, b, mask=rows), s),
+        }
+        call, p = calls[name]
+
+        def second(mod):
+            def loss(x, p):
+                y = call(mod, x, p)[0]
+                return jnp.sum(jnp.sin(jnp.where(rows[:, None], y, 0.0)) * w)
+
+            def g(x, p):
+                gx, gp = jax.grad(loss, (0, 1))(x, p)
+                return jnp.sum(jnp.where(rows[:, None], gx, 0.0) ** 2) + jnp.sum(gp**2)
+
+            return jax.jit(jax.grad(g, (0, 1)))(x, p)
+
+        got, want = second(jb), second(ref)
+        for a, r in zip(got, want, strict=True):
+            a, r = np.asarray(a), np.asarray(r)
+            a_valid = a[np.asarray(rows)] if a.shape == x.shape else a
+            r_valid = r[np.asarray(rows)] if r.shape == x.shape else r
+            assert np.all(np.isfinite(a_valid)), (name, a)
+            np.testing.assert_allclose(a_valid, r_valid, rtol=0, atol=1e-10 * np.abs(r_valid).max())

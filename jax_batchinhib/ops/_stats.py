@@ -388,6 +388,34 @@ def mask_bool(mask):
     return mask if mask.dtype == jnp.bool_ else mask != 0
 
 
+def masked_outputs_constant(f, mask_x, mask_y, x, *params):
+    """``f(x, *params)``, whose masked outputs are constants to differentiation when
+    JAX differentiates it (grad of grad differentiates the custom rules' forward): the
+    tangent is that of ``f`` at x with its masked positions set to 0, selected to 0 at the
+    masked outputs. A NaN or inf at a masked position of x then reaches no derivative, as
+    the first-order rules guarantee (docs/derivations.md, "Masks select"); the
+    reference does the same with ``stop_gradient``. ``f`` maps each position (or row) of
+    x to the same one of the output; ``mask_x`` / ``mask_y`` broadcast to x and to the
+    output. Without a mask, ``f`` itself. Costs nothing undifferentiated."""
+    if mask_x is None:
+        return f(x, *params)
+    return _masked_outputs_constant(f, mask_x, mask_y, x, params)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _masked_outputs_constant(f, mask_x, mask_y, x, params):
+    return f(x, *params)
+
+
+@_masked_outputs_constant.defjvp
+def _masked_outputs_constant_jvp(f, primals, tangents):
+    mask_x, mask_y, x, params = primals
+    _, _, dx, dparams = tangents
+    xv = select(x, mask_x)
+    _, t = jax.jvp(lambda x, *p: f(x, *p), (xv, *params), (dx, *dparams))
+    return f(x, *params), select(t, mask_y)
+
+
 def select(v, mask, fill=0):
     """``v`` where ``mask`` is True and ``fill`` elsewhere (``v`` itself without a mask).
 

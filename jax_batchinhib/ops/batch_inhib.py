@@ -465,7 +465,12 @@ def _bi_center(cfg, red, x2, mask, fast):
 def _bi_forward(cfg, red, fast, x2, alpha3, mask):
     xg, s, mean_d, var, cov, cnt = _bi_center(cfg, red, x2, mask, fast)
     R = _inhib_matrix(cfg, cov, alpha3)
-    yg = xg - jnp.einsum("gml,gil->gmi", xg, R, precision=S.PRECISION)
+
+    def inhibit(xg, R):
+        return xg - jnp.einsum("gml,gil->gmi", xg, R, precision=S.PRECISION)
+
+    mg = None if mask is None else jnp.reshape(S.mask_bool(mask), (1, xg.shape[1], 1))
+    yg = S.masked_outputs_constant(inhibit, mg, mg, xg, R)
     stats = InhibStats((s + mean_d)[0], var[0], cov)
     return _feature_major(yg).astype(x2.dtype), stats, (s, mean_d, cov, cnt)
 

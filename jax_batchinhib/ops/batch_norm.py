@@ -186,12 +186,15 @@ def _bn_forward(cfg, epsilon, fast, x, scale, bias, mask):
     s, mean_d, var = S.moments(xf, mask, cfg, n, fast)
     inv = jax.lax.rsqrt(var + epsilon)
     # every position is normalized (as flax does), masked ones too: NaN stays where it was
-    xhat = ((xf - s) - mean_d) * inv
-    y = xhat
-    if scale is not None:
-        y = y * _vec(scale, cfg, cd)
-    if bias is not None:
-        y = y + _vec(bias, cfg, cd)
+    def normalize(xf, s, mean_d, inv, scale, bias):
+        y = ((xf - s) - mean_d) * inv
+        if scale is not None:
+            y = y * _vec(scale, cfg, cd)
+        if bias is not None:
+            y = y + _vec(bias, cfg, cd)
+        return y
+
+    y = S.masked_outputs_constant(normalize, mask, mask, xf, s, mean_d, inv, scale, bias)
     stats = cfg.varying(BatchStats(_squeeze(s + mean_d, cfg), _squeeze(var, cfg)), scale, bias)
     return cfg.varying(y.astype(x.dtype)), stats, (s, mean_d, inv, n)
 

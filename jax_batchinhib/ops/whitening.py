@@ -425,8 +425,12 @@ def _wh_forward(cfg, red, x2, scale, bias, mask):
         wmat, *mres = _newton_forward(sigma, cfg.iterations)
     else:
         wmat, *mres = _zca_forward(sigma, cfg.epsilon)
-    xh = jnp.einsum("mgi,gik->mgk", xc, wmat, precision=S.PRECISION).reshape(m, g * n)
-    y = _affine(xh, scale, bias, xc.dtype)
+    def whiten(xc, wmat, scale, bias):
+        xh = jnp.einsum("mgi,gik->mgk", xc, wmat, precision=S.PRECISION).reshape(m, g * n)
+        return _affine(xh, scale, bias, xc.dtype)
+
+    mx = None if mb is None else mb.reshape(m, 1, 1)
+    y = S.masked_outputs_constant(whiten, mx, mb, xc, wmat, scale, bias)
     stats = WhiteningStats((s + mean_d)[0], cov, wmat)
     return y.astype(x2.dtype), stats, (s, mean_d, cnt, tuple(mres))
 
