@@ -185,6 +185,7 @@ def _bn_forward(cfg, epsilon, fast, x, scale, bias, mask):
     n = S.count(x.shape, mask, cfg, cd)
     s, mean_d, var = S.moments(xf, mask, cfg, n, fast)
     inv = jax.lax.rsqrt(var + epsilon)
+
     # every position is normalized (as flax does), masked ones too: NaN stays where it was
     def normalize(xf, s, mean_d, inv, scale, bias):
         y = ((xf - s) - mean_d) * inv

@@ -425,6 +425,7 @@ def _wh_forward(cfg, red, x2, scale, bias, mask):
         wmat, *mres = _newton_forward(sigma, cfg.iterations)
     else:
         wmat, *mres = _zca_forward(sigma, cfg.epsilon)
+
     def whiten(xc, wmat, scale, bias):
         xh = jnp.einsum("mgi,gik->mgk", xc, wmat, precision=S.PRECISION).reshape(m, g * n)
         return _affine(xh, scale, bias, xc.dtype)
