@@ -381,8 +381,9 @@ def batch_inhib_inference(
     xt = jnp.moveaxis(x, axes, last)
     N = math.prod(_feat(x, axes))
     Xg = xt.reshape(-1, groups, N // groups).astype(cd)
-    a3 = alpha[None] if groups == 1 else alpha
-    c3 = cov[None] if groups == 1 else cov
+    n = N // groups  # alpha and cov: (n, n) for one group, or (groups, n, n)
+    a3 = jnp.reshape(alpha, (groups, n, n))
+    c3 = jnp.reshape(cov, (groups, n, n))
     R = _inhibition(c3.astype(cd), a3.astype(cd), opts)
     Y = Xg - jnp.einsum("mgl,gil->mgi", Xg, R, precision=_HIGHEST)
     return jnp.moveaxis(Y.reshape(xt.shape).astype(x.dtype), last, axes)
@@ -454,7 +455,8 @@ def _whiten(whitening, x, scale, bias, groups, epsilon, axis, axis_name, axis_in
     # same formula on the raw rows, as constants to differentiation (docs/derivations.md,
     # "Masks select")
     sel = None if mask is None else w > 0
-    n = _psum(jnp.sum(w), axis_name, axis_index_groups)
+    # at least 1: no valid row gives statistics 0, as the ops (not 0/0)
+    n = jnp.maximum(_psum(jnp.sum(w), axis_name, axis_index_groups), 1)
     mu = _psum(jnp.sum(_where(sel, X), axis=0), axis_name, axis_index_groups) / n
     Xc = (X - mu).reshape(X.shape[0], groups, k)
     Xv = Xc if sel is None else _where(sel[:, :, None], Xc)

@@ -893,3 +893,28 @@ def test_inference_takes_the_training_covariance():
         jnp.ones((5, 4)),
         alpha,
     )
+
+
+def test_reference_takes_what_the_ops_take_and_agrees_on_an_empty_mask():
+    """The reference is the ground truth, so it must accept what the op accepts and
+    answer where the op does: batch_inhib_inference with the (1, N, N) covariance that
+    batch_inhib returns (the reference's einsum refused it), and iter_norm / zca_norm
+    with no valid row (the reference divided by a count of 0: all NaN; the ops floor it
+    at 1, statistics 0). float64, rtol 1e-12."""
+    with jax.enable_x64(True):
+        x = _data((8, 4), jnp.float64, 21)
+        s, b = _data((4,), jnp.float64, 22), _data((4,), jnp.float64, 23)
+        alpha = _alpha(4, 1, jnp.float64)
+        _, st = jb.batch_inhib(x, alpha)
+        assert st.cov.shape == (1, 4, 4)
+        np.testing.assert_allclose(
+            ref.batch_inhib_inference(x, alpha, st.cov),
+            jb.batch_inhib_inference(x, alpha, st.cov),
+            rtol=1e-12,
+        )
+        none = jnp.zeros(8, bool)
+        for name in ("iter_norm", "zca_norm"):
+            got = getattr(jb, name)(x, s, b, mask=none)[0]
+            want = getattr(ref, name)(x, s, b, mask=none)[0]
+            assert np.all(np.isfinite(want)), name
+            np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=name)
