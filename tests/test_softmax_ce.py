@@ -139,8 +139,8 @@ def test_softmax_axis_must_be_one_int(fn, axis):
         _CALLS[fn](jnp.ones((2, 3)), axis)
     name = "x" if fn == "softmax" else "logits"
     assert str(info.value) == (
-        f"{fn}: axis must be an int, the one class axis of {name} that softmax normalizes "
-        f"over; got {axis!r}"
+        f"{fn}: axis must be an int (the one class axis of {name} that softmax normalizes "
+        f"over); got {axis!r}"
     )
 
 

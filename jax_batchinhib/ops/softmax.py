@@ -23,21 +23,9 @@ def _class_axis(fn: str, name: str, x, axis) -> int:
     ``x``, an axis out of range, or no class along it (size 0: the max and the log-sum-exp
     of no classes are undefined).
     """
-    if not C.is_int(axis):
-        raise TypeError(
-            f"{fn}: axis must be an int, the one class axis of {name} that softmax "
-            f"normalizes over; got {axis!r}"
-        )
     shape = tuple(jnp.shape(x))
-    ndim = len(shape)
-    if ndim == 0:
-        raise ValueError(f"{fn}: {name} must have at least one dimension; got a scalar")
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"{fn}: axis {axis} is out of range for {name} with {ndim} dimensions; "
-            f"expected an int in [{-ndim}, {ndim - 1}]"
-        )
-    ax = int(axis) % ndim
+    role = f"the one class axis of {name} that softmax normalizes over"
+    ax = C.axis(fn, axis, len(shape), name, role)
     if shape[ax] == 0:
         raise ValueError(
             f"{fn}: {name} must have at least one class along axis {axis} (the class "
