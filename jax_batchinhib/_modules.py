@@ -197,12 +197,12 @@ POSITIVE_EPSILON = {
 
 
 def check_epsilon(where: str, mdl) -> None:
-    """The module's epsilon, with the message of its op's check (named ``where``)."""
+    """The module's epsilon, with its op's check (> 0, or >= 0), named ``where``."""
     for c in type(mdl).__mro__:
         if c.__name__ in POSITIVE_EPSILON:
             POSITIVE_EPSILON[c.__name__](where, mdl.epsilon)
-            break
-    C.epsilon(where, mdl.epsilon)  # the type, and >= 0
+            return
+    C.epsilon(where, mdl.epsilon)
 
 
 def check_common(where: str, mdl) -> float | None:

@@ -347,6 +347,8 @@ def test_hyperparameters_may_be_concrete_jax_scalars():
         np.testing.assert_array_equal(a, b)
     bnx.BatchNorm(N, momentum=jnp.float32(0.9), rngs=nnx.Rngs(0))(X)
     jb.dropout(X, jnp.float32(0.5), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"^batch_inhib: epsilon must be > 0 and finite"):
+        jb.batch_inhib(X, ALPHA, epsilon=jnp.float32(0.0))  # the value still checked
     with pytest.raises(TypeError, match=r"batch_norm: epsilon must be .*; got a tracer"):
         jax.jit(lambda e: jb.batch_norm(X, epsilon=e))(1e-3)
     with pytest.raises(TypeError, match=r"batch_norm: epsilon must be a finite float"):

@@ -66,18 +66,22 @@ def float_array(fn: str, name: str, x) -> None:
         )
 
 
-def axis(fn: str, ax, ndim: int) -> int:
-    """The feature axis as a non-negative int for an ``ndim``-dimensional x."""
+def axis(
+    fn: str,
+    ax,
+    ndim: int,
+    name: str = "x",
+    role: str = "one feature axis; statistics reduce over every other axis",
+) -> int:
+    """The axis ``ax`` of the argument ``name`` (``ndim`` dimensions) as a non-negative
+    int; ``role`` says in the TypeError what the axis is for."""
     if not is_int(ax):
-        raise TypeError(
-            f"{fn}: axis must be an int (one feature axis; statistics reduce over every "
-            f"other axis); got {ax!r}"
-        )
+        raise TypeError(f"{fn}: axis must be an int ({role}); got {ax!r}")
     if ndim < 1:
-        raise ValueError(f"{fn}: x must have at least one dimension; got a scalar")
+        raise ValueError(f"{fn}: {name} must have at least one dimension; got a scalar")
     if not -ndim <= ax < ndim:
         raise ValueError(
-            f"{fn}: axis {ax} is out of range for x with {ndim} dimensions; "
+            f"{fn}: axis {ax} is out of range for {name} with {ndim} dimensions; "
             f"expected an int in [{-ndim}, {ndim - 1}]"
         )
     return int(ax) % ndim
@@ -100,6 +104,15 @@ def epsilon(fn: str, v, name: str = "epsilon") -> float:
     f = _static_number(fn, name, v, "a finite float >= 0")
     if not (math.isfinite(f) and f >= 0):
         raise ValueError(f"{fn}: {name} must be a finite float >= 0; got {v!r}")
+    return f
+
+
+def positive_epsilon(fn: str, v, why: str) -> float:
+    """``epsilon`` that must be > 0 (a finite Python float known at trace time): 0 and
+    negative values get the same "> 0" message, with ``why`` it must be positive."""
+    f = _static_number(fn, "epsilon", v, "a finite float > 0")
+    if not (math.isfinite(f) and f > 0):
+        raise ValueError(f"{fn}: epsilon must be > 0 and finite ({why}); got {v!r}")
     return f
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -222,15 +221,13 @@ def _inhib_matrix_bwd(cfg: InhibOptions, alpha, parts, dR):
 def _check_batch_epsilon(fn, epsilon):
     """The training form divides by s = sqrt(var + epsilon) (pearson) or var + epsilon
     (variance): a constant feature of the batch (var = 0) with epsilon = 0 makes every
-    output NaN, so epsilon must be > 0 there. Only the value is checked here; the type
-    (a Python float known at trace time) is :func:`_check_config`'s."""
-    v = C.plain(epsilon)
-    if isinstance(v, numbers.Real) and not isinstance(v, bool) and not (math.isfinite(v) and v > 0):
-        raise ValueError(
-            f"{fn}: epsilon must be > 0 and finite (it keeps the correlation's denominator, "
-            f"s = sqrt(var + epsilon) or var + epsilon, nonzero when a feature is constant "
-            f"over the batch); got {epsilon!r}"
-        )
+    output NaN, so epsilon must be > 0 there."""
+    C.positive_epsilon(
+        fn,
+        epsilon,
+        "it keeps the correlation's denominator, s = sqrt(var + epsilon) or var + epsilon, "
+        "nonzero when a feature is constant over the batch",
+    )
 
 
 def _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode):

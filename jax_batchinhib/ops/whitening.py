@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -107,15 +105,12 @@ def _check_iterations(fn, iterations):
 
 
 def _check_whitening_epsilon(fn, epsilon):
-    """``epsilon`` > 0 and finite: 0 and negative values get the same "> 0" message (the
-    generic check's ">= 0" would name 0 as allowed)."""
-    v = C.plain(epsilon)
-    if isinstance(v, numbers.Real) and not isinstance(v, bool) and not (math.isfinite(v) and v > 0):
-        raise ValueError(
-            f"{fn}: epsilon must be > 0 and finite (it makes the covariance positive definite, so "
-            f"that its inverse square root exists for any batch); got {epsilon!r}"
-        )
-    S.check_epsilon(fn, epsilon)  # the type: a Python float known at trace time
+    C.positive_epsilon(
+        fn,
+        epsilon,
+        "it makes the covariance positive definite, so that its inverse square root "
+        "exists for any batch",
+    )
 
 
 def _check_matrix(fn, name, a, nfeat, groups):
