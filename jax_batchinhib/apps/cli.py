@@ -25,7 +25,7 @@ import tempfile
 STUDY_ONLY = ("model", "lrs", "steps", "eval_every", "val_seeds", "quick", "jobs", "merge")
 DIGITS_ONLY = ("epochs", "lr", "devices")
 #: the settings of a training run, which ``--merge`` (it trains nothing) does not take
-TRAINING = (*STUDY_ONLY[:-1], "seeds", "variants", "batch_size")
+TRAINING = (*(d for d in STUDY_ONLY if d != "merge"), "seeds", "variants", "batch_size")
 STUDY_MODE = "the study (--task mnist1d, or --task digits --study)"
 DIGITS_MODE = "--task digits without --study"
 
