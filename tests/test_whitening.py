@@ -488,11 +488,12 @@ def _residual_bytes(f, *args):
 
 @pytest.mark.parametrize("groups", [1, 4])
 def test_residuals(groups):
-    """ZCA keeps x plus U and λ (G·n² + G·n); IterNorm keeps x plus P_1..P_T, each
-    step's P² and P³, and Σ_N ((3T+1)·G·n²) and the trace; both fewer bytes than
-    autodiff of the reference. Measured at (256, 32) float32 (x is 32.8 KB), T=5:
-    groups=1: zca_norm 37.3 KB vs autodiff 92.7 KB, iter_norm 98.6 KB vs 187 KB;
-    groups=4: zca_norm 34.2 KB vs 74.1 KB, iter_norm 49.4 KB vs 86.4 KB."""
+    """ZCA keeps x plus Σ, U and λ (2·G·n² + G·n; Σ carries the second derivatives);
+    IterNorm keeps x plus P_1..P_T, each step's P² and P³, and Σ_N ((3T+1)·G·n²) and
+    the trace; both fewer bytes than autodiff of the reference. Measured at (256, 32)
+    float32 (x is 32.8 KB), T=5: groups=1: zca_norm 41.3 KB vs autodiff 57.9 KB,
+    iter_norm 98.6 KB vs 153 KB; groups=4: zca_norm 35.2 KB vs 39.2 KB, iter_norm
+    49.4 KB vs 51.6 KB."""
     m, nf, t = 256, 32, 5
     n = nf // groups
     x = _data((m, nf), jnp.float32, 21)
@@ -501,7 +502,7 @@ def test_residuals(groups):
     auto_z = _residual_bytes(lambda x: ref.zca_norm(x, groups=groups)[0], x)
     ours_i = _residual_bytes(lambda x: jb.iter_norm(x, groups=groups, iterations=t)[0], x)
     auto_i = _residual_bytes(lambda x: ref.iter_norm(x, groups=groups, iterations=t)[0], x)
-    assert ours_z <= x.nbytes + groups * (n * n + n) * 4 + small, ours_z
+    assert ours_z <= x.nbytes + groups * (2 * n * n + n) * 4 + small, ours_z
     assert ours_i <= x.nbytes + (3 * t + 1) * groups * n * n * 4 + small, ours_i
     assert ours_z < auto_z and ours_i < auto_i, (ours_z, auto_z, ours_i, auto_i)
 
@@ -522,48 +523,83 @@ def test_epsilon_message_says_greater_than_zero(name):
 # ------------------------------------------- ZCA's second order at equal eigenvalues
 
 
-def _zca_hvp_errors():
-    """Relative error of zca_norm's Hessian-vector product (jax.grad of <jax.grad, v>, i.e.
-    the rule's backward differentiated by autodiff) against the converged Newton-Schulz
-    reference (autodiff of ref.iter_norm with 14 steps, matmuls only, exact to round-off
-    also at equal eigenvalues), for eigenvalues of Σ a relative 0 and 1e-10 apart. float64."""
+def _rel(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize("mode", ["reverse_over_reverse", "forward_over_reverse"])
+def test_zca_second_order_at_equal_eigenvalues(mode):
+    """Second derivatives of zca_norm where Σ has a double eigenvalue (a relative gap of
+    0) or nearly one (1e-10), against the Newton-Schulz reference run to convergence
+    (autodiff of ref.iter_norm with 14 steps: matmuls only, exact to round-off there).
+    float64; tolerance 1e-12 of the largest entry, measured 2e-16 to 4e-16.
+
+    Before W(Σ) and Σ̄ became custom-JVP functions of Σ, second derivatives went
+    through JAX's derivative of eigh and its 1/(λ_k − λ_i): NaN at gap 0, 6e-7 at 1e-10.
+    ``reverse_over_reverse`` is a Hessian-vector product (grad of <grad, v>),
+    ``forward_over_reverse`` the whole jax.hessian."""
     with jax.enable_x64(True):
         base = _equal_variance_pair()
         ct = jnp.asarray(np.random.default_rng(0).standard_normal(base.shape))
         v = jnp.asarray(np.random.default_rng(1).standard_normal(base.shape))
 
-        def hvp(op):
-            g = jax.grad(lambda x: jnp.sum(jnp.sin(op(x)[0]) * ct))
-            return jax.jit(jax.grad(lambda x: jnp.vdot(g(x), v)))
+        def second(op):
+            loss = lambda x: jnp.sum(jnp.sin(op(x)[0]) * ct)  # noqa: E731
+            if mode == "forward_over_reverse":
+                return jax.jit(jax.hessian(loss))
+            return jax.jit(jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v)))
 
-        ours, newton = hvp(jb.zca_norm), hvp(functools.partial(ref.iter_norm, iterations=14))
-        errs = {}
+        ours, newton = second(jb.zca_norm), second(functools.partial(ref.iter_norm, iterations=14))
         for gap in (0.0, 1e-10):
             x = base * jnp.array([1.0, 1.0 + gap / 2])
-            want = np.asarray(newton(x))
-            got = np.asarray(ours(x))
-            errs[gap] = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-        return errs
+            err = _rel(ours(x), newton(x))
+            assert err < 1e-12, (gap, err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="zca_norm's second derivatives go through autodiff of eigh: NaN at a repeated "
-    "eigenvalue of the covariance, error ~1e-16/gap near one (measured 6e-7 at a relative "
-    "gap of 1e-10); the first-order rule is exact there (see the docstring)",
-)
-def test_zca_second_order_at_equal_eigenvalues():
-    """Known limitation, kept as a strict xfail so that a fix shows up as XPASS.
+@pytest.mark.parametrize("shape", [(4, 6), (8, 16)])
+def test_zca_second_order_with_fewer_rows_than_features(shape):
+    """A batch with fewer rows than features (m ≤ n) has a rank-deficient covariance, so
+    Σ + εI has the eigenvalue ε with multiplicity n − m + 1: the usual case of a repeated
+    eigenvalue in training. The Hessian-vector product equals central differences of the
+    (exact, first-order) gradient along v: step 1e-5, truncation error ~1e-10 relative
+    (measured 5.7e-10 and 5.5e-10; 4.8e-8 at step 1e-4, so it is the truncation), held
+    at 1e-8. Autodiff of the eigh reference misses by 0.48 and 0.85 there, finite but
+    wrong (its 1/(λ_k − λ_i) meets eigenvalues equal up to round-off); the rule's
+    previous second derivatives, which went through eigh too, missed by 0.46 and were
+    NaN."""
+    with jax.enable_x64(True):
+        x = _data(shape, jnp.float64, 7)
+        ct = jnp.asarray(np.random.default_rng(0).standard_normal(shape))
+        v = _data(shape, jnp.float64, 8)
 
-    grad-of-grad (and Hessian-vector products) of zca_norm differentiate the custom VJP's
-    forward and backward as ordinary JAX code. The forward keeps U, λ = eigh(Σ), and
-    JAX's JVP rule of eigh multiplies by
-    1/(λ_k − λ_i): inf at a repeated eigenvalue, so the tangents of U, then of W and of
-    the backward's Σ̄ = U (F ⊙ UᵀW̄U) Uᵀ, are inf − inf = NaN. W and Σ̄ are smooth
-    functions of Σ there (the divided differences F have a limit), but U is not. Not a
-    jnp.where problem: no branch is involved, the 1/0 is inside eigh's derivative.
-    Measured: NaN at gap 0, 6e-7 at 1e-10, 8e-10 at 1e-8, 1e-13 at 1e-4."""
-    errs = _zca_hvp_errors()
-    for gap, err in errs.items():
-        assert np.isfinite(err) and err < 1e-10, (gap, errs)
+        def hvp(op):
+            g = jax.grad(lambda x: jnp.sum(jnp.sin(op(x, epsilon=0.5)[0]) * ct))
+            return g, jax.grad(lambda x: jnp.vdot(g(x), v))
+
+        g, h = jax.jit(hvp(jb.zca_norm)[0]), jax.jit(hvp(jb.zca_norm)[1])
+        step = 1e-5
+        fd = (g(x + step * v) - g(x - step * v)) / (2 * step)
+        assert _rel(h(x), fd) < 1e-8
+        assert _rel(jax.jit(hvp(ref.zca_norm)[1])(x), fd) > 0.1  # the case is a hard one
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_zca_third_order_at_distinct_eigenvalues(groups):
+    """A third derivative (grad of <grad of <grad, v>, v>) goes through the last custom
+    JVP's U and r, by autodiff of eigh: exact where the eigenvalues are distinct. Against
+    autodiff of the eigh reference, float64, with scale and bias: 1e-10 of the largest
+    entry, measured 2.4e-14 and 3.7e-15. (At a repeated eigenvalue it is NaN, as the
+    reference's is; IterNorm's are finite.)"""
+    with jax.enable_x64(True):
+        x = _data((10, 6), jnp.float64, 3)
+        sc, b = 1 + 0.1 * _data((6,), jnp.float64, 4), _data((6,), jnp.float64, 5)
+        ct = jnp.asarray(np.random.default_rng(0).standard_normal(x.shape))
+        v = _data(x.shape, jnp.float64, 9)
+
+        def third(op):
+            loss = lambda x: jnp.sum(jnp.sin(op(x, sc, b, groups=groups)[0]) * ct)  # noqa: E731
+            h = lambda x: jnp.vdot(jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v))(x), v)  # noqa: E731
+            return jax.jit(jax.grad(h))
+
+        assert _rel(third(jb.zca_norm)(x), third(ref.zca_norm)(x)) < 1e-10

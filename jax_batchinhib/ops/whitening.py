@@ -271,13 +271,16 @@ def zca_norm(
     divided by, so the rule is exact and finite when eigenvalues coincide, where the
     eigenvectors' own derivative (the paper's :math:`1/(\lambda_i-\lambda_k)` matrix,
     and autodiff of ``eigh``) is infinite. The eigenvalues are floored at ε, which they
-    equal or exceed in exact arithmetic. The backward keeps ``x``, U and λ.
+    equal or exceed in exact arithmetic. The backward keeps ``x``, Σ, U and λ.
 
-    Second derivatives (grad of grad, Hessian-vector products) are this rule
-    differentiated by autodiff, through ``eigh``'s JVP and its :math:`1/(\lambda_k -
-    \lambda_i)`: NaN when Σ has a repeated eigenvalue, and an error of about
-    :math:`10^{-16}/\text{gap}` (relative gap) near one; well separated eigenvalues
-    give them to round-off. IterNorm's are finite everywhere.
+    Second derivatives (grad of grad, Hessian-vector products, ``jax.hessian``) are
+    finite and exact at repeated eigenvalues too, which a batch with fewer rows than
+    features always has (λ = ε, n − m + 1 times): W and Σ̄ are custom-JVP functions of
+    Σ, differentiated by the same divided differences and by the second divided
+    difference of :math:`\lambda^{-1/2}`, never through ``eigh``'s derivative and its
+    :math:`1/(\lambda_k - \lambda_i)`. For this the backward also keeps Σ (G n² more
+    numbers). Third derivatives go through ``eigh``'s derivative: exact where the
+    eigenvalues are distinct, NaN at a repeated one; IterNorm's are finite everywhere.
 
     Args:
       As :func:`iter_norm`, without ``iterations``.
@@ -358,22 +361,87 @@ def _newton_backward(ps, a_s, b_s, sn, t, wbar):
 
 
 def _zca_forward(sigma, epsilon):
-    """ZCA's W from Σ (G, n, n): returns W, U and r = sqrt(λ) (λ floored at ε)."""
+    """ZCA's W from Σ (G, n, n): returns W and the backward's residuals Σ, U and
+    r = sqrt(λ) (λ floored at ε). W is :func:`_zca_w` of them, so that derivatives of
+    any order reach it through Σ, not through U (see there)."""
     lam, u = jnp.linalg.eigh(sigma)
     r = jnp.sqrt(jnp.maximum(lam, epsilon))
-    return _zca_matrix(u, r), u, r
+    return _zca_w(sigma, u, r), sigma, u, r
 
 
 def _zca_matrix(u, r):
     return _mm(u / r[:, None, :], _mT(u))
 
 
-def _zca_backward(u, r, wbar):
-    """Σ̄ = U (F ⊙ UᵀW̄U) Uᵀ, F_ik = f[λ_i, λ_k] = -1/(r_i r_k (r_i + r_k)) for
-    f(λ) = λ^{-1/2}: the divided difference in a form with no eigenvalue difference."""
+def _in_eigenbasis(u, a):
+    return _mm(_mm(_mT(u), a), u)
+
+
+def _from_eigenbasis(u, a):
+    return _mm(_mm(u, a), _mT(u))
+
+
+# W = Σ^{-1/2} and its derivatives as functions of Σ. U and r are passed in (they are
+# eigh(Σ), computed once), but each function's custom JVP differentiates through the
+# tangent of Σ alone and ignores those of U and r: JAX's derivative of eigh divides by
+# λ_k - λ_i and is NaN at a repeated eigenvalue, where W, its derivative and its second
+# derivative are smooth (the divided differences below have limits there). Each JVP is
+# the next function of the chain, so grad of grad (the backward differentiated) and
+# forward-over-reverse stay exact at equal eigenvalues. A third derivative differentiates
+# the rules' own computations (JAX keeps no custom rule in a linearised function) and so
+# goes through U and r: exact for distinct eigenvalues, NaN at a repeated one, as
+# autodiff of eigh is.
+
+
+@jax.custom_jvp
+def _zca_w(sigma, u, r):
+    """W = U diag(1/r) Uᵀ = f(Σ), f(λ) = λ^{-1/2}."""
+    del sigma
+    return _zca_matrix(u, r)
+
+
+@_zca_w.defjvp
+def _zca_w_jvp(primals, tangents):
+    sigma, u, r = primals
+    return _zca_w(sigma, u, r), _zca_d1(sigma, u, r, tangents[0])
+
+
+@jax.custom_jvp
+def _zca_d1(sigma, u, r, h):
+    """Df(Σ)[H] = U (F ⊙ UᵀHU) Uᵀ, F_ik = f[λ_i, λ_k] = -1/(r_i r_k (r_i + r_k)), the
+    divided difference of f in a form with no eigenvalue difference. F is symmetric, so
+    this is also the cotangent of Σ from a cotangent H of W (the backward's Σ̄)."""
+    del sigma
     f = -1.0 / (r[:, :, None] * r[:, None, :] * (r[:, :, None] + r[:, None, :]))
-    m = _mm(_mm(_mT(u), wbar), u)
-    return _mm(_mm(u, f * m), _mT(u))
+    return _from_eigenbasis(u, f * _in_eigenbasis(u, h))
+
+
+@_zca_d1.defjvp
+def _zca_d1_jvp(primals, tangents):
+    sigma, u, r, h = primals
+    dsigma, _, _, dh = tangents
+    out = _zca_d1(sigma, u, r, h)
+    return out, _zca_d1(sigma, u, r, dh) + _zca_d2(sigma, u, r, dsigma, h)
+
+
+def _zca_d2(sigma, u, r, e, h):
+    """D²f(Σ)[E, H] = U (P(Ẽ, H̃) + P(H̃, Ẽ)) Uᵀ with Ẽ = UᵀEU, H̃ = UᵀHU and
+    P(E, H)_ik = Σ_j f[λ_i, λ_j, λ_k] E_ij H_jk. The second divided difference,
+    f[λ_i, λ_j, λ_k] = (r_i + r_j + r_k) / (r_i r_j r_k (r_i + r_j)(r_i + r_k)(r_j + r_k)),
+    splits with A_ij = 1/(r_i + r_j) into two terms each of which is a matmul over j:
+    P(E, H) = A ⊙ [(E D)(A ⊙ H)] / (r_i r_k) + A ⊙ [((A ⊙ E) D)(A ⊙ H)] / r_i,
+    D = diag(1/r): O(n³) flops and O(n²) memory per group, no eigenvalue difference."""
+    del sigma
+    a = 1.0 / (r[:, :, None] + r[:, None, :])
+    ri = 1.0 / r[:, :, None]  # 1/r_i down the rows
+    rj = 1.0 / r[:, None, :]  # 1/r_j (or r_k) along the columns
+
+    def p(e, h):
+        ah = a * h
+        return a * ri * (rj * _mm(e * rj, ah) + _mm(a * e * rj, ah))
+
+    et, ht = _in_eigenbasis(u, e), _in_eigenbasis(u, h)
+    return _from_eigenbasis(u, p(et, ht) + p(ht, et))
 
 
 # ======================================================================= training op
@@ -440,7 +508,8 @@ def _whiten(cfg, red, x2, scale, bias, mask):
 def _whiten_fwd(cfg, red, x2, scale, bias, mask):
     y, stats, (s, mean_d, cnt, mres) = _wh_forward(cfg, red, x2, scale, bias, mask)
     # Residuals: x (input-sized, its own dtype), per-feature shift/mean, and what the
-    # matrix function's reverse needs: ZCA U (G, n, n) and r (G, n); IterNorm P_1..P_T
+    # matrix function's reverse needs: ZCA Σ, U (G, n, n) and r (G, n) (Σ only carries
+    # its tangent to second derivatives); IterNorm P_1..P_T
     # and each step's P², P³ (3 x (T, G, n, n)), Σ_N (G, n, n) and t (G,). W is
     # recomputed from them.
     return (y, stats), (x2, scale, bias, mask, s, mean_d, cnt, mres)
@@ -457,8 +526,8 @@ def _whiten_bwd(cfg, red, res, cts):
         ps, a_s, b_s, sn, t = mres
         wmat = ps[-1] / jnp.sqrt(t)[:, None, None]
     else:
-        u, r = mres
-        wmat = _zca_matrix(u, r)
+        sigma, u, r = mres
+        wmat = _zca_w(sigma, u, r)
     # Masked rows are constants to differentiation (as batch_norm's): their cotangent and
     # their data are selected away, so garbage there (NaN, inf) reaches no gradient.
     mb = S.mask_bool(mask)
@@ -474,7 +543,7 @@ def _whiten_bwd(cfg, red, res, cts):
     if cfg.method == "iter":
         sbar = _newton_backward(ps, a_s, b_s, sn, t, wbar)
     else:
-        sbar = _zca_backward(u, r, wbar)
+        sbar = _zca_d1(sigma, u, r, wbar)
     w = 1.0 if mb is None else mb.astype(cd).reshape(m, 1, 1)
     wn = w / jnp.maximum(cnt, 1)
     dx = (
