@@ -519,6 +519,31 @@ def test_numpy_scalar_hyperparameters_like_flax():
             bnn.BatchNorm(momentum=bad).init(jax.random.key(0), x, use_running_average=False)
 
 
+def test_jax_scalar_hyperparameters_under_nnx_jit_like_flax():
+    """Concrete 0-d JAX arrays (jnp.float32(1e-3)) as NNX hyperparameters, as flax takes
+    them: stored as the Python scalars they hold. Stored as arrays they were NNX state,
+    traced by nnx.jit, and the op refused the tracer ("epsilon must be a Python float
+    known at trace time"); eager calls worked, so only a jitted step failed. (Integer
+    hyperparameters take Python and NumPy ints only, in every module and op.)"""
+    x = jax.random.normal(jax.random.key(0), (8, 4))
+    step = nnx.jit(lambda m, x: m(x))
+    o = ours(4, epsilon=jnp.float32(1e-3), momentum=jnp.float32(0.5), rngs=nnx.Rngs(0))
+    f = theirs(4, epsilon=jnp.float32(1e-3), momentum=jnp.float32(0.5), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(step(o, x), f(x), atol=EVAL_ATOL)
+    assert type(o.epsilon) is float and type(o.momentum) is float
+    others = {
+        "BatchInhib": dict(rho=jnp.float32(2.0), epsilon=jnp.float32(1e-4), guard=jnp.float32(0.1)),
+        "IterNorm": dict(epsilon=jnp.float32(1e-3)),
+        "ZCANorm": dict(epsilon=jnp.float32(1e-3)),
+    }
+    for kind, kw in others.items():
+        m = getattr(bnx, kind)(4, **kw, rngs=nnx.Rngs(0))
+        want = getattr(bnx, kind)(4, **{k: v.item() for k, v in kw.items()}, rngs=nnx.Rngs(0))
+        np.testing.assert_array_equal(step(m, x), step(want, x), err_msg=kind)
+    d = bnx.Dropout(jnp.float32(0.5), rngs=nnx.Rngs(dropout=3))
+    assert type(d.rate) is float and step(d, x).shape == x.shape
+
+
 @pytest.mark.parametrize("kind", ["BatchNorm", "BatchCenter", "BatchInhib", "IterNorm", "ZCANorm"])
 def test_axis_index_groups_without_axis_name_is_unused_like_flax(kind):
     """flax ignores axis_index_groups while its axis name is unbound (linen's init) or

@@ -25,9 +25,21 @@ def shape_str(shape) -> str:
 
 
 def plain(v):
-    """A NumPy scalar (``np.float32(0.9)``, ``np.int64(3)``) as the Python scalar it
-    holds; anything else as it is."""
-    return v.item() if isinstance(v, np.generic) else v
+    """A NumPy scalar (``np.float32(0.9)``, ``np.int64(3)``) or a concrete 0-d floating
+    JAX array (``jnp.float32(0.9)``, which the float hyperparameters accept, as flax's
+    do) as the Python scalar it holds; anything else (a tracer included) as it is. The
+    NNX modules store hyperparameters through this: a JAX array kept on the module would
+    be NNX state, traced by ``nnx.jit``."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if (
+        isinstance(v, jax.Array)
+        and not isinstance(v, jax.core.Tracer)
+        and v.ndim == 0
+        and jnp.issubdtype(v.dtype, jnp.floating)
+    ):
+        return v.item()
+    return v
 
 
 def _is_bool(v) -> bool:
