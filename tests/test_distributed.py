@@ -79,6 +79,8 @@ def call(name, mod, x, p, **kw):
         return mod.batch_norm(x, p["scale"], p["bias"], **kw)
     if name == "batch_center":
         return mod.batch_center(x, p["bias"], **kw)
+    if name in ("iter_norm", "zca_norm"):  # statistics stop-gradient: y alone is used
+        return getattr(mod, name)(x, p["scale"], p["bias"], groups=2, **kw)
     groups = 2 if name == "batch_inhib_groups2" else 1
     return mod.batch_inhib(x, p[f"alpha{groups}"], groups=groups, **kw)
 
@@ -197,16 +199,20 @@ def test_vmap_with_axis_name_equals_full_batch(name, jit):
         close((y.reshape(B, N), st, dx.reshape(B, N), dp), want)
 
 
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
 @pytest.mark.parametrize("per_member", [False, True], ids=["shared_params", "member_params"])
-@pytest.mark.parametrize("name", OPS)
-def test_vmap_with_axis_name_and_x_shared_equals_reference(name, per_member):
+@pytest.mark.parametrize("name", [*OPS, "iter_norm", "zca_norm"])
+def test_vmap_with_axis_name_and_x_shared_equals_reference(name, per_member, jit):
     """``jax.vmap(..., axis_name=...)`` over 3 members that share x (unbatched), each with
     its own cotangent and, with ``member_params``, its own parameters (a scale that
     differs across the members of ``axis_name``): dx and the parameters' gradients of the
     summed loss, which uses the statistics, equal autodiff of the reference under the
     same vmap. Before, the first came out divided by 3 through the statistics (y and dx
     were unbatched, so vmap took one member's dx for the sum), the second wrong through
-    y (the rule took the scale out of the psum over the members)."""
+    y (the rule took the scale out of the psum over the members). With the parameters
+    shared too, batch_inhib, iter_norm and zca_norm raised ``NameError: unbound axis
+    name`` without jit: their y was unbatched, so the backward rule ran outside the vmap,
+    where its psum has no axis (now y goes through ``Reduce.varying`` as batch_norm's)."""
     with jax.enable_x64(True):
         x, ct = data()
         p = params()
@@ -221,8 +227,9 @@ def test_vmap_with_axis_name_and_x_shared_equals_reference(name, per_member):
             in_axes = (0 if per_member else None, 0)
             return jnp.sum(jax.vmap(member, in_axes=in_axes, axis_name="members")(p, cts))
 
+        wrap = jax.jit if jit else (lambda f: f)
         got, want = (
-            jax.jit(jax.grad(functools.partial(total, mod), argnums=(0, 1)))(x, p)
+            wrap(jax.grad(functools.partial(total, mod), argnums=(0, 1)))(x, p)
             for mod in (jb, ref)
         )
         close(got, want)

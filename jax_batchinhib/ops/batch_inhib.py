@@ -469,7 +469,9 @@ def _bi_forward(cfg, red, fast, x2, alpha3, mask):
     mg = None if mask is None else jnp.reshape(S.mask_bool(mask), (1, xg.shape[1], 1))
     yg = S.masked_outputs_constant(inhibit, mg, mg, xg, R)
     stats = InhibStats((s + mean_d)[0], var[0], cov)
-    return _feature_major(yg).astype(x2.dtype), stats, (s, mean_d, cov, cnt)
+    # y per member under vmap(axis_name=...) with x and alpha shared: Reduce.varying
+    y = red.varying(_feature_major(yg).astype(x2.dtype))
+    return y, stats, (s, mean_d, cov, cnt)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

@@ -496,7 +496,8 @@ def _wh_forward(cfg, red, x2, scale, bias, mask):
     mx = None if mb is None else mb.reshape(m, 1, 1)
     y = S.masked_outputs_constant(whiten, mx, mb, xc, wmat, scale, bias)
     stats = WhiteningStats((s + mean_d)[0], cov, wmat)
-    return y.astype(x2.dtype), stats, (s, mean_d, cnt, tuple(mres))
+    # y per member under vmap(axis_name=...) with x and the parameters shared
+    return red.varying(y.astype(x2.dtype)), stats, (s, mean_d, cnt, tuple(mres))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
