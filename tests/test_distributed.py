@@ -229,8 +229,7 @@ def test_vmap_with_axis_name_and_x_shared_equals_reference(name, per_member, jit
 
         wrap = jax.jit if jit else (lambda f: f)
         got, want = (
-            wrap(jax.grad(functools.partial(total, mod), argnums=(0, 1)))(x, p)
-            for mod in (jb, ref)
+            wrap(jax.grad(functools.partial(total, mod), argnums=(0, 1)))(x, p) for mod in (jb, ref)
         )
         close(got, want)
 
