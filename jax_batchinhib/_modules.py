@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 import jax.numpy as jnp
+from jax import export
 from jax.nn import initializers
 
 from jax_batchinhib import running
@@ -138,7 +139,7 @@ def feature_shape(x, ax) -> tuple[int, ...]:
     """The shape of one feature vector: ``(N,)`` for one axis, the sizes of the feature
     axes for several (flax.linen's parameter and statistics shape)."""
     axes = ax if isinstance(ax, tuple) else (ax,)
-    return tuple(int(x.shape[a]) for a in axes)
+    return tuple(C.dim(x.shape[a]) for a in axes)
 
 
 def check_input(where: str, x, axis, mask, num_features: int | None = None):
@@ -295,7 +296,9 @@ def training_form_ok(x, axis, mask, axis_name, virtual_batch_size=None) -> bool:
     if virtual_batch_size is not None and x.ndim and x.shape[0] % virtual_batch_size:
         return False
     axes = axis if isinstance(axis, tuple) else (axis % x.ndim,)
-    per_feature = math.prod(int(d) for a, d in enumerate(x.shape) if a not in axes)
+    per_feature = math.prod(C.dim(d) for a, d in enumerate(x.shape) if a not in axes)
+    if export.is_symbolic_dim(per_feature):  # a symbolic batch (jax.export): trained
+        return True
     return mask is not None or axis_name is not None or per_feature > 1
 
 
@@ -326,7 +329,7 @@ def _flat_features(kind, where, x, params, state, step, kw):
         mask = S.mask_shape(where, mask, x.shape, axes)
         ms = tuple(jnp.shape(mask))
         if any(ms[a] != 1 for a in axes):
-            ms = tuple(int(x.shape[a]) if a in axes else d for a, d in enumerate(ms))
+            ms = tuple(C.dim(x.shape[a]) if a in axes else d for a, d in enumerate(ms))
             mask = jnp.broadcast_to(mask, ms)
         mask = jnp.reshape(jnp.transpose(mask, perm), (*(ms[a] for a in other), -1))
     if kind == "batch_inhib":

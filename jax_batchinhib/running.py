@@ -134,7 +134,7 @@ def batch_count(
     if mask is None:
         m = 1
         for a in cfg.reduce_axes:
-            m *= int(x.shape[a])
+            m *= C.dim(x.shape[a])
         cnt = jnp.full(n, m, jnp.float32)
     else:
         mask = S.mask_weights(where, mask, x.shape, cfg)
@@ -237,7 +237,7 @@ def values_per_feature(x, axis: int) -> int:
     m = 1
     for a in range(x.ndim):
         if a != ax:
-            m *= int(x.shape[a])
+            m *= C.dim(x.shape[a])
     return m
 
 

@@ -199,6 +199,61 @@ def test_vmap_with_axis_name_equals_full_batch(name, jit):
         close((y.reshape(B, N), st, dx.reshape(B, N), dp), want)
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        "inside",
+        "around_shard_map",
+        pytest.param(
+            "outside",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=NameError,
+                reason="JAX re-traces a custom_vjp's forward rule for jax.checkpoint after "
+                "the vmap's axis name has left scope: NameError: unbound axis name (a "
+                "custom_vjp with a collective in its forward; autodiff of the reference "
+                "works). Put the checkpoint inside the vmap, or use shard_map.",
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize("name", ["batch_norm", "batch_inhib"])
+def test_checkpoint_and_vmap_with_axis_name(name, where):
+    """``jax.checkpoint`` inside ``jax.vmap(..., axis_name=...)`` (each member's step
+    rematerialized), and around a ``shard_map`` over 8 devices: dx and dparams equal the
+    full batch. Around the vmap it fails in JAX (the strict xfail, so that a JAX that
+    fixes it shows as XPASS); ``docs/scaling.md`` says so."""
+    with jax.enable_x64(True):
+        x, ct = data()
+        p = params()
+        want = full_batch(name)
+        xs, cts = x.reshape(ND, B // ND, N), ct.reshape(ND, B // ND, N)
+
+        def member(x, ct, p):
+            return loss(name, jb, x, p, ct, n_share=ND, axis_name="rows")[0]
+
+        def total(x, p):
+            m = jax.checkpoint(member) if where == "inside" else member
+            return jnp.sum(jax.vmap(m, in_axes=(0, 0, None), axis_name="rows")(x, cts, p))
+
+        def total_sharded(x, p):
+            def local(x, ct, p):
+                return lax.psum(member(x, ct, p), "rows")
+
+            specs = (P("rows"), P("rows"), P())
+            f = jax.shard_map(
+                local, mesh=parallel.make_mesh(ND, "rows"), in_specs=specs, out_specs=P()
+            )
+            return f(x, ct, p)
+
+        if where == "around_shard_map":
+            dx, dp = jax.jit(jax.grad(jax.checkpoint(total_sharded), argnums=(0, 1)))(x, p)
+        else:
+            f = total if where == "inside" else jax.checkpoint(total)
+            dx, dp = jax.jit(jax.grad(f, argnums=(0, 1)))(xs, p)
+        close((dx.reshape(B, N), dp), want[2:])
+
+
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
 @pytest.mark.parametrize("per_member", [False, True], ids=["shared_params", "member_params"])
 @pytest.mark.parametrize("name", [*OPS, "iter_norm", "zca_norm"])

@@ -18,10 +18,17 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import export
+
+
+def dim(s):
+    """A dimension as a Python int, or as it is when symbolic (shape-polymorphic
+    ``jax.export``, where a batch size is a name such as ``B``)."""
+    return s if export.is_symbolic_dim(s) else int(s)
 
 
 def shape_str(shape) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + (",)" if len(shape) == 1 else ")")
+    return "(" + ", ".join(str(dim(s)) for s in shape) + (",)" if len(shape) == 1 else ")")
 
 
 def plain(v):

@@ -22,6 +22,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import export
 
 from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _stats as S
@@ -36,7 +37,13 @@ def check_virtual_batch_size(fn: str, x, axis, v) -> int:
             f"{fn}: virtual_batch_size splits the leading (batch) axis, which must not be the "
             f"feature axis; got x of shape {tuple(x.shape)} with feature axis {axis}"
         )
-    b = int(x.shape[0])
+    b = C.dim(x.shape[0])
+    if export.is_symbolic_dim(b % v):  # jax.export with a symbolic batch size
+        raise ValueError(
+            f"{fn}: virtual_batch_size={v} must divide the batch size, which is symbolic "
+            f"({b}) and not known to be a multiple of {v}; export with a multiple, e.g. "
+            f"jax.export.symbolic_shape('{v}*b, ...')"
+        )
     if b % v:
         raise ValueError(
             f"{fn}: virtual_batch_size={v} must divide the batch size {b} (x.shape[0]); "

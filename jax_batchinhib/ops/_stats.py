@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import export, lax
 
 from jax_batchinhib.ops import _checks as C
 
@@ -66,7 +66,7 @@ class Reduce:
         return dataclasses.replace(self, ndim=2, axes=(1,), reduce_axes=(0,))
 
     def feature_shape(self, x_shape) -> tuple[int, ...]:
-        return tuple(int(x_shape[a]) for a in self.axes)
+        return tuple(C.dim(x_shape[a]) for a in self.axes)
 
     def psum(self, v):
         if self.axis_name is None:
@@ -315,8 +315,8 @@ def mask_shape(fn: str, mask, x_shape: Sequence[int], axes: tuple[int, ...]):
     batch size. flax reads that one square case as a feature mask; spell it (1, 4) for
     that reading here."""
     C.mask_dtype(fn, mask)
-    x_shape = tuple(int(s) for s in x_shape)
-    mshape = tuple(int(s) for s in jnp.shape(mask))
+    x_shape = tuple(C.dim(s) for s in x_shape)
+    mshape = tuple(C.dim(s) for s in jnp.shape(mask))
     ndim = len(x_shape)
     row_shape = tuple(s for a, s in enumerate(x_shape) if a not in axes)
     if ndim > 1 and mshape == row_shape:
@@ -355,12 +355,20 @@ def mask_weights(fn: str, mask, x_shape: Sequence[int], cfg: Reduce, *, rows_onl
     return mask
 
 
-def static_count(fn: str, x_shape, cfg: Reduce, mask) -> int:
-    """Number of values per feature on this device; refuses one value per feature."""
+def _reduced_size(x_shape, cfg: Reduce):
+    """Values per feature on this device: an int, or a symbolic dimension expression
+    under shape-polymorphic ``jax.export`` (a symbolic batch size)."""
     m = 1
     for a in cfg.reduce_axes:
-        m *= int(x_shape[a])
-    if mask is None and cfg.axis_name is None and m <= 1:
+        m *= x_shape[a]
+    return m
+
+
+def static_count(fn: str, x_shape, cfg: Reduce, mask) -> int:
+    """Number of values per feature on this device; refuses one value per feature (when
+    the shape is known: a symbolic batch size is left to the caller of the export)."""
+    m = _reduced_size(x_shape, cfg)
+    if mask is None and cfg.axis_name is None and not export.is_symbolic_dim(m) and m <= 1:
         raise ValueError(
             f"{fn}: training-mode statistics need more than one value per feature; got x of "
             f"shape {shape_str(x_shape)}, which has {m} value{'' if m == 1 else 's'} per "
@@ -435,10 +443,7 @@ def count(x_shape, mask, cfg: Reduce, dtype):
     """Global number of values per feature (keepdims shape), summed across devices.
     Computed from the mask alone, never from the data."""
     if mask is None:
-        m = 1
-        for a in cfg.reduce_axes:
-            m *= int(x_shape[a])
-        return cfg.psum(jnp.asarray(m, dtype))
+        return cfg.psum(jnp.asarray(_reduced_size(x_shape, cfg), dtype))
     w = jnp.broadcast_to(mask, x_shape).astype(dtype)
     return cfg.psum(jnp.sum(w, axis=cfg.reduce_axes, keepdims=True))
 

@@ -9,6 +9,7 @@ import operator
 
 import jax
 import jax.numpy as jnp
+from jax import export
 
 from jax_batchinhib.ops import _checks as C
 from jax_batchinhib.ops import _stats as S
@@ -127,7 +128,7 @@ def mask_shape(shape, broadcast_dims=()) -> tuple[int, ...]:
     Returns:
       The mask's shape, a tuple of ints.
     """
-    return tuple(1 if i in broadcast_dims else int(s) for i, s in enumerate(shape))
+    return tuple(1 if i in broadcast_dims else C.dim(s) for i, s in enumerate(shape))
 
 
 def keep_mask(key, rate: float, shape, broadcast_dims=()):
@@ -234,10 +235,11 @@ def _pack(keep):
     """A boolean array as ``ceil(size / 32)`` uint32 words, bit ``i`` of word ``w`` holding
     element ``32 w + i`` of the flattened array."""
     flat = keep.reshape(-1)
-    pad = -flat.size % 32
-    if pad:
+    words = (flat.size + 31) // 32
+    pad = 32 * words - flat.size  # written so, a symbolic size (jax.export) cancels out
+    if export.is_symbolic_dim(pad) or pad:
         flat = jnp.pad(flat, (0, pad))
-    bits = flat.reshape(-1, 32).astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32)
+    bits = flat.reshape(words, 32).astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32)
     return jnp.sum(bits, axis=1, dtype=jnp.uint32)
 
 
