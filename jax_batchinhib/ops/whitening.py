@@ -362,8 +362,8 @@ def _newton_backward(ps, a_s, b_s, sn, t, wbar):
 
 def _zca_forward(sigma, epsilon):
     """ZCA's W from Σ (G, n, n): returns W and the backward's residuals Σ, U and
-    r = sqrt(λ) (λ floored at ε). W is :func:`_zca_w` of them, so that derivatives of
-    any order reach it through Σ, not through U (see there)."""
+    r = sqrt(λ) (λ floored at ε). W is :func:`_zca_w` of them, so that its first and
+    second derivatives reach it through Σ, not through U (see there)."""
     lam, u = jnp.linalg.eigh(sigma)
     r = jnp.sqrt(jnp.maximum(lam, epsilon))
     return _zca_w(sigma, u, r), sigma, u, r
