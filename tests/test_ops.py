@@ -496,6 +496,47 @@ def test_variance_survives_large_mean(fast):
     assert ratio > 2.0 or np.min(np.asarray(v_fast) / x64.var(0)) < 0.5, ratio
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"guard_mode": "relative"}, {"denominator": "abs"},
+     {"denominator": "abs", "guard_mode": "relative"}],
+    ids=["signed", "relative_guard", "abs", "abs_relative_guard"],
+)  # fmt: skip
+def test_batch_inhib_constant_feature_gradients_equal_reference(options):
+    """A constant feature (a dead ReLU unit: a column of zeros; or of 3s) has all its
+    correlations exactly 0, where |r| (the abs denominator, the relative guard's Σ g|r|)
+    has a kink. The rule takes the slope +1 there, as JAX's derivative of abs does, so
+    dx, dalpha and (inference form) dcov equal autodiff of the reference. With jnp.sign's
+    0 they differed by up to the size of the gradient itself (dx off by 824 of 825 with
+    the abs denominator, float32) in the three configurations with the abs denominator
+    or the relative guard. float64, 1e-10 of the largest entry of the
+    gradients (dalpha is near 0 here, so each array is not scaled by its own)."""
+    with jax.enable_x64(True):
+        x = _data((16, 4), jnp.float64, 7).at[:, 1].set(0.0).at[:, 3].set(3.0)
+        alpha = _alpha(4, 1, jnp.float64)
+        dy = _data((16, 4), jnp.float64, 8, corr=False)
+        cov = jnp.cov(x.T, bias=True)
+
+        train = [
+            jax.grad(lambda x, a, m=m: jnp.sum(m.batch_inhib(x, a, **options)[0] * dy), (0, 1))(
+                x, alpha
+            )
+            for m in (jb, ref)
+        ]
+        inf = [
+            jax.grad(
+                lambda x, a, c, m=m: jnp.sum(m.batch_inhib_inference(x, a, c, **options) * dy),
+                (0, 1, 2),
+            )(x, alpha, cov)
+            for m in (jb, ref)
+        ]
+        for got, want in (train, inf):
+            scale = max(float(jnp.max(jnp.abs(w))) for w in want)
+            for g, w in zip(got, want, strict=True):
+                err = float(jnp.max(jnp.abs(g - w))) / scale
+                assert err < 1e-10, (options, err)
+
+
 def test_batch_inhib_finite_for_any_input():
     """The guarded denominator keeps y and the gradients finite: uncorrelated or
     constant features, alpha anywhere."""

@@ -412,8 +412,10 @@ def _zca_d1(sigma, u, r, h):
     divided difference of f in a form with no eigenvalue difference. F is symmetric, so
     this is also the cotangent of Σ from a cotangent H of W (the backward's Σ̄)."""
     del sigma
-    f = -1.0 / (r[:, :, None] * r[:, None, :] * (r[:, :, None] + r[:, None, :]))
-    return _from_eigenbasis(u, f * _in_eigenbasis(u, h))
+    ri, rk = r[:, :, None], r[:, None, :]
+    # divided in stages, not by the product r_i r_k (r_i + r_k): that overflows float32
+    # once r reaches about 7e12 (features of that standard deviation), and F became -0
+    return _from_eigenbasis(u, -(_in_eigenbasis(u, h) / ri / rk / (ri + rk)))
 
 
 @_zca_d1.defjvp
