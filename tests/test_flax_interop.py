@@ -514,7 +514,9 @@ def test_numpy_scalar_hyperparameters_like_flax():
     np.testing.assert_array_equal(ours_d, flax_d)
     y, _ = _linen_train(bnn.IterNorm(groups=np.int64(3), iterations=np.int32(2)), x)
     assert y.shape == x.shape
-    for bad in (np.bool_(True), np.array(0.5), "0.5"):  # a bool or an array is no number
+    d0 = bnn.Dropout(np.array(0.5)).apply({}, x, deterministic=False, rngs={"dropout": k})
+    np.testing.assert_array_equal(d0, flax_d)  # a 0-d NumPy array is the number it holds
+    for bad in (np.bool_(True), np.array([0.5]), "0.5"):  # a bool or an array is no number
         with pytest.raises(TypeError, match=r"BatchNorm: momentum must be a float in \[0, 1\]"):
             bnn.BatchNorm(momentum=bad).init(jax.random.key(0), x, use_running_average=False)
 

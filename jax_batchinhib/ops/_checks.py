@@ -33,14 +33,14 @@ def shape_str(shape) -> str:
 
 def plain(v):
     """A NumPy scalar (``np.float32(0.9)``, ``np.int64(3)``) or a concrete 0-d floating
-    JAX array (``jnp.float32(0.9)``, which the float hyperparameters accept, as flax's
-    do) as the Python scalar it holds; anything else (a tracer included) as it is. The
-    NNX modules store hyperparameters through this: a JAX array kept on the module would
-    be NNX state, traced by ``nnx.jit``."""
+    NumPy or JAX array (``np.array(0.9)``, ``jnp.float32(0.9)``, which the float
+    hyperparameters accept, as flax's do) as the Python scalar it holds; anything else
+    (a tracer included) as it is. The NNX modules store hyperparameters through this: a
+    JAX array kept on the module would be NNX state, traced by ``nnx.jit``."""
     if isinstance(v, np.generic):
         return v.item()
     if (
-        isinstance(v, jax.Array)
+        isinstance(v, jax.Array | np.ndarray)
         and not isinstance(v, jax.core.Tracer)
         and v.ndim == 0
         and jnp.issubdtype(v.dtype, jnp.floating)
@@ -60,15 +60,19 @@ def is_int(v) -> bool:
 
 def _static_number(fn: str, name: str, v, expect: str) -> float:
     """``v`` as a Python float; TypeError for a tracer, a bool or a non-number. NumPy
-    scalars (``np.float32(0.9)``, ``np.int64(3)``) and concrete 0-d JAX arrays
-    (``jnp.float32(0.9)``) count as numbers, as in flax; other arrays do not (a
-    hyperparameter is a value known at trace time)."""
+    scalars (``np.float32(0.9)``, ``np.int64(3)``), 0-d NumPy arrays (``np.array(0.9)``)
+    and concrete 0-d JAX arrays (``jnp.float32(0.9)``) count as numbers, as in flax;
+    other arrays do not (a hyperparameter is a value known at trace time)."""
     if isinstance(v, jax.core.Tracer):
         raise TypeError(
             f"{fn}: {name} must be a Python float known at trace time; got a tracer. Close "
             f"over it or mark it static in jax.jit."
         )
-    if isinstance(v, jax.Array) and v.ndim == 0 and not jnp.issubdtype(v.dtype, jnp.bool_):
+    if (
+        isinstance(v, jax.Array | np.ndarray)
+        and v.ndim == 0
+        and not jnp.issubdtype(v.dtype, jnp.bool_)
+    ):
         v = v.item()
     if _is_bool(v) or not isinstance(v, numbers.Real):
         raise TypeError(f"{fn}: {name} must be {expect}; got {v!r}")
