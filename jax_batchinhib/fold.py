@@ -19,6 +19,14 @@ model runs as plain :class:`flax.linen.Dense` / :class:`flax.linen.Conv` layers.
   :math:`K' = K\,W\,\mathrm{diag}(\gamma)`,
   :math:`b' = ((b-\mu) W)\odot\gamma + \beta`.
 
+A grouped or depthwise Conv (``feature_group_count`` G > 1, kernel ``(..., in/G, out)``)
+connects each group of channels only to itself, so M or W folds into it exactly when it
+does not mix the conv's groups: when the layer's ``groups`` is a multiple of G. The
+kernel does not show G, so the BatchInhib and whitening folds take
+``feature_group_count`` and refuse the other cases (folding after a grouped conv without
+it would mix its groups silently). BatchNorm and BatchCenter are per feature and fold
+into any Conv.
+
 Every function takes the variables as stored by the modules (linen ``params`` /
 ``batch_stats`` sub-dicts, or NNX ``nnx.state`` values converted with
 ``.to_pure_dict()``) and returns ``{"kernel": ..., "bias": ...}`` for a plain Dense or
@@ -208,6 +216,11 @@ def inhib_options(module) -> dict:
       A dict with keys rho, epsilon, groups, correlation, denominator, guard,
       guard_mode.
     """
+    if not any(c.__name__ == "BatchInhib" for c in type(module).__mro__):
+        raise TypeError(
+            f"inhib_options: module must be a jax_batchinhib linen or NNX BatchInhib; got "
+            f"{type(module).__name__}"
+        )
     return M.inhib_options(type(module).__name__, module).kwargs()
 
 
@@ -226,6 +239,8 @@ def _inhib_checked(fn, inhib_params, inhib_stats, options, n=None, side="outputs
     g = opts.groups
     alpha = _stat(fn, "inhib_params", inhib_params, "alpha")
     cov = _stat(fn, "inhib_stats", inhib_stats, "cov")
+    C.float_array(fn, "inhib_params['alpha']", alpha)
+    C.float_array(fn, "inhib_stats['cov']", cov)
     ash = tuple(alpha.shape)
     square = len(ash) in (2, 3) and ash[-1] == ash[-2]
     if not square:
@@ -267,6 +282,19 @@ def _inhib_checked(fn, inhib_params, inhib_stats, options, n=None, side="outputs
     return opts.kwargs()
 
 
+def _conv_groups(fn, feature_group_count, groups, what):
+    """The conv's G, checked: an int >= 1 that divides the layer's ``groups`` (``what``
+    names the layer), so that its blocks lie inside the conv's groups."""
+    gc = C.positive_int(fn, "feature_group_count", feature_group_count)
+    if groups % gc:
+        raise ValueError(
+            f"{fn}: the {what} with groups={groups} mixes features across the conv's "
+            f"feature_group_count={gc} groups, which a grouped kernel cannot hold; folding "
+            f"needs groups to be a multiple of feature_group_count (or an ungrouped conv)"
+        )
+    return gc
+
+
 def _inhib_map(inhib_params, inhib_stats, options):
     R = inhibition_matrix(inhib_stats["cov"], inhib_params["alpha"], **options)
     rt = [R[g].T for g in range(R.shape[0])]
@@ -292,7 +320,9 @@ def inhib_map(inhib_params, inhib_stats, **options):
     return _inhib_map(inhib_params, inhib_stats, options)
 
 
-def fold_batch_inhib_after(layer_params, inhib_params, inhib_stats, **options):
+def fold_batch_inhib_after(
+    layer_params, inhib_params, inhib_stats, *, feature_group_count: int = 1, **options
+):
     """Merge an eval-mode BatchInhib into the Dense/Conv *before* it (layer -> inhib):
     ``K' = K M``, ``b' = b M``.
 
@@ -301,6 +331,8 @@ def fold_batch_inhib_after(layer_params, inhib_params, inhib_stats, **options):
         (``bias`` may be missing).
       inhib_params, inhib_stats, **options: as in :func:`inhib_map`; ``N`` must equal
         the layer's ``out``.
+      feature_group_count: the Conv's (its kernel does not show it): for a grouped Conv
+        the BatchInhib's ``groups`` must be a multiple of it, else ValueError.
 
     Returns:
       ``{"kernel": K M, "bias": b M}`` (``b`` = 0 when missing), in at least float32.
@@ -308,6 +340,7 @@ def fold_batch_inhib_after(layer_params, inhib_params, inhib_stats, **options):
     fn = "fold_batch_inhib_after"
     k, b = _layer(fn, layer_params)
     options = _inhib_checked(fn, inhib_params, inhib_stats, options, k.shape[-1], "outputs")
+    _conv_groups(fn, feature_group_count, options["groups"], "BatchInhib")
     m = _inhib_map(inhib_params, inhib_stats, options)
     cd = _dtype(k, m)
     hi = S.PRECISION
@@ -316,7 +349,9 @@ def fold_batch_inhib_after(layer_params, inhib_params, inhib_stats, **options):
     return {"kernel": new_k, "bias": new_b}
 
 
-def fold_batch_inhib_before(layer_params, inhib_params, inhib_stats, **options):
+def fold_batch_inhib_before(
+    layer_params, inhib_params, inhib_stats, *, feature_group_count: int = 1, **options
+):
     """Merge an eval-mode BatchInhib into the Dense/Conv *after* it (inhib -> layer):
     ``K'[..., i, o] = sum_j M[i, j] K[..., j, o]``, bias unchanged.
 
@@ -325,27 +360,44 @@ def fold_batch_inhib_before(layer_params, inhib_params, inhib_stats, **options):
         (``bias`` may be missing).
       inhib_params, inhib_stats, **options: as in :func:`inhib_map`; ``N`` must equal
         the layer's ``in``.
+      feature_group_count: the Conv's G (kernel ``(..., in/G, out)``): the sum runs
+        within each of its groups; the BatchInhib's ``groups`` must be a multiple of G.
 
     Returns:
       ``{"kernel": M K, "bias": b}`` (``b`` = 0 when missing), in at least float32.
     """
     fn = "fold_batch_inhib_before"
     k, b = _layer(fn, layer_params)
-    options = _inhib_checked(fn, inhib_params, inhib_stats, options, k.shape[-2], "inputs")
+    gc = C.positive_int(fn, "feature_group_count", feature_group_count)
+    if k.shape[-1] % gc:
+        raise ValueError(
+            f"{fn}: feature_group_count={gc} must divide the layer's {k.shape[-1]} outputs"
+        )
+    n_in = k.shape[-2] * gc
+    options = _inhib_checked(fn, inhib_params, inhib_stats, options, n_in, "inputs")
+    _conv_groups(fn, gc, options["groups"], "BatchInhib")
     m = _inhib_map(inhib_params, inhib_stats, options)
     cd = _dtype(k, m)
-    new_k = jnp.einsum("ij,...jo->...io", m.astype(cd), k.astype(cd), precision=S.PRECISION)
+    # per conv group c: K'[..., i, c, o] = sum_j M_c[i, j] K[..., j, c, o], M_c its block
+    kg = k.astype(cd).reshape(*k.shape[:-1], gc, k.shape[-1] // gc)
+    ng = k.shape[-2]
+    mc = jnp.stack([m[c * ng : (c + 1) * ng, c * ng : (c + 1) * ng] for c in range(gc)])
+    new_k = jnp.einsum("cij,...jco->...ico", mc.astype(cd), kg, precision=S.PRECISION)
+    new_k = new_k.reshape(k.shape)
     new_b = jnp.zeros((k.shape[-1],), cd) if b is None else b.astype(cd)
     return {"kernel": new_k, "bias": new_b}
 
 
-def fold_whitening_after(layer_params, module_params, batch_stats, *, groups: int = 1):
+def fold_whitening_after(
+    layer_params, module_params, batch_stats, *, groups: int = 1, feature_group_count: int = 1
+):
     """Merge an eval-mode IterNorm or ZCANorm into the Dense/Conv *before* it
     (layer -> whitening): with W = blockdiag(``batch_stats['whitening_matrix']``),
     ``K' = K W diag(scale)``, ``b' = ((b - mean) W) * scale + bias``.
 
     ``module_params`` may lack ``scale`` / ``bias`` (use_scale / use_bias False);
-    ``groups`` is the module's (W may also be given as ``(N, N)`` with groups=1).
+    ``groups`` is the module's (W may also be given as ``(N, N)`` with groups=1);
+    ``feature_group_count`` the Conv's, of which ``groups`` must be a multiple.
     """
     fn = "fold_whitening_after"
     k, b = _layer(fn, layer_params)
@@ -361,6 +413,7 @@ def fold_whitening_after(layer_params, module_params, batch_stats, *, groups: in
         raise TypeError(msg + f"got {groups!r}")
     if groups < 1 or n % groups:
         raise ValueError(msg + f"got {groups!r}")
+    _conv_groups(fn, feature_group_count, int(groups), "whitening layer")
     wm = jnp.asarray(batch_stats["whitening_matrix"])
     g, ng = int(groups), n // groups
     if wm.shape not in ((g, ng, ng),) + (((ng, ng),) if g == 1 else ()):

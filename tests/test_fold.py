@@ -83,6 +83,70 @@ def test_fold_batch_inhib_before_and_after_a_layer(kind):
     np.testing.assert_allclose(layer.apply({"params": folded}, x), want, atol=ATOL)
 
 
+@pytest.mark.parametrize("conv_groups, groups", [(2, 2), (2, 4), (1, 2)])
+def test_fold_into_a_grouped_conv(conv_groups, groups):
+    """A Conv with ``feature_group_count`` G: BatchInhib after and before it and ZCANorm
+    after it fold exactly when the layer's groups are a multiple of G (its blocks stay
+    inside the conv's groups). Before, the after-folds took no G and mixed the conv's
+    groups silently (output off by 149 where its largest entry was 146), and the
+    before-fold refused with "the layer has 2 inputs" for a conv with 4."""
+    conv = nn.Conv(4, (3, 3), padding="SAME", feature_group_count=conv_groups)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
+    lp = params_of(conv, x, jax.random.key(1))
+    h = conv.apply({"params": lp}, x)
+    bi = bnn.BatchInhib(use_running_average=True, groups=groups, rho=2.0)
+    opts = dict(fold.inhib_options(bi), feature_group_count=conv_groups)
+    k = 4 // groups
+    ip = {"alpha": jax.random.normal(jax.random.key(5), (groups, k, k) if groups > 1 else (k, k))}
+    st = rand_stats(jax.random.key(6), 4, groups)
+    want = bi.apply({"params": ip, "batch_stats": st}, h)
+    folded = fold.fold_batch_inhib_after(lp, ip, st, **opts)
+    np.testing.assert_allclose(conv.apply({"params": folded}, x), want, atol=ATOL)
+    want = conv.apply({"params": lp}, bi.apply({"params": ip, "batch_stats": st}, x))
+    folded = fold.fold_batch_inhib_before(lp, ip, st, **opts)
+    np.testing.assert_allclose(conv.apply({"params": folded}, x), want, atol=ATOL)
+    zn = bnn.ZCANorm(use_running_average=True, groups=groups)
+    mp = params_of(zn, h, jax.random.key(3))
+    w = jnp.eye(k) + 0.5 * jax.random.normal(jax.random.key(4), (groups, k, k))
+    zs = {"mean": jax.random.normal(jax.random.key(2), (4,)), "whitening_matrix": w}
+    want = zn.apply({"params": mp, "batch_stats": zs}, h)
+    folded = fold.fold_whitening_after(lp, mp, zs, groups=groups, feature_group_count=conv_groups)
+    np.testing.assert_allclose(conv.apply({"params": folded}, x), want, atol=ATOL)
+
+
+def test_fold_into_a_grouped_conv_refuses_groups_that_mix_its_groups():
+    lp = {"kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.zeros(4)}  # a Conv 4 -> 4, G = 2
+    ip, st = {"alpha": jnp.zeros((4, 4))}, {"cov": jnp.eye(4)}
+    msg = (
+        r"the BatchInhib with groups=1 mixes features across the conv's "
+        r"feature_group_count=2 groups, which a grouped kernel cannot hold"
+    )
+    for f in (fold.fold_batch_inhib_after, fold.fold_batch_inhib_before):
+        with pytest.raises(ValueError, match=rf"^{f.__name__}: {msg}"):
+            f(lp, ip, st, feature_group_count=2)
+    ws = {"mean": jnp.zeros(4), "whitening_matrix": jnp.eye(4)[None]}
+    with pytest.raises(ValueError, match=r"^fold_whitening_after: the whitening layer with"):
+        fold.fold_whitening_after(lp, {}, ws, feature_group_count=2)
+    with pytest.raises(TypeError, match=r"^fold_batch_inhib_after: feature_group_count must"):
+        fold.fold_batch_inhib_after(lp, ip, st, feature_group_count=2.0)
+
+
+def test_fold_inhib_dtype_and_module_errors_name_the_function():
+    """An integer alpha or cov is named as the fold's argument (it was reported by the
+    internal ``inhibition_matrix``), and ``inhib_options`` of a module that is not a
+    BatchInhib is a TypeError naming it (it was flax's AttributeError for ``rho``)."""
+    lp = {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}
+    with pytest.raises(TypeError, match=r"^fold_batch_inhib_after: inhib_params\['alpha'\] "):
+        fold.fold_batch_inhib_after(
+            lp, {"alpha": jnp.zeros((4, 4), jnp.int32)}, {"cov": jnp.eye(4)}
+        )
+    with pytest.raises(TypeError, match=r"^inhib_map: inhib_stats\['cov'\] must be a float"):
+        fold.inhib_map({"alpha": jnp.zeros((4, 4))}, {"cov": jnp.eye(4, dtype=jnp.int32)})
+    for mdl in (bnn.BatchNorm(), bnn.ZCANorm()):
+        with pytest.raises(TypeError, match=r"^inhib_options: module must be a jax_batchinhib"):
+            fold.inhib_options(mdl)
+
+
 def test_fold_errors_name_the_function():
     lp = {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}
     with pytest.raises(ValueError, match=r"fold_batch_norm: bn_stats\['mean'\] must have shape"):
