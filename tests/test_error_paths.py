@@ -111,6 +111,11 @@ CASES = {
         ValueError,
         r"batch_center_inference: mean is required",
     ),
+    "batch_inhib_inference cov None": (
+        lambda: jb.batch_inhib_inference(X, jnp.zeros((X.shape[-1],) * 2), None),
+        ValueError,
+        r"batch_inhib_inference: cov is required \(the running covariance\)",
+    ),
     # scalar x
     "batch_norm scalar x": (
         lambda: jb.batch_norm(jnp.float32(1.0)),

@@ -556,6 +556,8 @@ def batch_inhib_inference(
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     nfeat = math.prod(red.feature_shape(x.shape))  # several feature axes: flattened
     _check_groups_alpha(fn, nfeat, groups, alpha)
+    if cov is None:
+        raise ValueError(f"{fn}: cov is required (the running covariance)")
     _check_groups_alpha(fn, nfeat, groups, cov, name="cov")
     x2, tshape = _as_matrix(x, red.axes)
     y2 = _bi_inf(cfg, x2, _alpha3(alpha, groups), _alpha3(cov, groups))
