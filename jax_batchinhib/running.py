@@ -132,10 +132,7 @@ def batch_count(
     cfg = S.make_reduce(where, x, axis)
     n = cfg.feature_shape(x.shape)
     if mask is None:
-        m = 1
-        for a in cfg.reduce_axes:
-            m *= C.dim(x.shape[a])
-        cnt = jnp.full(n, m, jnp.float32)
+        cnt = jnp.full(n, S.reduced_size(x.shape, cfg), jnp.float32)
     else:
         mask = S.mask_weights(where, mask, x.shape, cfg)
         w = jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), x.shape)

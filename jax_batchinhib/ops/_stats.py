@@ -355,7 +355,7 @@ def mask_weights(fn: str, mask, x_shape: Sequence[int], cfg: Reduce, *, rows_onl
     return mask
 
 
-def _reduced_size(x_shape, cfg: Reduce):
+def reduced_size(x_shape, cfg: Reduce):
     """Values per feature on this device: an int, or a symbolic dimension expression
     under shape-polymorphic ``jax.export`` (a symbolic batch size)."""
     m = 1
@@ -367,7 +367,7 @@ def _reduced_size(x_shape, cfg: Reduce):
 def static_count(fn: str, x_shape, cfg: Reduce, mask) -> int:
     """Number of values per feature on this device; refuses one value per feature (when
     the shape is known: a symbolic batch size is left to the caller of the export)."""
-    m = _reduced_size(x_shape, cfg)
+    m = reduced_size(x_shape, cfg)
     if mask is None and cfg.axis_name is None and not export.is_symbolic_dim(m) and m <= 1:
         raise ValueError(
             f"{fn}: training-mode statistics need more than one value per feature; got x of "
@@ -443,7 +443,7 @@ def count(x_shape, mask, cfg: Reduce, dtype):
     """Global number of values per feature (keepdims shape), summed across devices.
     Computed from the mask alone, never from the data."""
     if mask is None:
-        return cfg.psum(jnp.asarray(_reduced_size(x_shape, cfg), dtype))
+        return cfg.psum(jnp.asarray(reduced_size(x_shape, cfg), dtype))
     w = jnp.broadcast_to(mask, x_shape).astype(dtype)
     return cfg.psum(jnp.sum(w, axis=cfg.reduce_axes, keepdims=True))
 

@@ -202,7 +202,8 @@ def _inhib_matrix_bwd(cfg: InhibOptions, alpha, parts, dR):
     # d|r|/dr: +1 at r = 0 (a constant feature's correlations), as JAX's derivative of
     # abs takes it, so the rule equals autodiff of the reference there too (any slope in
     # [-1, 1] is a subgradient at the kink; jnp.sign's 0 was another choice)
-    slope = jnp.where(r >= 0, 1.0, -1.0).astype(r.dtype)
+    if cfg.denominator != "signed" or a is not None:
+        slope = jnp.where(r >= 0, 1.0, -1.0).astype(r.dtype)
     dr = dp * gm + (dq_g if cfg.denominator == "signed" else dq_g * slope)
     if a is not None:  # relative guard: h also depends on A = Σ g|r|, ∂h/∂A = -2δ²AD/E²
         da = -2.0 * cfg.guard * cfg.guard * a * d * dh / den / den
