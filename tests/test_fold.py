@@ -89,17 +89,21 @@ def test_fold_into_a_grouped_conv(conv_groups, groups):
     after it fold exactly when the layer's groups are a multiple of G (its blocks stay
     inside the conv's groups). Before, the after-folds took no G and mixed the conv's
     groups silently (output off by 149 where its largest entry was 146), and the
-    before-fold refused with "the layer has 2 inputs" for a conv with 4."""
-    conv = nn.Conv(4, (3, 3), padding="SAME", feature_group_count=conv_groups)
-    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
+    before-fold refused with "the layer has 2 inputs" for a conv with 4. 8 channels, so
+    every block of the layer (4 or 2 features) mixes features: a diagonal map would fold
+    into any conv."""
+    n = 8
+    conv = nn.Conv(n, (3, 3), padding="SAME", feature_group_count=conv_groups)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, n))
     lp = params_of(conv, x, jax.random.key(1))
     h = conv.apply({"params": lp}, x)
     bi = bnn.BatchInhib(use_running_average=True, groups=groups, rho=2.0)
     opts = dict(fold.inhib_options(bi), feature_group_count=conv_groups)
-    k = 4 // groups
+    k = n // groups
     ip = {"alpha": jax.random.normal(jax.random.key(5), (groups, k, k) if groups > 1 else (k, k))}
-    st = rand_stats(jax.random.key(6), 4, groups)
+    st = rand_stats(jax.random.key(6), n, groups)
     want = bi.apply({"params": ip, "batch_stats": st}, h)
+    assert float(jnp.abs(want - h).max()) > 0.1  # the inhibition does something
     folded = fold.fold_batch_inhib_after(lp, ip, st, **opts)
     np.testing.assert_allclose(conv.apply({"params": folded}, x), want, atol=ATOL)
     want = conv.apply({"params": lp}, bi.apply({"params": ip, "batch_stats": st}, x))
@@ -108,7 +112,7 @@ def test_fold_into_a_grouped_conv(conv_groups, groups):
     zn = bnn.ZCANorm(use_running_average=True, groups=groups)
     mp = params_of(zn, h, jax.random.key(3))
     w = jnp.eye(k) + 0.5 * jax.random.normal(jax.random.key(4), (groups, k, k))
-    zs = {"mean": jax.random.normal(jax.random.key(2), (4,)), "whitening_matrix": w}
+    zs = {"mean": jax.random.normal(jax.random.key(2), (n,)), "whitening_matrix": w}
     want = zn.apply({"params": mp, "batch_stats": zs}, h)
     folded = fold.fold_whitening_after(lp, mp, zs, groups=groups, feature_group_count=conv_groups)
     np.testing.assert_allclose(conv.apply({"params": folded}, x), want, atol=ATOL)
