@@ -240,12 +240,18 @@ STUDY_ROWS = ("none", "bn", "flax_bn", "bn+bi_signed_abs_near", "bn+bi_abs_abs_a
 def study_block(path=None) -> str:
     """The MNIST-1D headline table, from the committed ``docs/results/mnist1d_results.json``
     (``jax-batchinhib train --task mnist1d``): test accuracy and the paired difference from
-    our BatchNorm, per model, for the variants a reader asks about first."""
+    our BatchNorm, per model, for the variants a reader asks about first, with the
+    Holm-adjusted p-value over all of the model's comparisons."""
+    from jax_batchinhib.apps import study
+
     path = README.parent / "docs" / "results" / "mnist1d_results.json" if path is None else path
     d = json.loads(Path(path).read_text())
     models = list(d["models"])
     by = {mk: {r["variant"]: r for r in d["models"][mk]["variants"]} for mk in models}
-    head = " | ".join(f"{mk.upper()} test acc | vs `bn`, points (95% CI)" for mk in models)
+    corrected = {mk: study.holm(d["models"][mk]["variants"]) for mk in models}
+    head = " | ".join(
+        f"{mk.upper()} test acc | vs `bn`, points (95% CI); Holm-adjusted p" for mk in models
+    )
     lines = [f"| variant | {head} |", "|---|" + "---|---|" * len(models)]
     for v in STUDY_ROWS:
         cells = []
@@ -256,7 +262,8 @@ def study_block(path=None) -> str:
                 "baseline"
                 if c is None
                 else f"{100 * c['diff']:+.2f} [{100 * c['ci_low']:+.2f}, "
-                f"{100 * c['ci_high']:+.2f}] {c['verdict']}"
+                f"{100 * c['ci_high']:+.2f}] {c['verdict']}; "
+                f"{corrected[mk][v]['p_holm']:.3g} {corrected[mk][v]['verdict']}"
             )
             cells += [f"{100 * r['test_acc_mean']:.1f}% ± {100 * r['test_acc_std']:.1f}", diff]
         lines.append(f"| `{v}` | " + " | ".join(cells) + " |")

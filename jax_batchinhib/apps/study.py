@@ -15,6 +15,14 @@ Protocol, for every variant (a normalization chain of :mod:`jax_batchinhib.apps.
    the same key by layer name) and its batch order, so the differences are paired by
    seed. The interval is over training randomness (initialisation and batch order) on
    this fixed test set. 'helps' / 'hurts' when the interval excludes 0, else 'ties'.
+4. The tables add Holm's correction over the model's family of comparisons (every
+   variant against our BatchNorm): the adjusted p-value of the paired t-test and the
+   verdict that stands at a family-wise error rate of 5% (:func:`holm`).
+5. The baseline's seeds are also trained at every other grid value, and each variant is
+   compared with the baseline at the variant's own learning rate as well
+   (:func:`compare_with_baseline`): a variant that wins only because its search chose a
+   better learning rate than the baseline's is told apart from one that wins at equal
+   learning rates.
 
 Speed: one compiled program per variant shape trains all the lanes at once (the grid's
 learning rates x seeds, or the final seeds: a ``jax.vmap`` axis, the learning rate an
@@ -38,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.stats
 
 from jax_batchinhib.apps._xla import run_once_options
 from jax_batchinhib.apps.data import Split, load_digits_split, load_mnist1d, validation_rows
@@ -122,8 +131,8 @@ DEFAULTS = {
         "batch_size": 100,
         "eval_every": 250,
         "lrs": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-        "val_seeds": 1,
-        "seeds": 5,
+        "val_seeds": 2,
+        "seeds": 10,
     },
     "digits": {
         "models": ("mlp",),
@@ -131,8 +140,8 @@ DEFAULTS = {
         "batch_size": 64,
         "eval_every": 100,
         "lrs": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-        "val_seeds": 1,
-        "seeds": 5,
+        "val_seeds": 2,
+        "seeds": 10,
     },
 }
 
@@ -307,22 +316,10 @@ def train_lanes(
 
 # ------------------------------------------------------------------------ statistics
 
-# two-sided 95% Student-t quantiles t_{0.975, df}
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
-         16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042,
-         40: 2.021, 60: 2.000, 120: 1.980}  # fmt: skip
-
 
 def t975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (from a table; the
-    next smaller tabulated df above 20, which errs on the wide side; 1.96 past 120)."""
-    if df < 1:
-        return math.inf
-    if df in _T975:
-        return _T975[df]
-    below = [d for d in _T975 if d < df]
-    return 1.96 if df > 120 else _T975[max(below)]
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (``inf`` below 1)."""
+    return math.inf if df < 1 else float(scipy.stats.t.ppf(0.975, df))
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
@@ -334,12 +331,78 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
-    """``a - b`` paired by seed: mean difference, its 95% t interval and the verdict
-    'helps' (interval above 0) / 'hurts' (below 0) / 'ties'."""
+    """``a - b`` paired by seed: mean difference, its 95% t interval, the verdict
+    'helps' (interval above 0) / 'hurts' (below 0) / 'ties', and the two-sided p-value of
+    the paired t-test (the interval excludes 0 exactly when ``p < 0.05``)."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     m, h = mean_ci(d)
     word = "helps" if m - h > 0 else "hurts" if m + h < 0 else "ties"
-    return {"diff": m, "ci_low": m - h, "ci_high": m + h, "verdict": word, "paired": True}
+    if d.size < 2:
+        p = 1.0
+    elif float(d.std(ddof=1)) == 0.0:  # every seed moved by the same amount
+        p = 1.0 if m == 0.0 else 0.0
+    else:
+        p = float(scipy.stats.ttest_1samp(d, 0.0).pvalue)
+    return {"diff": m, "ci_low": m - h, "ci_high": m + h, "verdict": word, "p": p, "paired": True}
+
+
+def _lr_key(lr: float) -> str:
+    """A learning rate as a JSON key: ``0.003`` -> ``"0.003"``."""
+    return f"{lr:g}"
+
+
+def _baseline_seeds(base: dict, r: dict, same_lr: bool) -> list[float] | None:
+    """The baseline's per-seed test accuracies that variant ``r`` is compared with: at the
+    baseline's own chosen learning rate, or (``same_lr``) at ``r``'s; ``None`` when the
+    baseline did not run at that value."""
+    if not same_lr:
+        return base["test_acc_per_seed"]
+    return base.get("test_acc_per_seed_per_lr", {}).get(_lr_key(r["lr"]))
+
+
+def compare_with_baseline(variants: list[dict]) -> None:
+    """Each variant's paired comparisons with our BatchNorm, set in place: ``vs_bn``, against
+    the baseline at the baseline's chosen learning rate (each layer at its best), and
+    ``vs_bn_same_lr``, against the baseline trained at this variant's chosen learning rate
+    (when the baseline ran at every grid value), which separates what the layer does
+    from what its learning rate does."""
+    base = next((r for r in variants if r["variant"] == BASELINE), None)
+    for r in variants:
+        r.pop("vs_bn", None)
+        r.pop("vs_bn_same_lr", None)
+        if base is None or r is base:
+            continue
+        for key, same in (("vs_bn", False), ("vs_bn_same_lr", True)):
+            ref = _baseline_seeds(base, r, same)
+            if ref is not None:
+                r[key] = paired_difference(r["test_acc_per_seed"], ref)
+
+
+def holm(variants: Sequence[dict], alpha: float = 0.05, *, same_lr: bool = False) -> dict:
+    """Holm's step-down correction over one model's comparisons with our BatchNorm.
+
+    ``variants``: the model's result rows; every variant but the baseline is one comparison
+    of the family (``same_lr``: those compared at their own learning rate, see
+    :func:`compare_with_baseline`). Returns, per variant name, the Holm-adjusted p-value
+    (``p_holm``: the family-wise error rate at which its verdict would stand), the family
+    size ``k`` and the verdict at family-wise level ``alpha``: 'helps' / 'hurts' where the
+    adjusted p is at most ``alpha``, else 'ties'. The p-values are recomputed from the
+    per-seed test accuracies."""
+    base = next((r for r in variants if r["variant"] == BASELINE), None)
+    if base is None:
+        return {}
+    tests = []
+    for r in variants:
+        ref = None if r is base else _baseline_seeds(base, r, same_lr)
+        if ref is not None:
+            tests.append((r["variant"], paired_difference(r["test_acc_per_seed"], ref)))
+    k = len(tests)
+    out, running = {}, 0.0
+    for i, (name, c) in enumerate(sorted(tests, key=lambda t: t[1]["p"])):
+        running = max(running, min(1.0, (k - i) * c["p"]))  # monotone step-down
+        word = ("helps" if c["diff"] > 0 else "hurts") if running <= alpha else "ties"
+        out[name] = {"p_holm": running, "k": k, "verdict": word}
+    return out
 
 
 # ------------------------------------------------------------------------ protocol
@@ -355,11 +418,15 @@ def run_variant(
     *,
     progress=None,
     keep_states: bool = False,
+    every_lr: bool = False,
 ) -> dict:
     """The protocol for one variant: choose the learning rate on the validation split
     (``val_rows``: the training rows kept for training and those carved out for
     validation, :func:`jax_batchinhib.apps.data.validation_rows`), then train
-    ``cfg['seeds']`` seeds on ``full`` and score them on its test part."""
+    ``cfg['seeds']`` seeds on ``full`` and score them on its test part. ``every_lr`` (the
+    baseline): also train those seeds at every other grid value, their test accuracies in
+    ``test_acc_per_seed_per_lr`` (keyed by :func:`_lr_key`), so that every variant can be
+    compared with the baseline at the variant's own learning rate."""
     keep, held = val_rows
     val = Split(full.x_train, full.y_train, full.x_train[held], full.y_train[held])
     model = make_model(task, model_kind, v)
@@ -388,6 +455,17 @@ def run_variant(
     )
     test = f["final_eval_acc"]
     train = f["final_train_acc"]
+    per_lr = None
+    if every_lr:  # the same seeds at the grid's other values, for same-lr comparisons
+        others = [x for x in lrs if x != lr]
+        per_lr = {_lr_key(lr): test.tolist()}
+        if others:
+            o = train_lanes(
+                model, full, [x for x in others for _ in seeds], seeds * len(others), **common
+            )
+            acc = o["final_eval_acc"].reshape(len(others), len(seeds))
+            per_lr.update({_lr_key(x): a.tolist() for x, a in zip(others, acc, strict=True)})
+        per_lr = {_lr_key(x): per_lr[_lr_key(x)] for x in lrs}  # in grid order
     out = {
         "variant": v.name,
         "description": v.description,
@@ -415,6 +493,8 @@ def run_variant(
         },
         "seconds": {"lr_search": g["seconds"], "final": f["seconds"]},
     }
+    if per_lr is not None:
+        out["test_acc_per_seed_per_lr"] = per_lr
     if keep_states:
         out["_states"] = f["states"]
     return out
@@ -491,6 +571,7 @@ def run_model(
             cfg,
             progress=None if bar is None else bar.update,
             keep_states=keep,
+            every_lr=v.name == BASELINE,
         )
         if keep:
             heat = inhib_heatmap_data(make_model(task, model_kind, v), r.pop("_states"), full)
@@ -500,13 +581,7 @@ def run_model(
                 json.dump({"task": task, "model": model_kind, "cfg": cfg, "variants": res}, f)
     if bar is not None:
         bar.close()
-    by = {r["variant"]: r for r in res}
-    if BASELINE in by:
-        for r in res:
-            if r["variant"] != BASELINE:
-                r["vs_bn"] = paired_difference(
-                    r["test_acc_per_seed"], by[BASELINE]["test_acc_per_seed"]
-                )
+    compare_with_baseline(res)
     out = {
         "n_train": int(full.x_train.shape[0]),
         "n_val": len(val_rows[1]),
@@ -723,31 +798,57 @@ def plot_heatmaps(h: dict, title: str, path: str) -> None:
 # ------------------------------------------------------------------------ report
 
 
+def _diff_cell(c: dict) -> str:
+    return f"{100 * c['diff']:+.2f} [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}]"
+
+
 def format_tables(study: dict) -> str:
+    """The study's tables (Markdown), a table per model: per variant, the chosen learning
+    rate, test and train accuracy, the paired comparison with our BatchNorm and its
+    verdict, Holm's correction of that verdict over the model's comparisons, and (when the
+    baseline ran at every grid value) the comparison with our BatchNorm trained at the
+    variant's own learning rate, with its verdict and Holm's."""
     lines = []
     for mk, m in study["models"].items():
         res = m["variants"]
         n = len(res[0]["seeds"])
+        corrected = holm(res)
+        same = holm(res, same_lr=True)
+        k = len(corrected)
+        head = (
+            "| variant | lr (val acc) | test acc, mean ± std | train acc | vs our BatchNorm "
+            f"(paired, 95% CI) | verdict | Holm-adjusted p over {k}: verdict |"
+        )
+        rule = "|---|---|---|---|---|---|---|"
+        if same:
+            head += " vs our BatchNorm at the same lr: 95% CI, verdict; Holm |"
+            rule += "---|"
         lines += [
             f"**{study['task']} {mk.upper()}** ({m['n_train']} train / {m['n_test']} test; "
             f"learning rate chosen on {m['n_val']} validation rows; {n} seeds)",
             "",
-            "| variant | lr (val acc) | test acc, mean ± std | train acc | vs our BatchNorm "
-            "(paired, 95% CI) | verdict |",
-            "|---|---|---|---|---|---|",
+            head,
+            rule,
         ]
         for r in res:
             c = r.get("vs_bn")
-            vs = (
-                f"{100 * c['diff']:+.2f} [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}]"
-                if c
-                else "—"
-            )
-            lines.append(
+            h = corrected.get(r["variant"])
+            adj = f"{h['p_holm']:.3g}: {h['verdict']}" if h else "—"
+            row = (
                 f"| `{r['variant']}` | {r['lr']:g} ({100 * r['val_acc']:.1f}%) | "
                 f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} | "
-                f"{100 * r['train_acc_mean']:.1f} | {vs} | {c['verdict'] if c else 'baseline'} |"
+                f"{100 * r['train_acc_mean']:.1f} | {_diff_cell(c) if c else '—'} | "
+                f"{c['verdict'] if c else 'baseline'} | "
+                f"{adj} |"
             )
+            if same:
+                c2, h2 = r.get("vs_bn_same_lr"), same.get(r["variant"])
+                row += (
+                    f" {_diff_cell(c2)} {c2['verdict']}; {h2['p_holm']:.3g} {h2['verdict']} |"
+                    if c2
+                    else " — |"
+                )
+            lines.append(row)
         lines.append("")
     return "\n".join(lines)
 
@@ -961,13 +1062,7 @@ def merge(studies: Sequence[dict], names: Sequence[str] | None = None) -> dict:
                 origin[mk, r["variant"]] = i
                 tgt["variants"].append(r)
     for m in out["models"].values():
-        by = {r["variant"]: r for r in m["variants"]}
-        for r in m["variants"]:
-            r.pop("vs_bn", None)
-            if BASELINE in by and r["variant"] != BASELINE:
-                r["vs_bn"] = paired_difference(
-                    r["test_acc_per_seed"], by[BASELINE]["test_acc_per_seed"]
-                )
+        compare_with_baseline(m["variants"])
         order = {name: i for i, name in enumerate(VARIANTS)}
         m["variants"].sort(key=lambda r: order.get(r["variant"], len(order)))
     out["config"]["wall_s"] = sum(x["wall_s"] for x in out["config"]["merged_from"])
