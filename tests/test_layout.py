@@ -125,6 +125,24 @@ def test_fold_batch_norm_takes_the_layers_epsilon():
         fold.fold_batch_norm(dv["params"], bv["params"], stats)  # no silent 1e-5
 
 
+def test_every_op_has_a_reference_with_its_signature():
+    """The README's promise: ``reference.<name>`` is the naive forward of every public op,
+    with the same parameters (names, kinds, defaults), so the two are interchangeable."""
+    import inspect
+
+    names = [n for n in jbi.__all__ if callable(getattr(jbi, n)) and n[0].islower()]
+    ops_with_ref = [n for n in names if hasattr(reference, n)]
+    # every public function but the tools (plain jnp or helpers, no custom rule) has one
+    assert set(names) - set(ops_with_ref) == {"alpha_shape", "check_vjp", "inhibition_matrix"}
+    assert len(ops_with_ref) == 14
+
+    def params(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    for n in ops_with_ref:
+        assert params(getattr(jbi, n)) == params(getattr(reference, n)), n
+
+
 @pytest.mark.parametrize("name", ["batch_norm", "batch_center", "batch_inhib"])
 def test_reference_takes_virtual_batch_size_like_the_op(name):
     x = jax.random.normal(jax.random.key(0), (12, 4)) * 2.0 + 1.0
