@@ -3,6 +3,7 @@ writes its files), bench (forwards its flags), and both ways of starting it."""
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from jax_batchinhib import reference as ref
-from jax_batchinhib.apps import cli, verify
+from jax_batchinhib.apps import cli, study, verify
 
 
 def run_cli(capsys, *argv):
@@ -329,6 +330,18 @@ def test_digits_batch_size_is_checked_against_the_data_and_devices(capsys, no_tr
         (["--task", "mnist1d", "--jobs", "0"], "argument --jobs: must be >= 1; got 0"),
         (["--task", "digits", "--study", "--model", "cnn"], "argument --model: --task digits"),
         (["--task", "mnist1d", "--variants", "bn", "zz"], "argument --variants: invalid choice"),
+        (
+            ["--task", "mnist1d", "--lrs", "0.01", "0.01"],
+            "argument --lrs: the values must be distinct; got [0.01, 0.01]",
+        ),
+        (
+            ["--task", "mnist1d", "--steps", "30", "--eval-every", "100"],
+            "argument --eval-every: at most the number of steps (30); got 100",
+        ),
+        (
+            ["--task", "mnist1d", "--model", "mlp", "--variants", "bn+bi_abs_abs_a0_g5"],
+            "argument --variants: bn+bi_abs_abs_a0_g5 runs on the CNN only; got --model mlp",
+        ),
     ],
 )
 def test_range_errors_are_usage_errors(capsys, no_training, argv, message):
@@ -393,6 +406,57 @@ def test_merge_errors_name_the_file(capsys, no_training):
     err = usage_error(capsys, *digits, a, a, "--seeds", "3")
     assert "argument --seeds: not allowed with --merge, which trains nothing" in err
     assert list(tmp.glob("out*")) == []
+
+
+def test_merge_refuses_runs_it_cannot_compare(capsys, no_training):
+    """A merge without the baseline labelled every row "baseline"; a NaN accuracy made
+    Holm's correction call every other variant a tie; seed counts that differ were
+    broadcast or failed without naming the variant; runs of --quick and full data, or of
+    different --eval-every, merged. Each is now a usage error naming what is wrong."""
+    tmp = no_training
+    d, (a, b) = _split_study(tmp)
+    digits = ["train", "--task", "digits", "--study", "--merge"]
+
+    def edited(name, edit):
+        part = json.loads(Path(b).read_text())
+        edit(part["config"], part["models"]["mlp"]["variants"])
+        path = tmp / name
+        path.write_text(json.dumps(part))
+        return str(path)
+
+    no_bn = edited("no_bn.json", lambda c, v: v.pop(0))
+    err = usage_error(capsys, *digits, no_bn)
+    assert "argument --merge: no run has the baseline bn on the mlp" in err
+    nan = edited("nan.json", lambda c, v: v[-1]["test_acc_per_seed"].__setitem__(0, math.nan))
+    err = usage_error(capsys, *digits, a, nan)
+    assert (
+        "argument --merge: mlp zca against bn: paired_difference: accuracies must be finite" in err
+    )
+    short = edited("short.json", lambda c, v: v[-1]["test_acc_per_seed"].pop())
+    err = usage_error(capsys, *digits, a, short)
+    assert "mlp zca against bn: paired_difference: the two runs must have one accuracy per " in err
+    assert "got 9 and 10" in err
+    quick = edited("quick.json", lambda c, v: c.__setitem__("quick", True))
+    err = usage_error(capsys, *digits, a, quick)
+    assert "ran with different settings (quick True vs False)" in err
+    every = edited("every.json", lambda c, v: c.__setitem__("eval_every", 50))
+    err = usage_error(capsys, *digits, a, every)
+    assert "ran with different settings (eval_every 50 vs 100)" in err
+    assert list(tmp.glob("out*")) == []
+
+
+def test_merge_keeps_the_baseline_row_with_every_learning_rate(capsys, tmp_path):
+    """The baseline run twice, once without its seeds at every grid value (an older run):
+    the merge kept whichever came first, so the order of the files decided whether the
+    same-learning-rate comparison was made."""
+    d, (a, b) = _split_study(tmp_path)
+    part = json.loads(Path(a).read_text())
+    del part["models"]["mlp"]["variants"][2]["test_acc_per_seed_per_lr"]  # bn
+    Path(a).write_text(json.dumps(part))
+    for order in ((a, b), (b, a)):
+        merged = study.merge([json.loads(Path(f).read_text()) for f in order])
+        assert merged["table_markdown"] == d["table_markdown"]
+        assert merged["config"]["variants"] == d["config"]["variants"]
 
 
 def test_merge_honours_no_plot_and_says_what_it_wrote(capsys, tmp_path):

@@ -334,7 +334,17 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
     """``a - b`` paired by seed: mean difference, its 95% t interval, the verdict
     'helps' (interval above 0) / 'hurts' (below 0) / 'ties', and the two-sided p-value of
     the paired t-test (the interval excludes 0 exactly when ``p < 0.05``)."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(
+            f"paired_difference: the two runs must have one accuracy per seed, as many "
+            f"seeds each; got {a.shape[-1] if a.ndim else 0} and {b.shape[-1] if b.ndim else 0}"
+        )
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError(
+            f"paired_difference: accuracies must be finite; got {a.tolist()} and {b.tolist()}"
+        )
+    d = a - b
     m, h = mean_ci(d)
     word = "helps" if m - h > 0 else "hurts" if m + h < 0 else "ties"
     if d.size < 2:
@@ -347,8 +357,9 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
 
 
 def _lr_key(lr: float) -> str:
-    """A learning rate as a JSON key: ``0.003`` -> ``"0.003"``."""
-    return f"{lr:g}"
+    """A learning rate as a JSON key, the shortest string that reads back as the same float:
+    ``0.003`` -> ``"0.003"`` (two different floats never share a key)."""
+    return repr(float(lr))
 
 
 def _baseline_seeds(base: dict, r: dict, same_lr: bool) -> list[float] | None:
@@ -374,8 +385,12 @@ def compare_with_baseline(variants: list[dict]) -> None:
             continue
         for key, same in (("vs_bn", False), ("vs_bn_same_lr", True)):
             ref = _baseline_seeds(base, r, same)
-            if ref is not None:
+            if ref is None:
+                continue
+            try:
                 r[key] = paired_difference(r["test_acc_per_seed"], ref)
+            except ValueError as e:
+                raise ValueError(f"{r['variant']} against {BASELINE}: {e}") from None
 
 
 def holm(variants: Sequence[dict], alpha: float = 0.05, *, same_lr: bool = False) -> dict:
@@ -882,7 +897,14 @@ def config_from_args(args) -> dict:
     if lrs is not None:
         if len(lrs) < 2 or not all(math.isfinite(lr) and lr > 0 for lr in lrs):
             raise ValueError(f"argument --lrs: needs at least 2 positive values; got {list(lrs)}")
+        if len({_lr_key(lr) for lr in lrs}) != len(lrs):
+            raise ValueError(f"argument --lrs: the values must be distinct; got {list(lrs)}")
         cfg["lrs"] = tuple(lrs)
+    if cfg["eval_every"] > cfg["steps"]:
+        raise ValueError(
+            f"argument --eval-every: at most the number of steps ({cfg['steps']}); "
+            f"got {cfg['eval_every']}"
+        )
     n = n_train_rows(task, quick)
     rows = len(validation_rows(n, 0.25, seed=0)[0])
     if cfg["batch_size"] > rows:
@@ -904,6 +926,13 @@ def config_from_args(args) -> dict:
             f"from {', '.join(VARIANTS)})"
         )
     names = list(dict.fromkeys(names))
+    if getattr(args, "variants", None) and "cnn" not in models:
+        cnn_only = [n for n in names if VARIANTS[n].cnn_only]
+        if cnn_only:
+            raise ValueError(
+                f"argument --variants: {cnn_only[0]} runs on the CNN only; got --model "
+                f"{' '.join(models)}"
+            )
     if BASELINE not in names:
         names = [BASELINE, *names]
     jobs = getattr(args, "jobs", None)
@@ -1010,7 +1039,7 @@ def main(args) -> int:
 
 
 #: the settings that runs must share to be merged
-MERGE_KEYS = ("steps", "batch_size", "lrs", "seeds", "val_seeds")
+MERGE_KEYS = ("steps", "batch_size", "eval_every", "lrs", "seeds", "val_seeds", "quick")
 
 
 def merge(studies: Sequence[dict], names: Sequence[str] | None = None) -> dict:
@@ -1051,20 +1080,48 @@ def merge(studies: Sequence[dict], names: Sequence[str] | None = None) -> dict:
             have = {r["variant"]: r for r in tgt["variants"]}
             for r in m["variants"]:
                 if r["variant"] in have:
-                    a = np.asarray(have[r["variant"]]["test_acc_per_seed"])
-                    if np.abs(a - np.asarray(r["test_acc_per_seed"])).max() > 1e-6:
-                        j = origin[mk, r["variant"]]
-                        raise ValueError(
-                            f"study.merge: {mk} {r['variant']} differs between {names[j]} "
-                            f"and {names[i]}"
-                        )
+                    old = have[r["variant"]]
+                    j = origin[mk, r["variant"]]
+                    for key in ("test_acc_per_seed", "test_acc_per_seed_per_lr"):
+                        x, y = old.get(key), r.get(key)
+                        if isinstance(x, dict) and isinstance(y, dict):
+                            same = x.keys() == y.keys() and all(
+                                np.shape(x[k]) == np.shape(y[k])
+                                and np.abs(np.subtract(x[k], y[k])).max() <= 1e-6
+                                for k in x
+                            )
+                        elif x is not None and y is not None:
+                            same = np.shape(x) == np.shape(y) and (
+                                np.abs(np.subtract(x, y)).max() <= 1e-6
+                            )
+                        else:
+                            same = True
+                        if not same:
+                            raise ValueError(
+                                f"study.merge: {mk} {r['variant']} differs between "
+                                f"{names[j]} and {names[i]} ({key})"
+                            )
+                    if "test_acc_per_seed_per_lr" in r and "test_acc_per_seed_per_lr" not in old:
+                        tgt["variants"][tgt["variants"].index(old)] = r  # keep the fuller row
+                        origin[mk, r["variant"]] = i
                     continue
                 origin[mk, r["variant"]] = i
                 tgt["variants"].append(r)
-    for m in out["models"].values():
-        compare_with_baseline(m["variants"])
+    for mk, m in out["models"].items():
+        if not any(r["variant"] == BASELINE for r in m["variants"]):
+            raise ValueError(
+                f"study.merge: no run has the baseline {BASELINE} on the {mk}: every variant "
+                f"is compared with it (a study run always trains it)"
+            )
+        try:
+            compare_with_baseline(m["variants"])
+        except ValueError as e:
+            raise ValueError(f"study.merge: {mk} {e}") from None
         order = {name: i for i, name in enumerate(VARIANTS)}
         m["variants"].sort(key=lambda r: order.get(r["variant"], len(order)))
+    runs = out["config"]["merged_from"]
+    out["config"]["variants"] = list(dict.fromkeys(v for x in runs for v in x["variants"]))
+    out["config"]["models"] = list(out["models"])
     out["config"]["wall_s"] = sum(x["wall_s"] for x in out["config"]["merged_from"])
     out["config"]["process_cpu_s"] = sum(x["process_cpu_s"] for x in out["config"]["merged_from"])
     out["table_markdown"] = format_tables(out)
