@@ -165,7 +165,11 @@ class BatchNorm(nn.Module):
 
     ``use_fast_variance`` selects the op's variance algorithm, as flax's does (passed to
     :func:`jax_batchinhib.batch_norm`). Statistics are always accumulated in at least
-    float32. Complex inputs are refused with a TypeError (flax's BatchNorm accepts
+    float32, and stored in ``promote_types(param_dtype, float32)``
+    (:func:`jax_batchinhib.running.stats_dtype`): with float64 inputs (``jax_enable_x64``)
+    pass ``param_dtype=jnp.float64`` to keep them in float64 (flax.linen's change from
+    float32 to float64 at their first update, flax.nnx's stay float32).
+    Complex inputs are refused with a TypeError (flax's BatchNorm accepts
     them; the ops and their hand-derived VJPs are written for real floating point); so
     do BatchCenter and BatchInhib.
 

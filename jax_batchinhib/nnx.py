@@ -124,6 +124,14 @@ def _check_promoted(where: str, names, args, out) -> None:
             )
 
 
+def _not_narrower(stored, promoted):
+    """``promoted``, or ``stored`` where promoting narrowed a floating statistic."""
+    if promoted is None or stored is None:
+        return promoted
+    narrowed = jnp.finfo(promoted.dtype).bits < jnp.finfo(stored.dtype).bits
+    return stored if narrowed else promoted
+
+
 class _Stats(nnx.Module):
     """The statistics layers' shared body: attributes, statistics, the step."""
 
@@ -163,10 +171,15 @@ class _Stats(nnx.Module):
         names = [k for k in RunningStats._fields if k in vars(self)]
         stored = {k: getattr(self, k)[...] for k in names}
         # as flax: the input, the statistics and the parameters go through promote_dtype;
-        # eval mode uses the promoted statistics, the running update the stored ones
+        # eval mode uses the promoted statistics, the running update the stored ones.
+        # Unlike flax, a statistic promote_dtype would narrow (dtype=float16 or bfloat16)
+        # is used as stored: the ops compute in float32 anyway, and a float16 variance or
+        # covariance above 65504 is inf (flax.nnx.BatchNorm's eval then returns 0 for that
+        # feature, BatchInhib's NaN). The output's dtype is the promoted one either way.
         x, promoted, params = self._promote(
             where, x, {k: stored[k] for k in self._stat_names}, params
         )
+        promoted = {k: _not_narrower(stored[k], v) for k, v in promoted.items()}
         state = RunningStats(**({**stored, **promoted} if use_ra else stored))
         y, new = M.apply(
             self._kind, where, self, x, params, state, axis=ax, use_running_average=use_ra,
@@ -197,7 +210,13 @@ class BatchNorm(_Stats):
     variance, like PyTorch; False: flax's), ``force_float32_reductions`` (statistics
     dtype, as linen), ``use_autodiff`` and ``virtual_batch_size`` (ghost batches, as
     :class:`jax_batchinhib.linen.BatchNorm`; also on BatchCenter and BatchInhib).
-    ``use_fast_variance`` selects the op's variance algorithm (as flax's).
+    ``use_fast_variance`` selects the op's variance algorithm (as flax's). The statistics
+    are stored in ``promote_types(param_dtype, float32)`` (as flax.nnx's, float32 by
+    default: with float64 inputs pass ``param_dtype=jnp.float64`` to keep them in
+    float64), and eval mode never narrows them: where ``dtype`` (through
+    ``promote_dtype``) is float16 or bfloat16, flax.nnx.BatchNorm casts the running
+    variance to it (inf above 65504 in float16, and that feature's outputs 0), this one
+    uses them as stored; the output takes the promoted dtype either way.
 
     ``axis`` may be a tuple of feature axes, as flax's: ``num_features`` is then the
     product of their sizes and the parameters and statistics are flat vectors of that

@@ -139,7 +139,10 @@ def check_vjp(
         (or those at ``argnums``).
       key: an int seed (default 0) or a PRNG key for the random cotangents.
       rtol: relative tolerance, a float >= 0 (0.0 asks for exact agreement); None: by
-        the input's dtype (:data:`TOLERANCES`).
+        dtype (:data:`TOLERANCES`): each input's own, loosened to float32's when another
+        differentiated input is float32 or narrower, since the ops compute in the
+        narrower input's precision, at least float32 (a float64 ``scale`` applied to
+        a float32 ``x`` gets a float32-accurate gradient); the output's by its dtype.
       raise_on_error: raise :class:`VJPMismatch` with a table when over tolerance.
       compiler_options: XLA options for the compiled comparison, e.g.
         ``{"xla_backend_optimization_level": 0}`` to compile faster on CPU.
@@ -193,10 +196,16 @@ def check_vjp(
         ea, er = _err(a, b)
         oa, orl = max(oa, ea), max(orl, er)
     errors["output"] = VJPError(oa, orl, _tol(rtol, out_dtype), str(out_dtype))
+    # the computation is no more precise than its narrowest input, and at least float32
+    floating = [
+        jnp.result_type(x) for x in dargs if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    work = min(max((tolerance(d) for d in floating), default=0.0), tolerance(jnp.float32))
     for name, a, b, x in zip(names, g_op, g_ref, dargs, strict=True):
         ea, er = _err(a, b)
         dt = jnp.result_type(x)
-        errors[name] = VJPError(ea, er, _tol(rtol, dt), str(dt))
+        tol = rtol if rtol is not None else max(tolerance(dt), work)
+        errors[name] = VJPError(ea, er, tol, str(dt))
     if raise_on_error and not all(e.ok for e in errors.values()):
         op_name = getattr(op, "__name__", repr(op))
         raise VJPMismatch(

@@ -228,6 +228,33 @@ def test_promote_dtype_like_flax_nnx_batchnorm(promote, dtype, xdtype):
     )
 
 
+@pytest.mark.parametrize("cls", ["BatchNorm", "BatchInhib", "ZCANorm"])
+def test_eval_in_float16_does_not_narrow_the_statistics(cls):
+    """dtype=float16 with a feature variance above 65504 (std 300): eval mode cast the
+    running statistics to float16, where they are inf: BatchInhib returned NaN (and
+    flax.nnx.BatchNorm returns 0 for such a feature). Eval now uses them as stored
+    (float32), and with momentum 0 it reproduces the training output of the same batch."""
+    x = (300.0 * jax.random.normal(jax.random.key(0), (64, 4))).astype(jnp.float16)
+    extra = {"BatchNorm": dict(unbiased=False)}.get(cls, {})  # the batch's own variance
+    m = getattr(bnx, cls)(4, dtype=jnp.float16, momentum=0.0, rngs=nnx.Rngs(0), **extra)
+    if cls == "BatchInhib":
+        m.alpha[...] = jnp.zeros_like(m.alpha[...])  # full strength, so the covariance acts
+    y_train = m(x)
+    y_eval = m(x, use_running_average=True)
+    assert y_train.dtype == y_eval.dtype == jnp.float16
+    assert bool(jnp.isfinite(y_eval).all())
+    # two float16 roundings of the same float32 computation: a few float16 ulps
+    tol = 4 * 2.0**-10 * float(jnp.abs(y_train.astype(jnp.float32)).max())
+    np.testing.assert_allclose(
+        np.asarray(y_eval, np.float32), np.asarray(y_train, np.float32), atol=tol, rtol=0
+    )
+    if cls == "BatchNorm":  # flax.nnx narrows: its eval loses the large features
+        f = nnx.BatchNorm(4, dtype=jnp.float16, momentum=0.0, rngs=nnx.Rngs(0))
+        f(x)
+        y_flax = np.asarray(f(x, use_running_average=True), np.float32)
+        assert np.abs(y_flax - np.asarray(y_train, np.float32)).max() > 1.0
+
+
 def test_promote_dtype_of_our_other_layers():
     """BatchCenter and BatchInhib call promote_dtype on (x, mean[, var, cov], params):
     a promote_dtype that casts to bfloat16 makes a bfloat16 output and a float32 update
