@@ -498,9 +498,16 @@ def _newton_schulz(sigma, iterations):
 
 
 def _zca(sigma):
-    """ZCA (Huang et al. 2018): W = U diag(λ^{-1/2}) Uᵀ from jnp.linalg.eigh."""
-    lam, U = jnp.linalg.eigh(sigma)
-    return jnp.matmul(U * lam[:, None, :] ** -0.5, jnp.swapaxes(U, -1, -2), precision=_HIGHEST)
+    """ZCA (Huang et al. 2018): W = U diag(λ^{-1/2}) Uᵀ from jnp.linalg.eigh.
+
+    Σ is divided by its mean eigenvalue t = tr Σ / n before ``eigh`` and W by √t after
+    (the same W up to round-off): JAX's derivative of ``eigh`` (jax 0.10) forms
+    ``(1 + λ_j) - λ_i``, which is 0 on the diagonal once λ reaches 2**24 in float32
+    (features of std ~4e3), and made the reference's gradient NaN there."""
+    t = jnp.trace(sigma, axis1=-2, axis2=-1)[:, None, None] / sigma.shape[-1]
+    lam, U = jnp.linalg.eigh(sigma / t)
+    w = jnp.matmul(U * lam[:, None, :] ** -0.5, jnp.swapaxes(U, -1, -2), precision=_HIGHEST)
+    return w / jnp.sqrt(t)
 
 
 def iter_norm(
