@@ -8,7 +8,9 @@
                                              # benchmarks/memory_<platform>.json
     python benchmarks/run.py --scaling       # scaling curves -> benchmarks/scaling_<platform>.json
                                              # and benchmarks/scaling_<platform>.png
-    python benchmarks/run.py --full --json benchmarks/results_gpu.json --markdown /tmp/x.md
+    python benchmarks/run.py --full --json /tmp/r.json --markdown /tmp/r.md
+                                             # results elsewhere: the committed files and
+                                             # BENCHMARKS.md are left alone
 
 Every other flag is ``jax-batchinhib bench``'s (``--quick``, ``--cases``, ``--repeats``, ...);
 see ``jax_batchinhib/apps/bench.py``.
@@ -67,20 +69,27 @@ def _load(path):
 
 
 def main(argv=None) -> int:
+    """Run ``jax-batchinhib bench`` with ``argv``; without ``--json`` (however spelled:
+    argparse's own parser reads the options) the results go to
+    ``benchmarks/<kind>_<platform>.json`` and BENCHMARKS.md is regenerated from them. With
+    ``--json`` or ``--markdown`` the results go where they say and the committed files
+    are left alone."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--render" in argv:
+    if argv == ["--render"]:
         render()
         return 0
-    if "--list" not in argv and "--json" not in argv:
+    args = bench.build_parser(prog="benchmarks/run.py").parse_args(argv)  # exits 2 if bad
+    own = args.json is None and args.markdown is None and not args.list
+    if own:
         import jax
 
         plat = jax.devices()[0].platform
-        kind = "memory" if "--memory" in argv else "scaling" if "--scaling" in argv else "results"
+        kind = "memory" if args.memory else "scaling" if args.scaling else "results"
         argv += ["--json", os.path.join(HERE, f"{kind}_{plat}.json")]
-        if kind == "scaling" and "--plot" not in argv:
+        if kind == "scaling" and args.plot is None:
             argv += ["--plot", os.path.join(HERE, f"scaling_{plat}.png")]
     rc = bench.main(argv)
-    if "--list" not in argv:
+    if own:
         render()
     return rc
 

@@ -503,11 +503,16 @@ def select_cases(
     (``all_cases(large)``). Raises ``ValueError`` when ``patterns`` match no case."""
     if patterns:
         cases = all_cases(large=large is not False)
-        sel = [c for c in cases if any(fnmatch.fnmatch(c.name, p) or c.name == p for p in patterns)]
-        if not sel:
+
+        def hit(c, p):
+            return fnmatch.fnmatch(c.name, p) or c.name == p
+
+        unmatched = [p for p in patterns if not any(hit(c, p) for c in cases)]
+        if unmatched:
             names = ", ".join(c.name for c in cases)
-            raise ValueError(f"{list(patterns)} matched no case; cases: {names}")
-        return sel
+            which = unmatched[0] if len(patterns) > 1 else list(patterns)
+            raise ValueError(f"{which!r} matched no case; cases: {names}")
+        return [c for c in cases if any(hit(c, p) for p in patterns)]
     cases = all_cases(large)
     if quick:
         return [c for c in cases if c.name in QUICK]
@@ -1070,10 +1075,16 @@ def _ratios(res, times) -> dict:
 
 
 def _limit(case: Case, res) -> dict | None:
-    lim = case.limit
-    c = res["contenders"]
+    return _limit_from(case.limit, res["contenders"])
+
+
+def _limit_from(lim: dict | None, c: dict) -> dict | None:
+    """The hardware-limit figures of ``lim`` (the case's bytes or flops) from the
+    contenders' median times ``c``: ours' rate, the copy's or matmul's, their fraction."""
     if lim is None or "ours" not in c:
         return None
+    measured = {"ours_GBps", "copy_GBps", "ours_GFLOPps", "matmul_GFLOPps", "fraction"}
+    lim = {k: v for k, v in lim.items() if k not in measured}
     t = c["ours"]["median_s"]
     if lim["kind"] == "bandwidth":
         gbs = lim["bytes"] / t / 1e9
@@ -1283,7 +1294,8 @@ def merge_runs(runs: Sequence[dict]) -> dict:
     median over the runs: of each contender's median time, and of each ratio (the run's
     ``median(ours) / median(theirs)``), with every run's ratio kept in ``time_runs``;
     ``time_round_min`` / ``time_round_max`` span every round of every run. The hardware
-    limit is the run's whose fraction is the median. A case that failed in any run keeps
+    limit's rates come from the merged median times of ours and of the copy (or matmul),
+    its fraction is their ratio. A case that failed in any run keeps
     that run's error. Memory figures (deterministic) are the first run's.
     """
     if not runs:
@@ -1323,10 +1335,8 @@ def merge_runs(runs: Sequence[dict]) -> dict:
             r["time_runs"] = [x["time"] for x in rs]
             r["time_round_min"] = min(x["time_round_min"] for x in rs)
             r["time_round_max"] = max(x["time_round_max"] for x in rs)
-        lims = [c["limit"] for c in per_run if c.get("limit")]
-        if lims:
-            lims.sort(key=lambda lim: lim["fraction"])
-            case["limit"] = lims[(len(lims) - 1) // 2]
+        if case.get("limit"):  # from the merged medians, so it agrees with the time column
+            case["limit"] = _limit_from(case["limit"], case["contenders"])
         case["rounds"] = sum(c["rounds"] for c in per_run)
     out["targets"] = check_targets(out)
     return out
@@ -1600,7 +1610,9 @@ def build_parser(prog="jax-batchinhib bench") -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=None,
-        help="rounds per case, >= 1 (default 7 quick, 21 full; 5 with --scaling)",
+        help="rounds per case, >= 3: the timings are medians of them (default 7 quick, 21 "
+        "full; fewer when --case-budget runs out, never below 3); with --scaling, rounds "
+        "per point, >= 1 (default 5)",
     )
     p.add_argument(
         "--min-time",
@@ -1710,8 +1722,43 @@ def check_args(args: argparse.Namespace) -> str | None:
                 f"argument --{flag.replace('_', '-')}: must be a positive number of seconds; "
                 f"got {val}"
             )
+    if args.repeats is not None and args.repeats < 3 and not (args.scaling or args.memory):
+        return (
+            f"argument --repeats: at least 3 rounds per case (each timing is their median); "
+            f"got {args.repeats}"
+        )
     if args.plot is not None and not args.scaling:
         return f"argument --plot: applies with --scaling only (the scaling plot); got {args.plot!r}"
+    if args.memory and args.scaling:
+        return "argument --scaling: not allowed with --memory (one mode a run)"
+    mode = (
+        "--memory"
+        if args.memory
+        else "--scaling"
+        if args.scaling
+        else "--list"
+        if args.list
+        else None
+    )
+    if mode:
+        given = [f for f in ("full", "cases", "markdown") if getattr(args, f)]
+        given += ["runs"] if args.runs != 1 else []
+        given += [f for f in ("min_time", "case_budget") if getattr(args, f) is not None]
+        if mode == "--list" and args.json is not None:
+            given.append("json")
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            return f"argument {flag}: does not apply to {mode}; got it with {mode}"
+    paths = {}
+    for flag in ("json", "markdown", "plot"):
+        path = getattr(args, flag)
+        if path is not None:
+            if not path.strip():
+                return f"argument --{flag}: expected a file path; got {path!r}"
+            real = os.path.realpath(path)
+            if real in paths:
+                return f"argument --{flag}: the same file as --{paths[real]}; got {path!r}"
+            paths[real] = flag
     for flag in ("json", "markdown", "plot"):
         path = getattr(args, flag)
         if path is not None:
