@@ -2,7 +2,8 @@
 
 Two ways to run one train step data-parallel, both exact (``docs/scaling.md``):
 
-- **GSPMD** (:func:`data_parallel`, what ``jax-batchinhib train --devices N`` uses): the
+- **GSPMD** (:func:`data_parallel`; ``jax-batchinhib train --devices N`` does the same
+  with its own jitted training loop over a batch placed by :func:`shard_batch`): the
   single-device step, jitted with the batch sharded along its first axis over a 1-D mesh
   and the parameters, optimizer state and running statistics replicated. The model needs
   no ``axis_name``: a batch statistic is a sum over the batch axis, which XLA's SPMD
@@ -155,11 +156,34 @@ def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
     Returns:
       The :class:`jax.sharding.NamedSharding`.
     """
+    _check_layout("batch_sharding", mesh, batch_axis)
     return NamedSharding(mesh, P(*([None] * batch_axis), mesh.axis_names[0]))
 
 
+def _check_layout(where: str, mesh, batch_axis, batch_argnums=()) -> tuple[int, ...]:
+    """A 1-D mesh, an axis >= 0 and positions >= 0; returns ``batch_argnums`` as a tuple.
+    (A negative axis is refused rather than counted from the end: the split is one
+    PartitionSpec for every array, whose ranks may differ.)"""
+    if not isinstance(mesh, Mesh) or len(mesh.axis_names) != 1:
+        got = f"axes {mesh.axis_names}" if isinstance(mesh, Mesh) else type(mesh).__name__
+        raise ValueError(f"{where}: mesh must be a 1-D jax.sharding.Mesh; got {got}")
+    if not C.is_int(batch_axis) or batch_axis < 0:
+        raise ValueError(f"{where}: batch_axis must be an int >= 0; got {batch_axis!r}")
+    argnums = (batch_argnums,) if C.is_int(batch_argnums) else tuple(batch_argnums)
+    if not all(C.is_int(i) and i >= 0 for i in argnums):
+        raise ValueError(
+            f"{where}: batch_argnums must be argument positions, ints >= 0; got {batch_argnums!r}"
+        )
+    return tuple(int(i) for i in argnums)
+
+
 def _check_divisible(where: str, shape, batch_axis: int, n: int) -> None:
-    if len(shape) <= batch_axis or shape[batch_axis] % n:
+    if len(shape) <= batch_axis:
+        raise ValueError(
+            f"{where}: an array of shape {tuple(shape)} has no batch axis {batch_axis} "
+            f"to split over {n} devices"
+        )
+    if shape[batch_axis] % n:
         raise ValueError(
             f"{where}: the batch axis {batch_axis} of an array of shape {tuple(shape)} must "
             f"split evenly over {n} devices; choose a global batch size divisible by {n}"
@@ -177,6 +201,7 @@ def shard_batch(tree: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
     Returns:
       The same pytree, its arrays sharded.
     """
+    _check_layout("shard_batch", mesh, batch_axis)
     n = mesh.devices.size
     sharding = batch_sharding(mesh, batch_axis)
 
@@ -195,9 +220,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
       mesh: the mesh.
 
     Returns:
-      The same pytree, its arrays replicated.
+      The same pytree, its arrays replicated: new buffers, so that donating them (as
+      :func:`data_parallel` does) leaves ``tree`` usable.
     """
-    return jax.device_put(tree, replicated(mesh))
+    # device_put keeps a jax.Array's buffer on the device it already lives on (even with
+    # may_alias=False, jax 0.10 on CPU): copy first, so the donation frees only the copy
+    fresh = jax.tree.map(lambda a: jnp.array(a, copy=True) if isinstance(a, jax.Array) else a, tree)
+    return jax.device_put(fresh, replicated(mesh))
 
 
 def data_parallel(
@@ -219,7 +248,7 @@ def data_parallel(
     Returns:
       A function with ``step``'s signature, jitted per number of arguments.
     """
-    batch_argnums = tuple(batch_argnums)
+    batch_argnums = _check_layout("data_parallel", mesh, batch_axis, batch_argnums)
     rep, bat = replicated(mesh), batch_sharding(mesh, batch_axis)
     n = mesh.devices.size
 
@@ -268,7 +297,7 @@ def shard_map_step(
     Returns:
       A function with ``step``'s signature, jitted per number of arguments.
     """
-    batch_argnums = tuple(batch_argnums)
+    batch_argnums = _check_layout("shard_map_step", mesh, batch_axis, batch_argnums)
     name = mesh.axis_names[0]
     n = mesh.devices.size
     cache: dict[int, Callable] = {}

@@ -179,7 +179,7 @@ CASES = {
     "shard_batch batch_axis beyond ndim": (
         lambda: parallel.shard_batch(jnp.ones(8), parallel.make_mesh(8), batch_axis=1),
         ValueError,
-        r"shard_batch: the batch axis 1 of an array of shape \(8,\)",
+        r"shard_batch: an array of shape \(8,\) has no batch axis 1 to split over 8 devices",
     ),
     "shard_map_step indivisible": (
         lambda: parallel.shard_map_step(lambda s, x, y: (s, jnp.sum(x)), parallel.make_mesh(8))(

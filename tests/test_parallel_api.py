@@ -109,3 +109,46 @@ def test_set_cpu_device_count_refuses_a_smaller_count_fixed_by_jax_config():
     assert "ok 3\ndevices 3" in out, out
     out = _run(_ATTEMPT + "jax.devices()\nattempt(4)")
     assert "JAX's CPU backend was already created with 1 device(s)" in out, out
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (tests/conftest.py)")
+def test_layout_arguments_are_checked_by_name():
+    """A negative batch_axis split axis 0 while the divisibility check read the last one
+    (shard_map_step ran, on the wrong split); a negative position in batch_argnums was
+    checked and never split; an int batch_argnums, a string axis and a 2-D mesh failed
+    deep inside Python or JAX; a scalar leaf was told to change its batch size."""
+    mesh = parallel.make_mesh(2)
+    step = parallel.shard_map_step  # the four entry points share the checks
+    for fn, args in (
+        (parallel.shard_batch, (jnp.ones((2, 4)), mesh)),
+        (parallel.batch_sharding, (mesh,)),
+        (lambda *a, **k: parallel.data_parallel(lambda s, x: (s, x), *a, **k), (mesh,)),
+        (lambda *a, **k: step(lambda s, x: (s, x), *a, **k), (mesh,)),
+    ):
+        with pytest.raises(ValueError, match=r"batch_axis must be an int >= 0; got -1"):
+            fn(*args, batch_axis=-1)
+        with pytest.raises(ValueError, match=r"batch_axis must be an int >= 0; got '0'"):
+            fn(*args, batch_axis="0")
+    with pytest.raises(ValueError, match=r"data_parallel: batch_argnums must be argument"):
+        parallel.data_parallel(lambda s, x: (s, x), mesh, batch_argnums=(-1,))
+    # an int is one position, as jax's argnums
+    dp = parallel.data_parallel(lambda s, x: (s, jnp.sum(x)), mesh, batch_argnums=1)
+    assert float(dp(jnp.zeros(()), jnp.ones((4, 2)))[1]) == 8.0
+    mesh2d = jax.sharding.Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1), ("a", "b"))
+    with pytest.raises(ValueError, match=r"shard_batch: mesh must be a 1-D .*got axes"):
+        parallel.shard_batch(jnp.ones((4, 2)), mesh2d)
+    with pytest.raises(ValueError, match=r"an array of shape \(\) has no batch axis 0"):
+        parallel.shard_batch(jnp.ones(()), mesh)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (tests/conftest.py)")
+def test_replicate_then_donate_leaves_the_original():
+    """replicate() shared its first device's buffer with the array it was given, so
+    data_parallel's donation of the replicated state deleted the caller's original."""
+    mesh = parallel.make_mesh(2)
+    state = {"w": jnp.ones((3,))}
+    dp = parallel.data_parallel(lambda s, x: ({"w": s["w"] + jnp.sum(x)}, None), mesh)
+    new, _ = dp(parallel.replicate(state, mesh), jnp.ones((4, 1)))
+    assert not state["w"].is_deleted()
+    np.testing.assert_allclose(state["w"], 1.0)
+    np.testing.assert_allclose(new["w"], 5.0)

@@ -61,9 +61,18 @@ def op_and_params(name):
     return (lambda x, a, **kw: jb.batch_inhib(x, a, groups=groups, **kw)), p
 
 
-def compiled_bytes(name, mode, backward):
+def compiled_bytes(name, mode, backward, masked=False):
     op, p = op_and_params(name)
     x = jnp.ones((B, N), jnp.float32)
+    if masked:  # a row mask, sharded with the rows (forward under shard_map only)
+        row = jnp.arange(B) % 3 != 0
+        g = jax.shard_map(
+            lambda x, p, m: op(x, p, axis_name="data", mask=m)[0],
+            mesh=mesh(),
+            in_specs=(P("data"), P(), P("data")),
+            out_specs=P("data"),
+        )
+        return all_reduce_bytes(jax.jit(g).lower(x, p, row).compile().as_text())
 
     def f(x, p, **kw):
         if not backward:
@@ -98,6 +107,21 @@ WANT = {
         9216,
     ),
 }
+
+
+# with a mask (forward, shard_map): the count is per feature (N), and the shift is the
+# first valid value of each feature, found across devices as a weighted sum and a count
+# of the devices that hold one (2N); docs/scaling.md's "masked" figures
+WANT_MASKED = {
+    "batch_norm": 4 * (N + 2 * N + N + N),
+    "batch_center": 4 * (N + 2 * N + N),
+    "batch_inhib_g1": 4 * (N + 2 * N + N + N * N),  # y-only: var's psum is dead code
+}
+
+
+@pytest.mark.parametrize("name", list(WANT_MASKED))
+def test_masked_all_reduce_bytes_match_scaling_md(name):
+    assert compiled_bytes(name, "shard_map", backward=False, masked=True) == WANT_MASKED[name]
 
 
 @pytest.mark.parametrize("name", list(WANT))
