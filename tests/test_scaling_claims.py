@@ -64,17 +64,12 @@ def op_and_params(name):
 def compiled_bytes(name, mode, backward, masked=False):
     op, p = op_and_params(name)
     x = jnp.ones((B, N), jnp.float32)
-    if masked:  # a row mask, sharded with the rows (forward under shard_map only)
-        row = jnp.arange(B) % 3 != 0
-        g = jax.shard_map(
-            lambda x, p, m: op(x, p, axis_name="data", mask=m)[0],
-            mesh=mesh(),
-            in_specs=(P("data"), P(), P("data")),
-            out_specs=P("data"),
-        )
-        return all_reduce_bytes(jax.jit(g).lower(x, p, row).compile().as_text())
+    # masked: a row mask, an argument sharded with the rows
+    extra = (jnp.arange(B) % 3 != 0,) if masked else ()
 
-    def f(x, p, **kw):
+    def f(x, p, *mask, **kw):
+        if mask:
+            kw["mask"] = mask[0]
         if not backward:
             return op(x, p, **kw)[0]
         return jax.grad(lambda x, p: jnp.sum(op(x, p, **kw)[0] ** 2), (0, 1))(x, p)
@@ -83,9 +78,9 @@ def compiled_bytes(name, mode, backward, masked=False):
     if mode == "shard_map":
         out_specs = P("data") if not backward else (P("data"), P())
         g = jax.shard_map(
-            lambda x, p: f(x, p, axis_name="data"),
+            lambda x, p, *mask: f(x, p, *mask, axis_name="data"),
             mesh=m,
-            in_specs=(P("data"), P()),
+            in_specs=(P("data"), P()) + (P("data"),) * len(extra),
             out_specs=out_specs,
         )
         fn = jax.jit(g)
@@ -93,7 +88,8 @@ def compiled_bytes(name, mode, backward, masked=False):
         fn = jax.jit(f)
         x = jax.device_put(x, NamedSharding(m, P("data")))
         p = jax.device_put(p, NamedSharding(m, P()))
-    return all_reduce_bytes(fn.lower(x, p).compile().as_text())
+        extra = tuple(jax.device_put(e, NamedSharding(m, P("data"))) for e in extra)
+    return all_reduce_bytes(fn.lower(x, p, *extra).compile().as_text())
 
 
 # (forward, forward + backward under shard_map, forward + backward under GSPMD), the

@@ -338,7 +338,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(
             f"paired_difference: the two runs must have one accuracy per seed, as many "
-            f"seeds each; got {a.shape[-1] if a.ndim else 0} and {b.shape[-1] if b.ndim else 0}"
+            f"seeds each; got {a.size} and {b.size}"
         )
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError(
@@ -368,7 +368,8 @@ def _baseline_seeds(base: dict, r: dict, same_lr: bool) -> list[float] | None:
     baseline did not run at that value."""
     if not same_lr:
         return base["test_acc_per_seed"]
-    return base.get("test_acc_per_seed_per_lr", {}).get(_lr_key(r["lr"]))
+    per_lr = base.get("test_acc_per_seed_per_lr")
+    return None if per_lr is None else per_lr.get(_lr_key(r["lr"]))
 
 
 def compare_with_baseline(variants: list[dict]) -> None:
@@ -396,21 +397,14 @@ def compare_with_baseline(variants: list[dict]) -> None:
 def holm(variants: Sequence[dict], alpha: float = 0.05, *, same_lr: bool = False) -> dict:
     """Holm's step-down correction over one model's comparisons with our BatchNorm.
 
-    ``variants``: the model's result rows; every variant but the baseline is one comparison
-    of the family (``same_lr``: those compared at their own learning rate, see
-    :func:`compare_with_baseline`). Returns, per variant name, the Holm-adjusted p-value
+    ``variants``: the model's result rows, their comparisons set by
+    :func:`compare_with_baseline`; each ``vs_bn`` (``same_lr``: each ``vs_bn_same_lr``)
+    is one comparison of the family. Returns, per variant name, the Holm-adjusted p-value
     (``p_holm``: the family-wise error rate at which its verdict would stand), the family
     size ``k`` and the verdict at family-wise level ``alpha``: 'helps' / 'hurts' where the
-    adjusted p is at most ``alpha``, else 'ties'. The p-values are recomputed from the
-    per-seed test accuracies."""
-    base = next((r for r in variants if r["variant"] == BASELINE), None)
-    if base is None:
-        return {}
-    tests = []
-    for r in variants:
-        ref = None if r is base else _baseline_seeds(base, r, same_lr)
-        if ref is not None:
-            tests.append((r["variant"], paired_difference(r["test_acc_per_seed"], ref)))
+    adjusted p is at most ``alpha``, else 'ties'."""
+    key = "vs_bn_same_lr" if same_lr else "vs_bn"
+    tests = [(r["variant"], r[key]) for r in variants if key in r]
     k = len(tests)
     out, running = {}, 0.0
     for i, (name, c) in enumerate(sorted(tests, key=lambda t: t[1]["p"])):
@@ -472,15 +466,16 @@ def run_variant(
     train = f["final_train_acc"]
     per_lr = None
     if every_lr:  # the same seeds at the grid's other values, for same-lr comparisons
+        acc = {lr: test}
         others = [x for x in lrs if x != lr]
-        per_lr = {_lr_key(lr): test.tolist()}
         if others:
             o = train_lanes(
                 model, full, [x for x in others for _ in seeds], seeds * len(others), **common
             )
-            acc = o["final_eval_acc"].reshape(len(others), len(seeds))
-            per_lr.update({_lr_key(x): a.tolist() for x, a in zip(others, acc, strict=True)})
-        per_lr = {_lr_key(x): per_lr[_lr_key(x)] for x in lrs}  # in grid order
+            acc.update(
+                zip(others, o["final_eval_acc"].reshape(len(others), len(seeds)), strict=True)
+            )
+        per_lr = {_lr_key(x): np.asarray(acc[x]).tolist() for x in lrs}
     out = {
         "variant": v.name,
         "description": v.description,
@@ -1042,6 +1037,19 @@ def main(args) -> int:
 MERGE_KEYS = ("steps", "batch_size", "eval_every", "lrs", "seeds", "val_seeds", "quick")
 
 
+def _agree(x, y) -> bool:
+    """Two runs' accuracies (lists, or dicts of lists) agree to 1e-6 (the runs are
+    deterministic)."""
+    if isinstance(x, dict) or isinstance(y, dict):
+        return (
+            isinstance(x, dict)
+            and isinstance(y, dict)
+            and x.keys() == y.keys()
+            and all(_agree(x[k], y[k]) for k in x)
+        )
+    return np.shape(x) == np.shape(y) and bool(np.all(np.abs(np.subtract(x, y)) <= 1e-6))
+
+
 def merge(studies: Sequence[dict], names: Sequence[str] | None = None) -> dict:
     """One study from several runs of the same task and configuration (e.g. the variants
     split over several processes): each model's variants in the order of
@@ -1084,19 +1092,7 @@ def merge(studies: Sequence[dict], names: Sequence[str] | None = None) -> dict:
                     j = origin[mk, r["variant"]]
                     for key in ("test_acc_per_seed", "test_acc_per_seed_per_lr"):
                         x, y = old.get(key), r.get(key)
-                        if isinstance(x, dict) and isinstance(y, dict):
-                            same = x.keys() == y.keys() and all(
-                                np.shape(x[k]) == np.shape(y[k])
-                                and np.abs(np.subtract(x[k], y[k])).max() <= 1e-6
-                                for k in x
-                            )
-                        elif x is not None and y is not None:
-                            same = np.shape(x) == np.shape(y) and (
-                                np.abs(np.subtract(x, y)).max() <= 1e-6
-                            )
-                        else:
-                            same = True
-                        if not same:
+                        if x is not None and y is not None and not _agree(x, y):
                             raise ValueError(
                                 f"study.merge: {mk} {r['variant']} differs between "
                                 f"{names[j]} and {names[i]} ({key})"
