@@ -138,7 +138,9 @@ def batch_count(
         w = jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), x.shape)
         cnt = jnp.sum(w, axis=cfg.reduce_axes)
     if axis_name is not None:
-        cnt = lax.psum(cnt, axis_name, axis_index_groups=S.as_groups(axis_index_groups))
+        cnt = lax.psum(
+            cnt, axis_name, axis_index_groups=S.check_groups(where, axis_name, axis_index_groups)
+        )
     return cnt
 
 

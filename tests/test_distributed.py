@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_batchinhib as jb
 from jax_batchinhib import linen as bl
-from jax_batchinhib import parallel
+from jax_batchinhib import parallel, running
 from jax_batchinhib import reference as ref
 from jax_batchinhib.apps import train
 from jax_batchinhib.apps.models import MLP
@@ -504,6 +504,50 @@ def test_axis_index_groups_typed_shard_map_error_and_2d_mesh():
         want = _grouped_stats_want(x)
         for i in range(2):
             close(jax.tree.map(lambda s, i=i: s[i], st), want[i])
+
+
+@pytest.mark.parametrize(
+    "groups, error",
+    [
+        ([[0, 1, 2, 3]], ValueError),  # covers half the devices: XLA's verifier aborted
+        ([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], ValueError),  # indices past the axis
+        ([[0, 1, 2, 3, 4, 5, 6, 7], []], ValueError),  # an empty group
+        ([[0, 1.0, 2, 3], [4, 5, 6, 7]], TypeError),  # not an integer index
+        (8, TypeError),
+    ],
+)
+@pytest.mark.parametrize("name", ["batch_norm", "batch_inhib", "zca_norm"])
+def test_axis_index_groups_must_partition_the_axis(name, groups, error):
+    """Groups that do not split the mapped axis's indices 0..7 into non-empty groups are a
+    trace-time error naming the op, the argument, the axis size and the groups given (a
+    partial cover used to pass JAX's check and stop in XLA's verifier)."""
+    with jax.enable_x64(True):
+        x, _ = data()
+        p = params()
+    kw = dict(axis_name="data", axis_index_groups=groups)
+    f = jax.pmap(lambda x: call(name, jb, x, p, **kw)[0], axis_name="data")
+    what = r"must split the 8 indices 0\.\.7" if error is ValueError else "must be a seq"
+    with pytest.raises(error, match=rf"{name}: axis_index_groups {what}"):
+        f(x.reshape(ND, B // ND, N))
+
+
+def test_batch_count_checks_axis_index_groups():
+    """The running statistics' count (what the modules psum beside the op) checks the
+    groups as the ops do."""
+    x = jnp.ones((ND, 4, N))
+    f = jax.pmap(
+        lambda x: running.batch_count("BatchNorm", x, axis_name="d", axis_index_groups=[[0]]),
+        axis_name="d",
+    )
+    with pytest.raises(ValueError, match=r"BatchNorm: axis_index_groups must split the 8"):
+        f(x)
+    ok = jax.pmap(
+        lambda x: running.batch_count(
+            "BatchNorm", x, axis_name="d", axis_index_groups=[[0, 1, 2], [3, 4, 5, 6, 7]]
+        ),
+        axis_name="d",
+    )(x)
+    np.testing.assert_array_equal(ok[:, 0], [12.0] * 3 + [20.0] * 5)  # exact: small counts
 
 
 @pytest.mark.parametrize("name", ["batch_norm", "batch_center", "batch_inhib"])

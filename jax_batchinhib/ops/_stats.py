@@ -276,10 +276,33 @@ def check_axis_name(fn: str, axis_name) -> bool:
     return bool(vma(index) & set(_names(axis_name)))
 
 
-def as_groups(axis_index_groups) -> tuple[tuple[int, ...], ...] | None:
-    if axis_index_groups is None:
+def check_groups(fn: str, axis_name, axis_index_groups) -> tuple[tuple[int, ...], ...] | None:
+    """``axis_index_groups`` as a tuple of tuples, checked at trace time against the size
+    of ``axis_name``: non-empty groups of integer indices that together name every index
+    ``0 .. size-1`` of the mapped axis once. (JAX checks only that the indices it is given
+    are ``0 .. k-1`` each once; a partial cover then fails in XLA's verifier.) None without
+    ``axis_name`` or without groups."""
+    if axis_name is None or axis_index_groups is None:
         return None
-    return tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+    try:
+        groups = tuple(tuple(g) for g in axis_index_groups)
+    except TypeError:
+        groups = None
+    if groups is None or not all(C.is_int(i) for g in groups for i in g):
+        raise TypeError(
+            f"{fn}: axis_index_groups must be a sequence of sequences of integer device "
+            f"indices, e.g. [[0, 1], [2, 3]]; got {axis_index_groups!r}"
+        )
+    groups = tuple(tuple(int(i) for i in g) for g in groups)
+    size = lax.axis_size(axis_name)
+    seen = sorted(i for g in groups for i in g)
+    if not groups or not all(groups) or seen != list(range(size)):
+        raise ValueError(
+            f"{fn}: axis_index_groups must split the {size} indices 0..{size - 1} of "
+            f"axis_name={axis_name!r} into non-empty groups, each index in exactly one "
+            f"group; got {axis_index_groups!r}"
+        )
+    return groups
 
 
 def make_reduce(
@@ -302,8 +325,9 @@ def make_reduce(
             f"a second axis and pass axis_name=<the inner axis> (statistics per group of "
             f"devices), or use check_vma=False / jax.pmap."
         )
+    groups = check_groups(fn, axis_name, axis_index_groups)
     red = tuple(a for a in range(ndim) if a not in ax)
-    return Reduce(ndim, ax, red, axis_name, as_groups(axis_index_groups), member_stats, typed)
+    return Reduce(ndim, ax, red, axis_name, groups, member_stats, typed)
 
 
 def mask_shape(fn: str, mask, x_shape: Sequence[int], axes: tuple[int, ...]):
