@@ -85,12 +85,15 @@ def set_cpu_device_count(n: int) -> None:
         fix = f"remove it from XLA_FLAGS or make it {n} or more, before starting Python"
     else:
         fixed = None
-    if fixed is not None:
-        if fixed < n:
-            raise RuntimeError(f"{fn}: asked for {n} CPU devices, but {by} (fewer devices); {fix}")
+    if fixed is not None and fixed < n:
+        raise RuntimeError(f"{fn}: asked for {n} CPU devices, but {by} (fewer devices); {fix}")
+    if configured >= 0:
         return
     try:
-        jax.config.update("jax_num_cpu_devices", n)
+        # A count forced by XLA_FLAGS is made JAX's option too (the same count): XLA
+        # reads the flag only when it creates the backend, so a flag set after that
+        # changes nothing, and the option's refusal is how that case is told apart.
+        jax.config.update("jax_num_cpu_devices", n if flag is None else flag)
     except RuntimeError as err:
         have = len(jax.devices("cpu"))
         if have < n:

@@ -111,6 +111,24 @@ def test_set_cpu_device_count_refuses_a_smaller_count_fixed_by_jax_config():
     assert "JAX's CPU backend was already created with 1 device(s)" in out, out
 
 
+def test_set_cpu_device_count_sees_a_flag_set_after_the_backend():
+    """XLA_FLAGS gains the device-count flag after the CPU backend exists (with 1
+    device): XLA never reads it, and asking for 4 devices returned silently. It now
+    raises; with the flag set before the backend, the process has the flag's count."""
+    out = _run(
+        _ATTEMPT
+        + "import os\njax.devices()\n"
+        + "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'\nattempt(4)"
+    )
+    assert "JAX's CPU backend was already created with 1 device(s)" in out, out
+    out = _run(
+        _ATTEMPT
+        + "import os\nos.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'\n"
+        + "attempt(4)\nprint('devices', len(jax.devices()))\nattempt(3)"
+    )
+    assert "ok 4\ndevices 4\nok 3" in out, out
+
+
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (tests/conftest.py)")
 def test_layout_arguments_are_checked_by_name():
     """A negative batch_axis split axis 0 while the divisibility check read the last one
