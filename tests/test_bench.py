@@ -80,6 +80,8 @@ def test_targets_and_machine(results):
     t = by[("batch_norm", "ours/autodiff")]
     ratio = results["cases"][0]["ratios"]["ours/autodiff"]["time"]
     assert t["status"] == ("met" if ratio <= 0.7 else "missed")
+    # one batch_norm shape was run: the row says so, not "every shape"
+    assert t["where"] == "every shape run (1)"
 
 
 def test_json_and_markdown(results, tmp_path):

@@ -296,15 +296,16 @@ def test_read_only_out_is_a_usage_error(capsys, monkeypatch, no_training):
         ro.chmod(0o700)
 
 
-def test_out_is_created_when_the_options_are_good(monkeypatch, tmp_path):
-    """The up-front check creates a missing --out (nested) and leaves nothing in it."""
+def test_the_up_front_check_of_out_creates_nothing(monkeypatch, tmp_path):
+    """A missing --out (nested) passes the check and is not created by it: the training
+    creates it when it writes (a run stopped by a later usage error left empty folders)."""
     from jax_batchinhib.apps import train
 
     seen = []
     monkeypatch.setattr(train, "main", lambda args: seen.append(args.out) or 0)
     out = tmp_path / "a" / "b"
     assert cli.main(["train", "--out", str(out)]) == 0
-    assert seen == [str(out)] and out.is_dir() and list(out.iterdir()) == []
+    assert seen == [str(out)] and not (tmp_path / "a").exists()
 
 
 def test_digits_batch_size_is_checked_against_the_data_and_devices(capsys, no_training):
@@ -548,6 +549,18 @@ def test_bench_output_folder_is_checked_first(capsys, no_training):
     assert "argument --json: " in err and "got 'a_file/r.json' ('a_file' is a file)" in err
     err = usage_error(capsys, "bench", "--markdown", "a_file/r.md")
     assert "argument --markdown: " in err
+    # a good --json beside a bad --markdown: the run stops and creates no folder
+    err = usage_error(capsys, "bench", "--json", "new/sub/r.json", "--markdown", "a_file/r.md")
+    assert "argument --markdown: " in err and not (no_training / "new").exists()
+
+
+def test_bench_writers_create_the_folders(tmp_path):
+    """What check_args no longer creates, the writers do."""
+    from jax_batchinhib.apps import bench
+
+    path = tmp_path / "a" / "b" / "r.json"
+    bench.write_json({"x": 1}, str(path))
+    assert json.loads(path.read_text()) == {"x": 1}
 
 
 def test_verdict_words():

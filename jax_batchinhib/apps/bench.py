@@ -770,6 +770,8 @@ def plot_scaling(sc: dict, path: str) -> str:
             axes[row][col].legend(fontsize=7)
             axes[row][col].grid(True, which="both", alpha=0.3)
     fig.tight_layout()
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -1374,6 +1376,8 @@ def check_targets(results: dict) -> list[dict]:
             )
             continue
         ok = all((v <= value) if op == "<=" else (v >= value) for _, v in got)
+        if where == "every shape":  # of this run: a --cases subset must not read as all
+            where = f"every shape run ({len(got)})"
         rows.append(
             {
                 "family": family,
@@ -1427,8 +1431,9 @@ def render_markdown(
         "Method *loop* (accelerators): K steps run inside one compiled `lax.fori_loop` "
         "(unrolled up to 8 steps an iteration), each step's large inputs offset by "
         "`1e-30 x` the previous step's first output so that XLA cannot hoist or merge steps, "
-        "every step's outputs kept; K is chosen so one call runs >= 20 ms (or several calls "
-        "back to back make a timing that long); per-step time = timing / steps. Method "
+        "every step's outputs kept; K is chosen so one call runs at least a timing's length "
+        "(each section gives it: `--min-time`, 20 ms by default), or several calls back to "
+        "back make a timing that long; per-step time = timing / steps. Method "
         "*calls* (CPU): one dispatch per step, several per timing; on a CPU a dispatch "
         "costs microseconds against steps of milliseconds.",
         "",
@@ -1707,8 +1712,8 @@ def timing_settings(args: argparse.Namespace) -> dict:
 def check_args(args: argparse.Namespace) -> str | None:
     """The first problem with parsed ``jax-batchinhib bench`` arguments, as argparse
     words it (``"argument --repeats: must be >= 1; got 0"``), or None. The output files
-    (``--json``, ``--markdown``, ``--plot``) are checked last: their folders are created
-    if missing, and must be writable."""
+    (``--json``, ``--markdown``, ``--plot``) are checked last, without creating anything:
+    each must be a file in a folder that exists or can be created, and can be written."""
     from jax_batchinhib.apps.cli import output_file_problem
 
     for flag in ("repeats", "max_steps", "workers", "unroll", "runs"):
@@ -1835,17 +1840,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(res, args.json)
         print(f"wrote {args.json}")
     if args.markdown:
-        with open(args.markdown, "w") as f:
+        with _open_for_writing(args.markdown) as f:
             f.write(render_markdown([res]))
         print(f"wrote {args.markdown}")
     return 1 if any("error" in c for c in res["cases"]) else 0
 
 
-def write_json(res: dict, path: str) -> None:
+def _open_for_writing(path: str):
+    """``open(path, "w")``, creating the folders on the way (checked beforehand by
+    :func:`check_args`, which creates nothing)."""
     d = os.path.dirname(path)
     if d:
         os.makedirs(d, exist_ok=True)
-    with open(path, "w") as f:
+    return open(path, "w")
+
+
+def write_json(res: dict, path: str) -> None:
+    with _open_for_writing(path) as f:
         json.dump(res, f, indent=1, default=_json_default)
         f.write("\n")
 

@@ -31,28 +31,28 @@ DIGITS_MODE = "--task digits without --study"
 
 
 def _folder_problem(path: str) -> str | None:
-    """Why the folder ``path`` cannot be written to (it is created when missing, then a
-    temporary file is made and removed in it), or None."""
+    """Why the folder ``path`` cannot be written to, or None. Nothing is created: a
+    temporary file is made and removed in ``path``, or, when ``path`` does not exist yet,
+    in its nearest existing ancestor (whoever writes the output creates the folders then,
+    so a later failing check leaves no empty folders behind)."""
+    existing = path
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    existing = existing or "."
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file"
     try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        parent = path
-        while parent and not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if parent and not os.path.isdir(parent):
-            return f"{parent!r} is a file"
-        return f"cannot create {path!r}: {e.strerror or e}"
-    try:
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        return f"cannot write in {path!r}: {e.strerror or e}"
+        verb = "write in" if existing == path else f"create {path!r} in"
+        return f"cannot {verb} {existing!r}: {e.strerror or e}"
     return None
 
 
 def output_dir_problem(path: str) -> str | None:
-    """Why ``path`` cannot be an output folder, or None when it can (it is then created
-    if it was missing)."""
+    """Why ``path`` cannot be an output folder, or None when it can (its writer creates
+    it if it is missing)."""
     why = _folder_problem(path)
     if why:
         return f"expected a folder that can be created and written to; got {path!r} ({why})"
@@ -60,8 +60,8 @@ def output_dir_problem(path: str) -> str | None:
 
 
 def output_file_problem(path: str) -> str | None:
-    """Why the file ``path`` cannot be written, or None when it can (its folder is then
-    created if it was missing)."""
+    """Why the file ``path`` cannot be written, or None when it can (its writer creates
+    its folder if it is missing)."""
     if os.path.isdir(path):
         why = f"{path!r} is a folder"
     elif os.path.exists(path) and not os.access(path, os.W_OK):
