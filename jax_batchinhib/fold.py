@@ -29,8 +29,16 @@ into any Conv.
 
 Every function takes the variables as stored by the modules (linen ``params`` /
 ``batch_stats`` sub-dicts, or NNX ``nnx.state`` values converted with
-``.to_pure_dict()``) and returns ``{"kernel": ..., "bias": ...}`` for a plain Dense or
-Conv with ``use_bias=True``, computed in at least float32.
+``.to_pure_dict()``; a layer with no parameters, ``use_scale=False, use_bias=False``,
+passes ``None`` or ``{}``) and returns ``{"kernel": ..., "bias": ...}`` for a plain Dense
+or Conv with ``use_bias=True``, computed in at least float32. A key that the layer does
+not have (a BatchNorm's ``var`` given to :func:`fold_batch_center`, say) is an error, so
+that another layer's variables are not folded as if they were this one's.
+
+The folds after a layer take the normalization's statistics to be over the layer's
+output features, its kernel's last axis: the module must normalize the last axis
+(``axis=-1``, the default). The arrays do not show the axis, so a module on another axis
+of the same size would fold into a wrong layer without an error.
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -48,6 +56,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -75,21 +84,69 @@ def _dtype(*arrays):
     return S.compute_dtype(jnp.result_type(*arrays))
 
 
+#: every variable (params and batch_stats) of each layer the folds take: a key outside
+#: its set names another layer's variable
+_VARIABLES = {
+    "BatchNorm": ("scale", "bias", "mean", "var", "count"),
+    "BatchCenter": ("bias", "mean", "count"),
+    "BatchInhib": ("alpha", "mean", "var", "cov", "count"),
+    "IterNorm or ZCANorm": ("scale", "bias", "mean", "whitening_matrix", "count"),
+}
+
+
+def _variables(fn, name, v, layer, optional=False):
+    """``v`` checked to be a mapping (``None`` is ``{}`` when ``optional``: a layer
+    without parameters) whose keys are all variables of ``layer``."""
+    if v is None and optional:
+        return {}
+    if not isinstance(v, Mapping):
+        none = " (or None when the layer has none)" if optional else ""
+        raise TypeError(
+            f"{fn}: {name} must be a mapping of arrays{none}: the {layer}'s variables as "
+            f"the module stores them (a linen 'params' or 'batch_stats' sub-dict, or "
+            f"nnx.state(module).to_pure_dict()); got {type(v).__name__}"
+        )
+    own = _VARIABLES[layer]
+    foreign = sorted(str(k) for k in v if k not in own)
+    if foreign:
+        raise ValueError(
+            f"{fn}: {name} holds {foreign}, which a {layer} does not have (another layer's "
+            f"variables?); a {layer}'s variables are {list(own)}"
+        )
+    return v
+
+
+def _float(fn, what, v):
+    """``v`` as an array, refused unless floating-point (a complex scale's imaginary part
+    would be dropped by the fold's cast)."""
+    if v is None:
+        raise TypeError(f"{fn}: {what} must be a floating-point array; got None")
+    v = jnp.asarray(v)
+    C.float_array(fn, what, v)
+    return v
+
+
 def _layer(fn, layer_params):
     """The layer's kernel (..., in, out) and bias (out,) or None, shapes checked."""
+    if not isinstance(layer_params, Mapping):
+        raise TypeError(
+            f"{fn}: layer_params must be a mapping of arrays (a Dense or Conv's params: "
+            f"{{'kernel': ..., 'bias': ...}}; for NNX, nnx.state(layer).to_pure_dict()); "
+            f"got {type(layer_params).__name__}"
+        )
     if "kernel" not in layer_params:
         raise ValueError(
             f"{fn}: layer_params must hold 'kernel' (a Dense or Conv's params); got keys "
             f"{sorted(layer_params)}"
         )
-    k = jnp.asarray(layer_params["kernel"])
+    k = _float(fn, "layer_params['kernel']", layer_params["kernel"])
     if k.ndim < 2:
         raise ValueError(
             f"{fn}: layer_params['kernel'] must have shape (..., in, out) (a Dense or Conv "
             f"kernel, at least 2 dimensions); got {S.shape_str(k.shape)}"
         )
     b = layer_params.get("bias")
-    b = None if b is None else jnp.asarray(b)
+    b = None if b is None else _float(fn, "layer_params['bias']", b)
     _check_n(fn, "layer_params['bias']", b, k.shape[-1])
     return k, b
 
@@ -106,7 +163,7 @@ def _stat(fn, name, stats, key):
     """``stats[key]`` as an array; a clear error when the key is missing."""
     if key not in stats:
         raise ValueError(f"{fn}: {name} must hold {key!r}; got keys {sorted(stats)}")
-    return jnp.asarray(stats[key])
+    return _float(fn, f"{name}[{key!r}]", stats[key])
 
 
 def _check_norm(fn, prefix, params, stats, keys, n, of="the layer's {n} output features"):
@@ -115,7 +172,9 @@ def _check_norm(fn, prefix, params, stats, keys, n, of="the layer's {n} output f
     for k in keys:
         _check_n(fn, f"{prefix}_stats[{k!r}]", _stat(fn, f"{prefix}_stats", stats, k), n, of)
     for k in ("scale", "bias"):
-        _check_n(fn, f"{prefix}_params[{k!r}]", params.get(k), n, of)
+        v = params.get(k)
+        v = None if v is None else _float(fn, f"{prefix}_params[{k!r}]", v)
+        _check_n(fn, f"{prefix}_params[{k!r}]", v, n, of)
 
 
 def batch_norm_affine(bn_params, bn_stats, *, epsilon: float):
@@ -128,7 +187,8 @@ def batch_norm_affine(bn_params, bn_stats, *, epsilon: float):
     cannot silently use another value than the layer it replaces.
 
     Args:
-      bn_params: the layer's ``params``: ``{"scale": (N,), "bias": (N,)}``, either optional.
+      bn_params: the layer's ``params``: ``{"scale": (N,), "bias": (N,)}``, either
+        optional (``None`` or ``{}`` when the layer has neither).
       bn_stats: the layer's ``batch_stats``: ``{"mean": (N,), "var": (N,)}``.
       epsilon: the layer's epsilon.
 
@@ -137,6 +197,8 @@ def batch_norm_affine(bn_params, bn_stats, *, epsilon: float):
     """
     fn = "batch_norm_affine"
     epsilon = C.epsilon(fn, epsilon)
+    bn_params = _variables(fn, "bn_params", bn_params, "BatchNorm", optional=True)
+    bn_stats = _variables(fn, "bn_stats", bn_stats, "BatchNorm")
     mean = _stat(fn, "bn_stats", bn_stats, "mean")
     if mean.ndim != 1:
         raise ValueError(
@@ -173,6 +235,8 @@ def fold_batch_norm(layer_params, bn_params, bn_stats, *, epsilon: float):
     fn = "fold_batch_norm"
     epsilon = C.epsilon(fn, epsilon)
     k, b = _layer(fn, layer_params)
+    bn_params = _variables(fn, "bn_params", bn_params, "BatchNorm", optional=True)
+    bn_stats = _variables(fn, "bn_stats", bn_stats, "BatchNorm")
     _check_norm(fn, "bn", bn_params, bn_stats, ("mean", "var"), k.shape[-1])
     a, c = batch_norm_affine(bn_params, bn_stats, epsilon=epsilon)
     cd = _dtype(k, a)
@@ -186,7 +250,7 @@ def fold_batch_center(layer_params, bc_params, bc_stats):
     Args:
       layer_params: the Dense/Conv parameters, ``{"kernel": (..., in, out), "bias": (out,)}``
         (``bias`` may be missing).
-      bc_params: the BatchCenter's ``params`` (``{"bias": (out,)}`` or empty).
+      bc_params: the BatchCenter's ``params`` (``{"bias": (out,)}``, or ``{}`` / ``None``).
       bc_stats: its ``batch_stats``: ``{"mean": (out,)}``.
 
     Returns:
@@ -194,6 +258,8 @@ def fold_batch_center(layer_params, bc_params, bc_stats):
     """
     fn = "fold_batch_center"
     k, b = _layer(fn, layer_params)
+    bc_params = _variables(fn, "bc_params", bc_params, "BatchCenter", optional=True)
+    bc_stats = _variables(fn, "bc_stats", bc_stats, "BatchCenter")
     _check_norm(fn, "bc", bc_params, bc_stats, ("mean",), k.shape[-1])
     mean = jnp.asarray(bc_stats["mean"])
     cd = _dtype(k, mean)
@@ -237,10 +303,10 @@ def _inhib_checked(fn, inhib_params, inhib_stats, options, n=None, side="outputs
         )
     opts = InhibOptions.checked(fn, **options)
     g = opts.groups
+    inhib_params = _variables(fn, "inhib_params", inhib_params, "BatchInhib")
+    inhib_stats = _variables(fn, "inhib_stats", inhib_stats, "BatchInhib")
     alpha = _stat(fn, "inhib_params", inhib_params, "alpha")
     cov = _stat(fn, "inhib_stats", inhib_stats, "cov")
-    C.float_array(fn, "inhib_params['alpha']", alpha)
-    C.float_array(fn, "inhib_stats['cov']", cov)
     ash = tuple(alpha.shape)
     square = len(ash) in (2, 3) and ash[-1] == ash[-2]
     if not square:
@@ -395,26 +461,30 @@ def fold_whitening_after(
     (layer -> whitening): with W = blockdiag(``batch_stats['whitening_matrix']``),
     ``K' = K W diag(scale)``, ``b' = ((b - mean) W) * scale + bias``.
 
-    ``module_params`` may lack ``scale`` / ``bias`` (use_scale / use_bias False);
+    ``module_params`` may lack ``scale`` / ``bias`` (use_scale / use_bias False; ``None``
+    when it has neither);
     ``groups`` is the module's (W may also be given as ``(N, N)`` with groups=1);
     ``feature_group_count`` the Conv's, of which ``groups`` must be a multiple.
     """
     fn = "fold_whitening_after"
     k, b = _layer(fn, layer_params)
     n = k.shape[-1]
-    for key in ("mean", "whitening_matrix"):
-        _stat(fn, "batch_stats", batch_stats, key)
-    mean = jnp.asarray(batch_stats["mean"])
+    layer = "IterNorm or ZCANorm"
+    module_params = _variables(fn, "module_params", module_params, layer, optional=True)
+    batch_stats = _variables(fn, "batch_stats", batch_stats, layer)
+    mean = _stat(fn, "batch_stats", batch_stats, "mean")
+    wm = _stat(fn, "batch_stats", batch_stats, "whitening_matrix")
     _check_n(fn, "batch_stats['mean']", mean, n)
     for key in ("scale", "bias"):
-        _check_n(fn, f"module_params[{key!r}]", module_params.get(key), n)
+        v = module_params.get(key)
+        v = None if v is None else _float(fn, f"module_params[{key!r}]", v)
+        _check_n(fn, f"module_params[{key!r}]", v, n)
     msg = f"{fn}: groups must be an int >= 1 dividing the layer's {n} output features; "
     if not C.is_int(groups):
         raise TypeError(msg + f"got {groups!r}")
     if groups < 1 or n % groups:
         raise ValueError(msg + f"got {groups!r}")
     _conv_groups(fn, feature_group_count, int(groups), "whitening layer")
-    wm = jnp.asarray(batch_stats["whitening_matrix"])
     g, ng = int(groups), n // groups
     if wm.shape not in ((g, ng, ng),) + (((ng, ng),) if g == 1 else ()):
         hint = ""

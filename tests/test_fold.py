@@ -48,13 +48,14 @@ def test_fold_batch_norm_and_batch_center_into_preceding_layer(kind):
     st = rand_stats(jax.random.key(2), 4)
     bn = bnn.BatchNorm(use_running_average=True, epsilon=1e-3)
     bp = params_of(bn, h, jax.random.key(3))
-    want = bn.apply({"params": bp, "batch_stats": {"mean": st["mean"], "var": st["var"]}}, h)
-    folded = fold.fold_batch_norm(lp, bp, st, epsilon=1e-3)
+    bn_st = {"mean": st["mean"], "var": st["var"]}
+    want = bn.apply({"params": bp, "batch_stats": bn_st}, h)
+    folded = fold.fold_batch_norm(lp, bp, bn_st, epsilon=1e-3)
     np.testing.assert_allclose(layer.apply({"params": folded}, x), want, atol=ATOL)
     bc = bnn.BatchCenter(use_running_average=True)
     cp = params_of(bc, h, jax.random.key(4))
     want = bc.apply({"params": cp, "batch_stats": {"mean": st["mean"]}}, h)
-    folded = fold.fold_batch_center(lp, cp, st)
+    folded = fold.fold_batch_center(lp, cp, {"mean": st["mean"]})
     np.testing.assert_allclose(layer.apply({"params": folded}, x), want, atol=ATOL)
 
 
@@ -159,6 +160,72 @@ def test_fold_errors_name_the_function():
         fold.fold_batch_center({"w": 1}, {}, {"mean": jnp.zeros(4)})
     with pytest.raises(ValueError, match=r"fold_batch_inhib_before: the BatchInhib has 4"):
         fold.fold_batch_inhib_before(lp, {"alpha": jnp.zeros((4, 4))}, {"cov": jnp.eye(4)})
+
+
+def test_a_layer_without_parameters_folds_from_none():
+    """A linen BatchNorm (or whitening layer) with use_scale=False, use_bias=False has no
+    'params' collection: ``variables.get('params')`` is None, which the folds take as {}
+    (it was an AttributeError on None)."""
+    layer, x = layers("dense", 4)
+    lp = params_of(layer, x, jax.random.key(1))
+    h = layer.apply({"params": lp}, x)
+    for mdl, f in (
+        (bnn.BatchNorm(use_running_average=True, use_scale=False, use_bias=False),
+         lambda v: fold.fold_batch_norm(lp, v.get("params"), v["batch_stats"], epsilon=1e-5)),
+        (bnn.BatchCenter(use_running_average=True, use_bias=False),
+         lambda v: fold.fold_batch_center(lp, v.get("params"), v["batch_stats"])),
+        (bnn.ZCANorm(use_running_average=True, use_scale=False, use_bias=False),
+         lambda v: fold.fold_whitening_after(lp, v.get("params"), v["batch_stats"])),
+    ):  # fmt: skip
+        v = mdl.init(jax.random.key(2), h)
+        assert "params" not in v
+        v = {"batch_stats": jax.tree.map(lambda a: a + 0.5, v["batch_stats"])}
+        np.testing.assert_allclose(layer.apply({"params": f(v)}, x), mdl.apply(v, h), atol=ATOL)
+
+
+def test_fold_arguments_must_be_this_layers_variables():
+    """A non-mapping argument is a TypeError naming the fold and the argument (they were
+    Python's errors about None or an Array); a complex kernel, scale or statistic is
+    refused (its imaginary part was dropped by the cast); another layer's variables (a
+    BatchNorm's 'scale' and 'var' given to fold_batch_center) are refused, where they
+    were ignored and the fold came out wrong."""
+    lp = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
+    st = {"mean": jnp.zeros(2), "var": jnp.ones(2)}
+    for bad, what in ((None, "NoneType"), (lp["kernel"], "ArrayImpl")):
+        with pytest.raises(
+            TypeError, match=rf"^fold_batch_norm: layer_params must be a map.*{what}"
+        ):
+            fold.fold_batch_norm(bad, {}, st, epsilon=1e-5)
+    with pytest.raises(TypeError, match=r"^fold_batch_norm: bn_stats must be a mapping"):
+        fold.fold_batch_norm(lp, {}, [st["mean"], st["var"]], epsilon=1e-5)
+    with pytest.raises(TypeError, match=r"^fold_batch_inhib_after: inhib_params must be a map"):
+        fold.fold_batch_inhib_after(lp, bnn.BatchInhib(), {"cov": jnp.eye(2)})
+    cplx = jnp.array([1 + 5j, 2 + 0j])
+    with pytest.raises(TypeError, match=r"^fold_batch_norm: bn_params\['scale'\] must be a float"):
+        fold.fold_batch_norm(lp, {"scale": cplx}, st, epsilon=1e-5)
+    with pytest.raises(TypeError, match=r"^fold_batch_center: bc_params\['bias'\] must be a float"):
+        fold.fold_batch_center(lp, {"bias": cplx}, {"mean": jnp.zeros(2)})
+    with pytest.raises(TypeError, match=r"^fold_whitening_after: layer_params\['kernel'\] must"):
+        fold.fold_whitening_after(
+            {"kernel": lp["kernel"].astype(jnp.complex64)},
+            {},
+            {"mean": jnp.zeros(2), "whitening_matrix": jnp.eye(2)},
+        )
+    with pytest.raises(
+        TypeError, match=r"^fold_batch_norm: bn_stats\['mean'\] must be a float.*None"
+    ):
+        fold.fold_batch_norm(lp, {}, {"mean": None, "var": st["var"]}, epsilon=1e-5)
+    with pytest.raises(ValueError, match=r"^fold_batch_center: bc_params holds \['scale'\]"):
+        fold.fold_batch_center(
+            lp, {"scale": jnp.ones(2), "bias": jnp.zeros(2)}, {"mean": st["mean"]}
+        )
+    with pytest.raises(ValueError, match=r"^fold_batch_center: bc_stats holds \['var'\]"):
+        fold.fold_batch_center(lp, {}, st)
+    with pytest.raises(ValueError, match=r"^fold_batch_norm: bn_stats holds \['cov'\]"):
+        fold.fold_batch_norm(lp, {}, {**st, "cov": jnp.eye(2)}, epsilon=1e-5)
+    # a whole NNX state given as both params and stats is this layer's variables: fine
+    whole = {"scale": jnp.ones(2), "bias": jnp.zeros(2), **st, "count": jnp.ones(())}
+    fold.fold_batch_norm(lp, whole, whole, epsilon=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv"])
