@@ -206,13 +206,57 @@ def check_epsilon(where: str, mdl) -> None:
     C.epsilon(where, mdl.epsilon)
 
 
+#: the statistics layers' bool attributes (a string "False" would count as True)
+FLAGS = (
+    "use_bias",
+    "use_scale",
+    "use_fast_variance",
+    "force_float32_reductions",
+    "unbiased",
+    "use_autodiff",
+)
+
+
+def check_dtype(where: str, name: str, v, optional: bool) -> None:
+    """``dtype`` (None allowed) or ``param_dtype``: a real floating-point dtype."""
+    if v is None and optional:
+        return
+    try:
+        d = jnp.dtype(v)
+    except TypeError:
+        d = None
+    if d is None or not jnp.issubdtype(d, jnp.floating):
+        none = " or None" if optional else ""
+        got = repr(v) if d is None else str(d)
+        raise TypeError(
+            f"{where}: {name} must be a floating-point dtype (e.g. jnp.float32, "
+            f"jnp.bfloat16){none}; got {got}"
+        )
+
+
+def check_initializer(where: str, name: str, init) -> None:
+    """``scale_init`` / ``bias_init`` / ``alpha_init``: a callable ``(key, shape, dtype)``."""
+    if not callable(init):
+        raise TypeError(
+            f"{where}: {name} must be an initializer, a callable (key, shape, dtype) -> "
+            f"array such as jax.nn.initializers.ones; got {init!r}"
+        )
+
+
 def check_common(where: str, mdl) -> float | None:
-    """The attributes every statistics layer has; returns the momentum."""
+    """The attributes every statistics layer has; returns the momentum. Run at every
+    call (linen) or forward (NNX), so that an attribute changed after construction is
+    checked too."""
     if hasattr(mdl, "epsilon"):
         check_epsilon(where, mdl)
     C.virtual_batch_size(where, mdl.virtual_batch_size)
-    if hasattr(mdl, "use_fast_variance"):
-        C.flag(where, "use_fast_variance", mdl.use_fast_variance)
+    for name in FLAGS:
+        if hasattr(mdl, name):
+            C.flag(where, name, getattr(mdl, name))
+    if hasattr(mdl, "dtype"):
+        check_dtype(where, "dtype", mdl.dtype, optional=True)
+    if hasattr(mdl, "param_dtype"):
+        check_dtype(where, "param_dtype", mdl.param_dtype, optional=False)
     return C.momentum(where, mdl.momentum)
 
 
@@ -367,9 +411,12 @@ def apply(
     :func:`_flat_features`). Returns ``(y, new_state)``; the module writes ``new_state``
     back."""
     if not use_running_average and not training_form_ok(x, axis, mask, axis_name):
+        axes = axis if isinstance(axis, tuple) else (axis % x.ndim,)
+        per = math.prod(C.dim(d) for a, d in enumerate(x.shape) if a not in axes)
         raise ValueError(
             f"{where}: training-mode statistics need more than one value per feature; got x "
-            f"of shape {tuple(x.shape)}, one value per feature. Call it in eval mode "
+            f"of shape {tuple(x.shape)}, {per} value{'' if per == 1 else 's'} per feature. "
+            f"Call it in eval mode "
             f"(use_running_average=True) for single examples (torch.nn.BatchNorm refuses a "
             f"batch of one in training mode; flax returns zeros)."
         )

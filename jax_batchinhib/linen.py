@@ -7,11 +7,14 @@ VJPs) and the running-statistics rules in :mod:`jax_batchinhib.running`.
 :class:`BatchNorm` is a drop-in replacement for :class:`flax.linen.BatchNorm`: the same
 arguments with the same names, defaults and meaning, the same variables (``params``:
 ``scale``, ``bias``; ``batch_stats``: ``mean``, ``var``), no statistics update during
-``init``. Two additions, both from Ioffe & Szegedy (2015) / PyTorch:
+``init``. Two additions, both from Ioffe & Szegedy (2015) / PyTorch, and the first one
+changes a default result:
 
-- ``unbiased=True`` (default) stores ``m/(m-1)`` times the batch variance, like PyTorch;
-  ``unbiased=False`` stores what flax stores, so a checkpoint moves between
-  ``flax.linen.BatchNorm`` and ours both ways.
+- ``unbiased=True`` (default) stores ``m/(m-1)`` times the batch variance, like PyTorch,
+  so the running ``var`` (and the eval output) differs from flax's by that factor on each
+  batch's part; ``unbiased=False`` stores what flax stores, so a checkpoint moves between
+  ``flax.linen.BatchNorm`` and ours both ways and the outputs agree
+  (``tests/test_flax_interop.py``).
 - ``momentum=None`` keeps the cumulative average over all batches (PyTorch's
   ``momentum=None``), with the number of batches in ``batch_stats/count``.
 
@@ -88,6 +91,7 @@ def _existing(mdl, col, name, want, where, n):
 
 
 def _param(mdl, name, init, shape, where, n):
+    M.check_initializer(where, f"{name}_init", init)
     _existing(mdl, "params", name, shape, where, n)
     return mdl.param(name, init, shape, mdl.param_dtype)
 

@@ -81,9 +81,12 @@ def _metadata(where: str, name: str, md) -> dict:
     return dict(md)
 
 
-def _param_or_none(use, init, key_fn, shape, dtype, metadata):
-    if not use:
+def _param_or_none(where, name, use, init, key_fn, shape, dtype, metadata):
+    """The parameter ``name`` (``use_<name>`` checked to be a bool, ``<name>_init`` a
+    callable), or None when it is not used."""
+    if not C.flag(where, f"use_{name}", use):
         return nnx.data(None)
+    M.check_initializer(where, f"{name}_init", init)
     return nnx.Param(init(key_fn(), shape, dtype), **metadata)
 
 
@@ -162,6 +165,15 @@ class _Stats(nnx.Module):
 
     def _run(self, x, use_running_average, mask, params: dict, options=None):
         where = type(self).__name__
+        # the attributes again: one set after construction (bn.momentum = 5.0) was used
+        # unchecked, and a variance updated with it went negative
+        momentum = M.check_common(where, self)
+        if (momentum is None) != ("count" in vars(self)):
+            raise ValueError(
+                f"{where}: momentum was changed between a float and None after "
+                f"construction (now {momentum!r}); the cumulative average (None) keeps a "
+                f"count statistic made at construction: build a new {where} instead"
+            )
         ax = M.check_input(where, x, self.axis, mask, self.num_features)
         if self._kind in M.WHITENING:
             ax = M.single_axis(where, self.axis, ax)
@@ -183,7 +195,7 @@ class _Stats(nnx.Module):
         state = RunningStats(**({**stored, **promoted} if use_ra else stored))
         y, new = M.apply(
             self._kind, where, self, x, params, state, axis=ax, use_running_average=use_ra,
-            update_stats=True, momentum=self.momentum, axis_name=self.axis_name, mask=mask,
+            update_stats=True, momentum=momentum, axis_name=self.axis_name, mask=mask,
             options=options,
         )  # fmt: skip
         if not use_ra:
@@ -287,8 +299,12 @@ class BatchNorm(_Stats):
             use_autodiff=use_autodiff, virtual_batch_size=virtual_batch_size,
             promote_dtype=promote_dtype,
         )  # fmt: skip
-        self.scale = _param_or_none(use_scale, scale_init, rngs.params, (n,), param_dtype, scale_md)
-        self.bias = _param_or_none(use_bias, bias_init, rngs.params, (n,), param_dtype, bias_md)
+        self.scale = _param_or_none(
+            where, "scale", use_scale, scale_init, rngs.params, (n,), param_dtype, scale_md
+        )
+        self.bias = _param_or_none(
+            where, "bias", use_bias, bias_init, rngs.params, (n,), param_dtype, bias_md
+        )
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         scale = None if self.scale is None else self.scale[...]
@@ -336,16 +352,19 @@ class BatchCenter(_Stats):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        bias_md = _metadata("BatchCenter", "bias_metadata", bias_metadata)
+        where = "BatchCenter"
+        bias_md = _metadata(where, "bias_metadata", bias_metadata)
         n = self._setup(
-            "BatchCenter", num_features, use_running_average=use_running_average, axis=axis,
+            where, num_features, use_running_average=use_running_average, axis=axis,
             momentum=momentum, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
             axis_name=axis_name, axis_index_groups=axis_index_groups,
             force_float32_reductions=force_float32_reductions,
             use_fast_variance=use_fast_variance, use_autodiff=use_autodiff,
             virtual_batch_size=virtual_batch_size, promote_dtype=promote_dtype,
         )  # fmt: skip
-        self.bias = _param_or_none(use_bias, bias_init, rngs.params, (n,), param_dtype, bias_md)
+        self.bias = _param_or_none(
+            where, "bias", use_bias, bias_init, rngs.params, (n,), param_dtype, bias_md
+        )
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         bias = None if self.bias is None else self.bias[...]
@@ -429,6 +448,7 @@ class BatchInhib(_Stats):
             virtual_batch_size=virtual_batch_size, promote_dtype=promote_dtype,
         )  # fmt: skip
         init = alpha_init or near_identity_alpha_init(options.rho)
+        M.check_initializer(where, "alpha_init", init)
         self.alpha = nnx.Param(init(rngs.params(), alpha_shape(n, groups), param_dtype), **alpha_md)
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -447,8 +467,12 @@ class _Whiten(_Stats):
             self.iterations = C.plain(iterations)
         M.WhitenOptions.checked(where, self._kind, self, n)
         self._setup(where, n, groups, param_dtype=param_dtype, **attrs)
-        self.scale = _param_or_none(use_scale, scale_init, rngs.params, (n,), param_dtype, {})
-        self.bias = _param_or_none(use_bias, bias_init, rngs.params, (n,), param_dtype, {})
+        self.scale = _param_or_none(
+            where, "scale", use_scale, scale_init, rngs.params, (n,), param_dtype, {}
+        )
+        self.bias = _param_or_none(
+            where, "bias", use_bias, bias_init, rngs.params, (n,), param_dtype, {}
+        )
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         """Whiten ``x``; ``mask``: rows (x's shape without the feature axis) counted."""

@@ -380,3 +380,71 @@ def test_a_training_batch_of_one_names_the_module():
     for name in ("BatchCenter", "BatchInhib", "IterNorm", "ZCANorm"):
         with pytest.raises(ValueError, match=rf"^{name}: training-mode statistics " + msg):
             getattr(bnx, name)(N, rngs=nnx.Rngs(0))(X[:1])
+
+
+def test_an_empty_training_batch_says_zero_values_per_feature():
+    """The message said 'one value per feature' for a batch of none."""
+    from jax_batchinhib import linen as bnn
+
+    m = bnn.BatchNorm(use_running_average=False)
+    v = m.init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match=r"got x of shape \(0, 4\), 0 values per feature"):
+        m.apply(v, X[:0], mutable=["batch_stats"])
+
+
+_BAD_ATTRIBUTES = [
+    (dict(unbiased="False"), TypeError, r"unbiased must be a bool \(True or False\); got 'False'"),
+    (dict(use_scale="no"), TypeError, r"use_scale must be a bool"),
+    (dict(use_autodiff=1), TypeError, r"use_autodiff must be a bool"),
+    (dict(force_float32_reductions=None), TypeError, r"force_float32_reductions must be a bool"),
+    (
+        dict(dtype=jnp.int32),
+        TypeError,
+        r"dtype must be a floating-point dtype .* or None; got int32",
+    ),
+    (dict(dtype="foo"), TypeError, r"dtype must be a floating-point dtype .*; got 'foo'"),
+    (dict(param_dtype=jnp.int32), TypeError, r"param_dtype must be a floating-point dtype"),
+    (dict(scale_init=3.0), TypeError, r"scale_init must be an initializer, a callable"),
+    (dict(bias_init=None), TypeError, r"bias_init must be an initializer, a callable"),
+]
+
+
+@pytest.mark.parametrize("family", ["linen", "nnx"])
+@pytest.mark.parametrize("attrs, error, message", _BAD_ATTRIBUTES)
+def test_module_attributes_are_checked_by_name(family, attrs, error, message):
+    """unbiased='False' meant True; dtype=int32 truncated the output to -1/0/1 (linen, as
+    flax.linen) or failed in flax's promote_dtype (NNX); a non-callable initializer was
+    Python's "'float' object is not callable". Each is now the module's error."""
+    from jax_batchinhib import linen as bnn
+
+    with pytest.raises(error, match=rf"^BatchNorm: {message}"):
+        if family == "linen":
+            bnn.BatchNorm(use_running_average=False, **attrs).init(jax.random.key(0), X)
+        else:
+            bnx.BatchNorm(N, rngs=nnx.Rngs(0), **attrs)(X)
+
+
+def test_nnx_attributes_changed_after_construction_are_checked():
+    """bn.momentum = 5.0 after construction was used unchecked: the running variance went
+    negative and eval returned NaN. Changed attributes are checked at every call, with
+    the module's name (epsilon's error named the op)."""
+    for attr, value, message in (
+        ("momentum", 5.0, r"momentum must be a float in \[0, 1\] or None"),
+        ("epsilon", -1.0, r"epsilon must be a finite float >= 0"),
+        ("unbiased", "no", r"unbiased must be a bool"),
+        ("momentum", None, r"momentum was changed between a float and None after construction"),
+    ):
+        bn = bnx.BatchNorm(N, rngs=nnx.Rngs(0))
+        setattr(bn, attr, value)
+        with pytest.raises((TypeError, ValueError), match=rf"^BatchNorm: {message}"):
+            bn(X)
+    for cls in ("BatchInhib", "ZCANorm"):
+        m = getattr(bnx, cls)(N, rngs=nnx.Rngs(0))
+        m.momentum = 1.5
+        with pytest.raises(ValueError, match=rf"^{cls}: momentum must be a float"):
+            m(X)
+    bn = bnx.BatchNorm(N, rngs=nnx.Rngs(0))
+    bn.momentum = 0.5  # a valid change is used
+    bn(X)
+    # float32 means of 8 values of O(1), summed in another order: a few ulps of 1
+    np.testing.assert_allclose(bn.mean[...], 0.5 * jnp.mean(X, axis=0), rtol=0, atol=1e-6)
