@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_batchinhib as jb
 from jax_batchinhib import parallel, running
+from jax_batchinhib import reference as ref
 from jax_batchinhib.ops.batch_inhib import InhibOptions
 
 B, N = 16, 4
@@ -269,8 +270,6 @@ def test_second_order_with_garbage_in_the_padding_equals_reference(name):
     rtol 1e-10 of the largest entry). The forward built the masked outputs from the raw x
     as plain JAX, so differentiating it gave 0 * NaN: every valid entry of the second
     derivative was NaN (batch_center's masked outputs do not multiply x by a parameter)."""
-    from jax_batchinhib import reference as ref
-
     with jax.enable_x64(True):
         rng = np.random.default_rng(3)
         x = jnp.asarray(rng.standard_normal((8, N)))
@@ -312,3 +311,39 @@ def test_second_order_with_garbage_in_the_padding_equals_reference(name):
             r_valid = r[np.asarray(rows)] if r.shape == x.shape else r
             assert np.all(np.isfinite(a_valid)), (name, a)
             np.testing.assert_allclose(a_valid, r_valid, rtol=0, atol=1e-10 * np.abs(r_valid).max())
+
+
+@pytest.mark.parametrize("case", ["empty_sub_batch", "empty_feature", "all_masked"])
+def test_epsilon_zero_with_an_empty_feature_gives_finite_gradients(case):
+    """epsilon=0 (allowed, as flax) and a feature or ghost sub-batch with no valid value:
+    its variance is 0 and its inv infinite, and the backward's inf * 0 put NaN into dx
+    at its (masked) positions, so into every upstream weight, and into dscale. Its terms
+    are all 0 now: the upstream gradient equals autodiff of the reference (float64
+    round-off, rtol 1e-10), and dscale is finite (the reference's is NaN there, so it is
+    compared on the live features only)."""
+    mask, vbs = {
+        "empty_sub_batch": (jnp.array([1, 1, 0, 0, 1, 1], bool), 2),
+        "empty_feature": (jnp.ones((6, 3), bool).at[:, 1].set(False), None),
+        "all_masked": (jnp.zeros((6,), bool), None),
+    }[case]
+    keep = mask if mask.ndim == 2 else mask[:, None]
+
+    def grads(op):
+        x = jax.random.normal(jax.random.key(0), (6, 3), jnp.float64)
+        w = jax.random.normal(jax.random.key(1), (3, 3), jnp.float64)
+        scale = jnp.array([1.0, 2.0, 0.5], jnp.float64)
+
+        def loss(w, scale):
+            y, st = op(x @ w, scale, None, mask=mask, virtual_batch_size=vbs, epsilon=0.0)
+            return jnp.sum(jnp.where(keep, jnp.sin(y), 0.0)) + jnp.sum(jnp.cos(st.mean))
+
+        return jax.grad(loss, argnums=(0, 1))(w, scale)
+
+    with jax.enable_x64(True):
+        (dw, dscale), (dw_ref, dscale_ref) = grads(jb.batch_norm), grads(ref.batch_norm)
+    assert bool(jnp.isfinite(dw).all()) and bool(jnp.isfinite(dscale).all())
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-10, atol=1e-12)
+    live = jnp.isfinite(dscale_ref)
+    np.testing.assert_allclose(dscale[live], dscale_ref[live], rtol=1e-10, atol=1e-12)
+    if case == "empty_feature":
+        assert float(dscale[1]) == 0.0 and bool(live[0]) and not bool(live[1])
