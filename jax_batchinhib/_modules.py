@@ -16,7 +16,9 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import export
 from jax.nn import initializers
 
@@ -79,6 +81,21 @@ def identity_cov(shape, dtype):
 # ----------------------------------------------------------------------------- checks
 
 
+def mode_flag(where: str, arg: str, v) -> bool:
+    """``use_running_average`` / ``deterministic``: a bool known at trace time (a concrete
+    0-d bool array too, as flax's truthiness takes). A string such as "False" counted as
+    True, and a traced value failed in Python's ``bool`` without naming the module."""
+    if isinstance(v, jax.core.Tracer):
+        raise TypeError(
+            f"{where}: {arg} must be a bool known at trace time (it picks the computation); "
+            f"got a traced value. Pass it as a static argument (jax.jit(..., "
+            f"static_argnames=...)) or set it on the module"
+        )
+    if isinstance(v, jax.Array | np.ndarray) and v.ndim == 0 and v.dtype == np.bool_:
+        v = bool(v)
+    return C.flag(where, arg, v)
+
+
 def merge_flag(where: str, arg: str, attr, call) -> bool:
     """linen: the mode flag given at construction or at call time, not both (flax's
     merge_param, with an error that names the module and the argument)."""
@@ -93,15 +110,15 @@ def merge_flag(where: str, arg: str, attr, call) -> bool:
             f"{where}: {arg} was given both at construction ({arg}={attr!r}) and at call "
             f"time ({arg}={call!r}); give it in one place only"
         )
-    return bool(attr if call is None else call)
+    return mode_flag(where, arg, attr if call is None else call)
 
 
 def first_flag(where: str, arg: str, call, attr) -> bool:
     """NNX: the call-time value if given, else the attribute (flax.nnx's precedence)."""
     if call is not None:
-        return bool(call)
+        return mode_flag(where, arg, call)
     if attr is not None:
-        return bool(attr)
+        return mode_flag(where, arg, attr)
     raise ValueError(
         f"{where}: {arg} was given nowhere; pass it at construction "
         f"({where}(..., {arg}=True/False)), at call time (layer(x, {arg}=True/False)), or "

@@ -189,6 +189,74 @@ CASES = {
         r"shard_map_step: the batch axis 0 of an array of shape \(6, 4\) must split evenly "
         r"over 8 devices",
     ),
+    # a batch of no rows: masked, mapped or split into ghost batches it failed inside JAX
+    # (argmax of an empty sequence, a slice past the end) or gave NaN statistics
+    "batch_norm no rows masked": (
+        lambda: jb.batch_norm(X[:0], mask=jnp.zeros((0,), bool)),
+        ValueError,
+        r"batch_norm: training-mode statistics need more than one value per feature; got x "
+        r"of shape \(0, 4\), which has 0 values",
+    ),
+    "batch_inhib no rows under vmap axis_name": (
+        lambda: jax.vmap(lambda x: jb.batch_inhib(x, ALPHA, axis_name="i"), axis_name="i")(
+            jnp.zeros((2, 0, N))
+        ),
+        ValueError,
+        r"batch_inhib: training-mode statistics need more than one value per feature; got x "
+        r"of shape \(0, 4\)",
+    ),
+    "batch_center no rows ghost batches": (
+        lambda: jb.batch_center(X[:0], virtual_batch_size=2),
+        ValueError,
+        r"batch_center: virtual_batch_size=2 splits the leading axis into sub-batches, but x "
+        r"of shape \(0, 4\) has no rows",
+    ),
+    # no features: a covariance of 0 x 0 failed in a reshape (ZeroDivisionError) or named
+    # alpha_shape
+    "iter_norm no features": (
+        lambda: jb.iter_norm(X[:, :0]),
+        ValueError,
+        r"iter_norm: x must have at least one feature; got x of shape \(8, 0\)",
+    ),
+    "zca_norm_inference no features": (
+        lambda: jb.zca_norm_inference(X[:, :0], None, None, jnp.zeros(0), jnp.zeros((0, 0))),
+        ValueError,
+        r"zca_norm_inference: x must have at least one feature",
+    ),
+    "batch_inhib no features": (
+        lambda: jb.batch_inhib(X[:, :0], jnp.zeros((0, 0))),
+        ValueError,
+        r"batch_inhib: x must have at least one feature",
+    ),
+    # lists: JAX's "Cannot determine dtype of [...]" named neither function nor argument
+    "batch_norm mask list": (
+        lambda: jb.batch_norm(X, mask=[True] * 8),
+        TypeError,
+        r"batch_norm: mask must be an array \(a jax.Array or numpy.ndarray\); got list",
+    ),
+    "batch_inhib alpha list": (
+        lambda: jb.batch_inhib(X, [[0.0] * N] * N),
+        TypeError,
+        r"batch_inhib: alpha must be an array .*got list",
+    ),
+    "softmax_cross_entropy labels list": (
+        lambda: jb.softmax_cross_entropy(X, [[0.0] * N] * 8),
+        TypeError,
+        r"softmax_cross_entropy: labels must be an array .*got list",
+    ),
+    # mode flags: "False" meant True; a traced flag failed in Python's bool()
+    "nnx Dropout deterministic string": (
+        lambda: bnx.Dropout(0.5, rngs=nnx.Rngs(0))(X, deterministic="False"),
+        TypeError,
+        r"Dropout: deterministic must be a bool \(True or False\); got 'False'",
+    ),
+    "nnx BatchNorm use_running_average traced": (
+        lambda: jax.jit(lambda x, u: bnx.BatchNorm(N, rngs=nnx.Rngs(0))(x, use_running_average=u))(
+            X, True
+        ),
+        TypeError,
+        r"BatchNorm: use_running_average must be a bool known at trace time",
+    ),
 }
 
 

@@ -77,9 +77,22 @@ def _static_number(fn: str, name: str, v, expect: str) -> float:
     return float(v)
 
 
+def dtype_of(fn: str, name: str, x):
+    """``x``'s dtype; a list or another non-array is a TypeError naming ``fn`` and
+    ``name`` (jax.numpy refuses lists too, but JAX's error names neither)."""
+    try:
+        return jnp.result_type(x)
+    except TypeError:
+        raise TypeError(
+            f"{fn}: {name} must be an array (a jax.Array or numpy.ndarray); got "
+            f"{type(x).__name__}"
+            + (". Convert it with jnp.asarray" if isinstance(x, list | tuple) else "")
+        ) from None
+
+
 def float_array(fn: str, name: str, x) -> None:
     """``x`` must be a floating-point array (TypeError otherwise)."""
-    dtype = jnp.result_type(x)
+    dtype = dtype_of(fn, name, x)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"{fn}: {name} must be a floating-point array (float16, bfloat16, float32 or "
@@ -204,7 +217,7 @@ def mask_dtype(fn: str, mask) -> None:
     """A mask must be boolean (or integer 0/1); None passes."""
     if mask is None:
         return
-    dtype = jnp.result_type(mask)
+    dtype = dtype_of(fn, "mask", mask)
     if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
         raise TypeError(
             f"{fn}: mask must be a boolean array (or integer 0/1); got dtype {dtype}. A mask "

@@ -44,6 +44,11 @@ def check_virtual_batch_size(fn: str, x, axis, v) -> int:
             f"({b}) and not known to be a multiple of {v}; export with a multiple, e.g. "
             f"jax.export.symbolic_shape('{v}*b, ...')"
         )
+    if b == 0:
+        raise ValueError(
+            f"{fn}: virtual_batch_size={v} splits the leading axis into sub-batches, but x of "
+            f"shape {tuple(x.shape)} has no rows; training-mode statistics need values"
+        )
     if b % v:
         raise ValueError(
             f"{fn}: virtual_batch_size={v} must divide the batch size {b} (x.shape[0]); "

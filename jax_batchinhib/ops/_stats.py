@@ -367,6 +367,7 @@ def mask_weights(fn: str, mask, x_shape: Sequence[int], cfg: Reduce, *, rows_onl
     """
     if mask is None:
         return None
+    C.mask_dtype(fn, mask)  # first: a list has no shape either
     given = tuple(jnp.shape(mask))
     mask = mask_shape(fn, mask, x_shape, cfg.axes)
     if rows_only and any(jnp.shape(mask)[a] != 1 for a in cfg.axes):
@@ -388,11 +389,22 @@ def reduced_size(x_shape, cfg: Reduce):
     return m
 
 
+def check_some_features(fn: str, x_shape, nfeat) -> None:
+    """The decorrelating ops (a covariance of N x N) need N >= 1 features."""
+    if not export.is_symbolic_dim(nfeat) and nfeat < 1:
+        raise ValueError(
+            f"{fn}: x must have at least one feature; got x of shape {shape_str(x_shape)} "
+            f"with {nfeat} features"
+        )
+
+
 def static_count(fn: str, x_shape, cfg: Reduce, mask) -> int:
     """Number of values per feature on this device; refuses one value per feature (when
-    the shape is known: a symbolic batch size is left to the caller of the export)."""
+    the shape is known: a symbolic batch size is left to the caller of the export), and
+    none even with a mask or ``axis_name`` (every device then has none)."""
     m = reduced_size(x_shape, cfg)
-    if mask is None and cfg.axis_name is None and not export.is_symbolic_dim(m) and m <= 1:
+    one = mask is None and cfg.axis_name is None
+    if not export.is_symbolic_dim(m) and (m == 0 or (one and m <= 1)):
         raise ValueError(
             f"{fn}: training-mode statistics need more than one value per feature; got x of "
             f"shape {shape_str(x_shape)}, which has {m} value{'' if m == 1 else 's'} per "

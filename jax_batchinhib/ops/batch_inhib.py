@@ -393,6 +393,7 @@ def batch_inhib(
     _check_batch_epsilon(fn, epsilon)
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     nfeat = math.prod(red.feature_shape(x.shape))  # several feature axes: flattened
+    S.check_some_features(fn, x.shape, nfeat)
     _check_groups_alpha(fn, nfeat, groups, alpha)
     fast = S.check_fast_variance(fn, use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
@@ -556,6 +557,7 @@ def batch_inhib_inference(
     red = S.make_reduce(fn, x, axis)
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     nfeat = math.prod(red.feature_shape(x.shape))  # several feature axes: flattened
+    S.check_some_features(fn, x.shape, nfeat)
     _check_groups_alpha(fn, nfeat, groups, alpha)
     if cov is None:
         raise ValueError(f"{fn}: cov is required (the running covariance)")

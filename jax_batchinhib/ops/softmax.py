@@ -120,7 +120,7 @@ def softmax_cross_entropy(logits, labels, axis: int = -1):
     """
     fn = "softmax_cross_entropy"
     S.check_float(fn, "logits", logits)
-    ldt = jnp.result_type(labels)
+    ldt = C.dtype_of(fn, "labels", labels)
     if not jnp.issubdtype(ldt, jnp.floating):
         raise TypeError(
             f"{fn}: labels must be probabilities (floating, the shape of logits); got dtype "
@@ -251,7 +251,7 @@ def softmax_cross_entropy_with_integer_labels(logits, labels, axis: int = -1):
     """
     fn = "softmax_cross_entropy_with_integer_labels"
     S.check_float(fn, "logits", logits)
-    ldt = jnp.result_type(labels)
+    ldt = C.dtype_of(fn, "labels", labels)
     if not jnp.issubdtype(ldt, jnp.integer):
         raise TypeError(
             f"{fn}: labels must be integer class indices; got dtype {ldt}. For labels as "

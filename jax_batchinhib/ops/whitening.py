@@ -142,6 +142,7 @@ def _prepare(fn, method, x, scale, bias, groups, iterations, epsilon, axis, axis
     S.check_float(fn, "x", x)
     red = _one_axis(fn, axis, S.make_reduce(fn, x, axis, axis_name, axis_index_groups))
     nfeat = x.shape[red.axis]
+    S.check_some_features(fn, x.shape, nfeat)
     S.check_vector(fn, "scale", scale, nfeat)
     S.check_vector(fn, "bias", bias, nfeat)
     C.groups(fn, groups, nfeat)
@@ -633,6 +634,7 @@ def _inference(fn, x, scale, bias, mean, wmat, groups, axis):
     S.check_float(fn, "x", x)
     red = _one_axis(fn, axis, S.make_reduce(fn, x, axis))
     nfeat = x.shape[red.axis]
+    S.check_some_features(fn, x.shape, nfeat)
     S.check_vector(fn, "scale", scale, nfeat)
     S.check_vector(fn, "bias", bias, nfeat)
     if mean is None or wmat is None:
