@@ -335,7 +335,8 @@ def test_epsilon_zero_with_an_empty_feature_gives_finite_gradients(case):
 
         def loss(w, scale):
             y, st = op(x @ w, scale, None, mask=mask, virtual_batch_size=vbs, epsilon=0.0)
-            return jnp.sum(jnp.where(keep, jnp.sin(y), 0.0)) + jnp.sum(jnp.cos(st.mean))
+            stats = jnp.sum(jnp.cos(st.mean)) + jnp.sum(jnp.sin(st.var))  # dmean and dvar
+            return jnp.sum(jnp.where(keep, jnp.sin(y), 0.0)) + stats
 
         return jax.grad(loss, argnums=(0, 1))(w, scale)
 

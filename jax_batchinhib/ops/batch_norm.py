@@ -218,13 +218,12 @@ def _batch_norm_bwd(cfg, epsilon, fast, res, cts):
     x, scale, bias, mask, s, mean_d, inv, n = res
     dy, (dmean, dvar) = cts
     cd = inv.dtype
-    live = None
     if epsilon == 0.0:
         # A feature (or ghost sub-batch) with no valid value has var 0, and epsilon 0
         # makes its inv infinite; every one of its positions is masked, so each of its
         # terms is 0: inv is taken as 0 there (else inf * 0 = NaN reached dx and dscale).
-        live = n > 0
-        inv = jnp.where(live, inv, 0.0)
+        # Its 2 dvar / inv below is then inf, but only inside the masked select.
+        inv = jnp.where(n > 0, inv, 0.0)
     mask = S.mask_bool(mask)
     # Masked outputs are constants to differentiation: their cotangent is selected away,
     # and so is x there (garbage such as NaN must not reach a sum: docs/derivations.md).
@@ -256,11 +255,7 @@ def _batch_norm_bwd(cfg, epsilon, fast, res, cts):
     dmean, dvar = cfg.stats_ct((dmean, dvar))  # global cotangents of the statistics
     # dx = inv*(dxhat - (w/n)(S1 + xhat*S2)) + (w/n)(dmean + 2*(x-mean)*dvar); w = mask
     wn = 1.0 / jnp.maximum(n, 1)
-    if live is None:
-        dvar_std = 2.0 * dvar / inv
-    else:
-        dvar_std = jnp.where(live, 2.0 * dvar / jnp.where(live, inv, 1.0), 0.0)
-    dx = a * dy + S.select(wn * (dmean - inv * s1 + xhat * (dvar_std - inv * s2)), mask)
+    dx = a * dy + S.select(wn * (dmean - inv * s1 + xhat * (2.0 * dvar / inv - inv * s2)), mask)
     dscale = None if scale is None else jnp.reshape(sdyx, scale.shape).astype(scale.dtype)
     dbias = None if bias is None else jnp.reshape(sdy, bias.shape).astype(bias.dtype)
     dscale, dbias = S.param_ct(dscale, scale), S.param_ct(dbias, bias)  # docs/scaling.md
