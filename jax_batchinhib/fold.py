@@ -166,15 +166,21 @@ def _stat(fn, name, stats, key):
     return _float(fn, f"{name}[{key!r}]", stats[key])
 
 
+def _check_affine(fn, name, params, n, of="the layer's {n} output features"):
+    """``params['scale']`` / ``params['bias']`` (each optional; ``name`` is the
+    argument's): floating and ``(n,)``."""
+    for k in ("scale", "bias"):
+        v = params.get(k)
+        v = None if v is None else _float(fn, f"{name}[{k!r}]", v)
+        _check_n(fn, f"{name}[{k!r}]", v, n, of)
+
+
 def _check_norm(fn, prefix, params, stats, keys, n, of="the layer's {n} output features"):
     """Per-feature vectors of a normalization layer: ``stats[k]`` for ``k`` in ``keys``
     (required) and ``params['scale']`` / ``params['bias']`` (optional) must be ``(n,)``."""
     for k in keys:
         _check_n(fn, f"{prefix}_stats[{k!r}]", _stat(fn, f"{prefix}_stats", stats, k), n, of)
-    for k in ("scale", "bias"):
-        v = params.get(k)
-        v = None if v is None else _float(fn, f"{prefix}_params[{k!r}]", v)
-        _check_n(fn, f"{prefix}_params[{k!r}]", v, n, of)
+    _check_affine(fn, f"{prefix}_params", params, n, of)
 
 
 def batch_norm_affine(bn_params, bn_stats, *, epsilon: float):
@@ -196,18 +202,25 @@ def batch_norm_affine(bn_params, bn_stats, *, epsilon: float):
       ``(a, c)``, each ``(N,)``, in at least float32.
     """
     fn = "batch_norm_affine"
-    epsilon = C.epsilon(fn, epsilon)
+    return _bn_affine(fn, bn_params, bn_stats, C.epsilon(fn, epsilon))
+
+
+def _bn_affine(fn, bn_params, bn_stats, epsilon, n=None):
+    """:func:`batch_norm_affine` with its checks named ``fn``: the vectors must be ``(n,)``
+    to match the layer's ``n`` output features, or, without ``n``, the mean's length."""
     bn_params = _variables(fn, "bn_params", bn_params, "BatchNorm", optional=True)
     bn_stats = _variables(fn, "bn_stats", bn_stats, "BatchNorm")
     mean = _stat(fn, "bn_stats", bn_stats, "mean")
-    if mean.ndim != 1:
-        raise ValueError(
-            f"{fn}: bn_stats['mean'] must have shape (N,) (one value per feature); "
-            f"got {S.shape_str(mean.shape)}"
-        )
-    _check_norm(fn, "bn", bn_params, bn_stats, ("var",), mean.shape[0],
-                "bn_stats['mean'] ({n} features)")  # fmt: skip
-    var = jnp.asarray(bn_stats["var"])
+    of = "the layer's {n} output features"
+    if n is None:
+        if mean.ndim != 1:
+            raise ValueError(
+                f"{fn}: bn_stats['mean'] must have shape (N,) (one value per feature); "
+                f"got {S.shape_str(mean.shape)}"
+            )
+        n, of = mean.shape[0], "bn_stats['mean'] ({n} features)"
+    _check_norm(fn, "bn", bn_params, bn_stats, ("mean", "var"), n, of)
+    var = _stat(fn, "bn_stats", bn_stats, "var")
     cd = _dtype(mean, var)
     inv = jax.lax.rsqrt(var.astype(cd) + epsilon)
     scale = bn_params.get("scale")
@@ -235,10 +248,7 @@ def fold_batch_norm(layer_params, bn_params, bn_stats, *, epsilon: float):
     fn = "fold_batch_norm"
     epsilon = C.epsilon(fn, epsilon)
     k, b = _layer(fn, layer_params)
-    bn_params = _variables(fn, "bn_params", bn_params, "BatchNorm", optional=True)
-    bn_stats = _variables(fn, "bn_stats", bn_stats, "BatchNorm")
-    _check_norm(fn, "bn", bn_params, bn_stats, ("mean", "var"), k.shape[-1])
-    a, c = batch_norm_affine(bn_params, bn_stats, epsilon=epsilon)
+    a, c = _bn_affine(fn, bn_params, bn_stats, epsilon, n=k.shape[-1])
     cd = _dtype(k, a)
     new_b = c if b is None else a * b.astype(cd) + c
     return {"kernel": k.astype(cd) * a, "bias": new_b}
@@ -475,10 +485,7 @@ def fold_whitening_after(
     mean = _stat(fn, "batch_stats", batch_stats, "mean")
     wm = _stat(fn, "batch_stats", batch_stats, "whitening_matrix")
     _check_n(fn, "batch_stats['mean']", mean, n)
-    for key in ("scale", "bias"):
-        v = module_params.get(key)
-        v = None if v is None else _float(fn, f"module_params[{key!r}]", v)
-        _check_n(fn, f"module_params[{key!r}]", v, n)
+    _check_affine(fn, "module_params", module_params, n)
     msg = f"{fn}: groups must be an int >= 1 dividing the layer's {n} output features; "
     if not C.is_int(groups):
         raise TypeError(msg + f"got {groups!r}")
