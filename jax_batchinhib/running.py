@@ -129,7 +129,7 @@ def batch_count(
     Returns:
       The counts, ``(N,)`` float32.
     """
-    cfg = S.make_reduce(where, x, axis)
+    cfg = S.make_reduce(where, x, axis, axis_name, axis_index_groups)
     n = cfg.feature_shape(x.shape)
     if mask is None:
         cnt = jnp.full(n, S.reduced_size(x.shape, cfg), jnp.float32)
@@ -137,11 +137,7 @@ def batch_count(
         mask = S.mask_weights(where, mask, x.shape, cfg)
         w = jnp.broadcast_to(jnp.asarray(mask).astype(jnp.float32), x.shape)
         cnt = jnp.sum(w, axis=cfg.reduce_axes)
-    if axis_name is not None:
-        cnt = lax.psum(
-            cnt, axis_name, axis_index_groups=S.check_groups(where, axis_name, axis_index_groups)
-        )
-    return cnt
+    return cfg.psum(cnt)
 
 
 def unbiased_factor(m, dtype=jnp.float32):
