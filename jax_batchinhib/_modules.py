@@ -91,7 +91,7 @@ def mode_flag(where: str, arg: str, v) -> bool:
             f"got a traced value. Pass it as a static argument (jax.jit(..., "
             f"static_argnames=...)) or set it on the module"
         )
-    if isinstance(v, jax.Array | np.ndarray) and v.ndim == 0 and v.dtype == np.bool_:
+    if C.concrete_0d(v) and v.dtype == np.bool_:
         v = bool(v)
     return C.flag(where, arg, v)
 
@@ -350,14 +350,20 @@ def compute_input(x, out):
     return x.astype(jnp.promote_types(x.dtype, out))
 
 
+def values_per_feature(x, axis):
+    """The number of values of each feature in ``x`` (``axis``: one feature axis or a
+    tuple of them); symbolic under shape-polymorphic ``jax.export``."""
+    axes = axis if isinstance(axis, tuple) else (axis % x.ndim,)
+    return math.prod(C.dim(d) for a, d in enumerate(x.shape) if a not in axes)
+
+
 def training_form_ok(x, axis, mask, axis_name, virtual_batch_size=None) -> bool:
     """During init, a batch of one value per feature, or one that ``virtual_batch_size``
     does not divide (the usual dummy batch of 1), gets the inference form: flax's init
     accepts any batch, init updates no statistics, and our training form refuses both."""
     if virtual_batch_size is not None and x.ndim and x.shape[0] % virtual_batch_size:
         return False
-    axes = axis if isinstance(axis, tuple) else (axis % x.ndim,)
-    per_feature = math.prod(C.dim(d) for a, d in enumerate(x.shape) if a not in axes)
+    per_feature = values_per_feature(x, axis)
     if export.is_symbolic_dim(per_feature):  # a symbolic batch (jax.export): trained
         return True
     return mask is not None or axis_name is not None or per_feature > 1
@@ -428,8 +434,7 @@ def apply(
     :func:`_flat_features`). Returns ``(y, new_state)``; the module writes ``new_state``
     back."""
     if not use_running_average and not training_form_ok(x, axis, mask, axis_name):
-        axes = axis if isinstance(axis, tuple) else (axis % x.ndim,)
-        per = math.prod(C.dim(d) for a, d in enumerate(x.shape) if a not in axes)
+        per = values_per_feature(x, axis)
         raise ValueError(
             f"{where}: training-mode statistics need more than one value per feature; got x "
             f"of shape {tuple(x.shape)}, {per} value{'' if per == 1 else 's'} per feature. "

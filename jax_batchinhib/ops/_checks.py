@@ -31,7 +31,7 @@ def shape_str(shape) -> str:
     return "(" + ", ".join(str(dim(s)) for s in shape) + (",)" if len(shape) == 1 else ")")
 
 
-def _concrete_0d(v) -> bool:
+def concrete_0d(v) -> bool:
     """A 0-d NumPy array or a concrete (not traced) 0-d JAX array."""
     return (
         isinstance(v, jax.Array | np.ndarray) and not isinstance(v, jax.core.Tracer) and v.ndim == 0
@@ -46,7 +46,7 @@ def plain(v):
     JAX array kept on the module would be NNX state, traced by ``nnx.jit``."""
     if isinstance(v, np.generic):
         return v.item()
-    if _concrete_0d(v) and jnp.issubdtype(v.dtype, jnp.floating):
+    if concrete_0d(v) and jnp.issubdtype(v.dtype, jnp.floating):
         return v.item()
     return v
 
@@ -70,7 +70,7 @@ def _static_number(fn: str, name: str, v, expect: str) -> float:
             f"{fn}: {name} must be a Python float known at trace time; got a tracer. Close "
             f"over it or mark it static in jax.jit."
         )
-    if _concrete_0d(v) and not jnp.issubdtype(v.dtype, jnp.bool_):
+    if concrete_0d(v) and not jnp.issubdtype(v.dtype, jnp.bool_):
         v = v.item()
     if _is_bool(v) or not isinstance(v, numbers.Real):
         raise TypeError(f"{fn}: {name} must be {expect}; got {v!r}")
