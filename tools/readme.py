@@ -261,8 +261,7 @@ def study_block(path=None) -> str:
             diff = (
                 "baseline"
                 if c is None
-                else f"{100 * c['diff']:+.2f} [{100 * c['ci_low']:+.2f}, "
-                f"{100 * c['ci_high']:+.2f}] {c['verdict']}; "
+                else f"{study.diff_cell(c)} {c['verdict']}; "
                 f"{corrected[mk][v]['p_holm']:.3g} {corrected[mk][v]['verdict']}"
             )
             cells += [f"{100 * r['test_acc_mean']:.1f}% ± {100 * r['test_acc_std']:.1f}", diff]

@@ -770,8 +770,7 @@ def plot_scaling(sc: dict, path: str) -> str:
             axes[row][col].legend(fontsize=7)
             axes[row][col].grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    _make_parent(path)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -1736,15 +1735,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"argument --plot: applies with --scaling only (the scaling plot); got {args.plot!r}"
     if args.memory and args.scaling:
         return "argument --scaling: not allowed with --memory (one mode a run)"
-    mode = (
-        "--memory"
-        if args.memory
-        else "--scaling"
-        if args.scaling
-        else "--list"
-        if args.list
-        else None
-    )
+    mode = next((f"--{m}" for m in ("memory", "scaling", "list") if getattr(args, m)), None)
     if mode:
         given = [f for f in ("full", "cases", "markdown") if getattr(args, f)]
         given += ["runs"] if args.runs != 1 else []
@@ -1846,12 +1837,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if any("error" in c for c in res["cases"]) else 0
 
 
-def _open_for_writing(path: str):
-    """``open(path, "w")``, creating the folders on the way (checked beforehand by
+def _make_parent(path: str) -> None:
+    """Create the folders on the way to the output file ``path`` (checked beforehand by
     :func:`check_args`, which creates nothing)."""
-    d = os.path.dirname(path)
-    if d:
-        os.makedirs(d, exist_ok=True)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+
+
+def _open_for_writing(path: str):
+    """``open(path, "w")``, its folders created first."""
+    _make_parent(path)
     return open(path, "w")
 
 

@@ -808,7 +808,8 @@ def plot_heatmaps(h: dict, title: str, path: str) -> None:
 # ------------------------------------------------------------------------ report
 
 
-def _diff_cell(c: dict) -> str:
+def diff_cell(c: dict) -> str:
+    """A paired comparison as table text, in points: ``+1.49 [+0.28, +2.70]``."""
     return f"{100 * c['diff']:+.2f} [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}]"
 
 
@@ -847,14 +848,14 @@ def format_tables(study: dict) -> str:
             row = (
                 f"| `{r['variant']}` | {r['lr']:g} ({100 * r['val_acc']:.1f}%) | "
                 f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} | "
-                f"{100 * r['train_acc_mean']:.1f} | {_diff_cell(c) if c else '—'} | "
+                f"{100 * r['train_acc_mean']:.1f} | {diff_cell(c) if c else '—'} | "
                 f"{c['verdict'] if c else 'baseline'} | "
                 f"{adj} |"
             )
             if same:
                 c2, h2 = r.get("vs_bn_same_lr"), same.get(r["variant"])
                 row += (
-                    f" {_diff_cell(c2)} {c2['verdict']}; {h2['p_holm']:.3g} {h2['verdict']} |"
+                    f" {diff_cell(c2)} {c2['verdict']}; {h2['p_holm']:.3g} {h2['verdict']} |"
                     if c2
                     else " — |"
                 )
