@@ -8,7 +8,7 @@
                                              # benchmarks/memory_<platform>.json
     python benchmarks/run.py --scaling       # scaling curves -> benchmarks/scaling_<platform>.json
                                              # and benchmarks/scaling_<platform>.png
-    python benchmarks/run.py --full --json /tmp/r.json --markdown /tmp/r.md
+    python benchmarks/run.py --full --json out/r.json --markdown out/r.md
                                              # results elsewhere: the committed files and
                                              # BENCHMARKS.md are left alone
 

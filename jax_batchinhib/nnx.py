@@ -460,7 +460,10 @@ class _Whiten(_Stats):
     """IterNorm / ZCANorm's shared constructor and call."""
 
     def _build(self, where, num_features, groups, epsilon, iterations, use_scale, use_bias,
-               scale_init, bias_init, param_dtype, rngs, **attrs):  # fmt: skip
+               scale_init, bias_init, param_dtype, rngs, scale_metadata, bias_metadata,
+               **attrs):  # fmt: skip
+        bias_md = _metadata(where, "bias_metadata", bias_metadata)
+        scale_md = _metadata(where, "scale_metadata", scale_metadata)
         n = C.num_features(where, num_features)
         self.groups, self.epsilon = C.plain(groups), C.plain(epsilon)
         if iterations is not None:
@@ -468,10 +471,10 @@ class _Whiten(_Stats):
         M.WhitenOptions.checked(where, self._kind, self, n)
         self._setup(where, n, groups, param_dtype=param_dtype, **attrs)
         self.scale = _param_or_none(
-            where, "scale", use_scale, scale_init, rngs.params, (n,), param_dtype, {}
+            where, "scale", use_scale, scale_init, rngs.params, (n,), param_dtype, scale_md
         )
         self.bias = _param_or_none(
-            where, "bias", use_bias, bias_init, rngs.params, (n,), param_dtype, {}
+            where, "bias", use_bias, bias_init, rngs.params, (n,), param_dtype, bias_md
         )
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -514,10 +517,12 @@ class IterNorm(_Whiten):
         virtual_batch_size: int | None = None,
         promote_dtype: Callable = nnx_dtypes.promote_dtype,
         rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
         self._build(
             "IterNorm", num_features, groups, epsilon, iterations, use_scale, use_bias,
-            scale_init, bias_init, param_dtype, rngs,
+            scale_init, bias_init, param_dtype, rngs, scale_metadata, bias_metadata,
             use_running_average=use_running_average, axis=axis, momentum=momentum,
             dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups,
             force_float32_reductions=force_float32_reductions, use_autodiff=use_autodiff,
@@ -554,10 +559,12 @@ class ZCANorm(_Whiten):
         virtual_batch_size: int | None = None,
         promote_dtype: Callable = nnx_dtypes.promote_dtype,
         rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
         self._build(
             "ZCANorm", num_features, groups, epsilon, None, use_scale, use_bias,
-            scale_init, bias_init, param_dtype, rngs,
+            scale_init, bias_init, param_dtype, rngs, scale_metadata, bias_metadata,
             use_running_average=use_running_average, axis=axis, momentum=momentum,
             dtype=dtype, axis_name=axis_name, axis_index_groups=axis_index_groups,
             force_float32_reductions=force_float32_reductions, use_autodiff=use_autodiff,

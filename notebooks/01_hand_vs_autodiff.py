@@ -187,7 +187,8 @@ for k, a, b in zip(names, ours_us, ref_us, strict=True):
 display(Markdown("\n".join(rows)))
 
 # %% [markdown]
-# The ratio depends on the machine and on XLA's fusion; on a CPU at these sizes both are
-# a few hundred microseconds at most. What the hand-derived rules buy is less what they
+# The ratio depends on the machine and on XLA's fusion, and these few timings on a shared
+# CPU are noisy: read the table above for this run, and `BENCHMARKS.md` for medians over
+# interleaved runs. What the hand-derived rules buy is less what they
 # cost in time than what they keep: `dropout` keeps its mask packed to bits (1/32 of a
 # float32 mask), `batch_norm` keeps `x` and per-feature vectors. See `jax-batchinhib bench`.

@@ -309,18 +309,19 @@ print(f"largest gap between the first two mean test curves: {100 * curve_gap.max
 assert curve_gap.max() < 0.01
 
 # %% [markdown]
-# On this small problem neither BatchInhib variant beats BatchNorm alone beyond seed
-# noise (the test set has 450 digits: one digit is 0.22 points; the cell below asserts
+# On this small problem neither BatchInhib variant beats BatchNorm alone beyond seed noise
+# (the test set has 450 digits: one digit is 0.22 points; the cell above asserts
 # `train.verdict`'s "ties" or "hurts"). With the default near-identity init the layer
 # stays close to the identity (alpha starts at -12, see above) and the first two test
-# curves nearly coincide (asserted below: within one point at every epoch). At full
-# strength with the seed's **signed** denominator
-# (`jax-batchinhib train --variants batchnorm+inhib_a0`) training diverges on digits
-# (losses in the tens to hundreds, chance accuracy): with 64 features of mixed-sign
-# correlations some denominators pass near zero, where the absolute guard still allows
-# $|R|$ up to $1/(2\delta)$ times the numerator (the plot above). Two configurations train
-# at full strength: the `"abs"` denominator (every row of $|R|$ sums to 1), and the seed's
-# signed denominator with `guard_mode="relative"`, whose guard scales with
-# $A_i=\sum_l g_{il}|r_{il}|$ so that $\sum_k |R_{ik}| \le 1/(2\delta)$ for every row
-# (default $\delta=0.5$): 98.4% on digits against 98.3% for BatchNorm alone
-# (`jax-batchinhib train`, variant `batchnorm+inhib_a0_rel`; docs/derivations.md).
+# curves nearly coincide (asserted above: within one point at every epoch). At full
+# strength with the seed's **signed** denominator (`jax-batchinhib train --variants
+# batchnorm+inhib_a0`) training diverges on digits (near-chance accuracy; the README
+# reruns that command in the line under its training table, and `python tools/readme.py
+# --check` fails when the figure changes): with 64 features of mixed-sign correlations
+# some denominators pass near zero, where the absolute guard still allows $|R|$ up to
+# $1/(2\delta)$ times the numerator (the plot above). Two configurations train at full
+# strength: the `"abs"` denominator (every row of $|R|$ sums to 1), and the seed's signed
+# denominator with `guard_mode="relative"`, whose guard scales with $A_i=\sum_l
+# g_{il}|r_{il}|$ so that $\sum_k |R_{ik}| \le 1/(2\delta)$ for every row (default
+# $\delta=0.5$): 98.4% on digits against 98.3% for BatchNorm alone (`jax-batchinhib
+# train`, variant `batchnorm+inhib_a0_rel`; docs/derivations.md).

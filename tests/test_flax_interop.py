@@ -278,13 +278,18 @@ def test_promote_dtype_of_our_other_layers():
 def test_param_metadata_like_flax_nnx_batchnorm():
     """scale_metadata / bias_metadata reach nnx.Param as in flax (here sharding
     annotations on a 2-device mesh: the same metadata, partition specs and shardings);
-    BatchCenter's bias_metadata and BatchInhib's alpha_metadata likewise."""
+    BatchCenter's bias_metadata, BatchInhib's alpha_metadata and the whitening modules'
+    scale_metadata / bias_metadata likewise."""
     mesh = jax.make_mesh((2,), ("model",), devices=jax.devices()[:2])
     md = dict(scale_metadata={"out_sharding": ("model",)}, bias_metadata={"out_sharding": (None,)})
     with jax.set_mesh(mesh):
         o, f = ours(4, rngs=nnx.Rngs(0), **md), theirs(4, rngs=nnx.Rngs(0), **md)
         c = bnx.BatchCenter(4, bias_metadata={"out_sharding": ("model",)}, rngs=nnx.Rngs(0))
         i = bnx.BatchInhib(4, alpha_metadata={"out_sharding": ("model", None)}, rngs=nnx.Rngs(0))
+        whiten = [cls(4, rngs=nnx.Rngs(0), **md) for cls in (bnx.IterNorm, bnx.ZCANorm)]
+    for w in whiten:
+        assert w.scale[...].sharding.spec == jax.sharding.PartitionSpec("model")
+        assert w.bias.get_metadata()["out_sharding"] == (None,)
     for name in ("scale", "bias"):
         po, pf = getattr(o, name), getattr(f, name)
         assert po.get_metadata() == pf.get_metadata()
@@ -323,6 +328,8 @@ def test_promote_dtype_and_metadata_errors():
         bnx.BatchCenter(4, bias_metadata={1: 2}, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match=r"BatchInhib: alpha_metadata must be a mapping"):
         bnx.BatchInhib(4, alpha_metadata=None, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"ZCANorm: bias_metadata must be a mapping"):
+        bnx.ZCANorm(4, bias_metadata=None, rngs=nnx.Rngs(0))
 
 
 def test_complex_input_is_refused_clearly():

@@ -488,12 +488,13 @@ def test_variance_survives_large_mean(fast):
     err_naive = np.max(np.abs(np.asarray(y_naive, np.float64) - want))
     assert err_naive > 1e-2, err_naive
 
-    # flax's default fast variance E[x^2] - E[x]^2 is off by a large factor
+    # flax's default fast variance E[x^2] - E[x]^2 is off by a large factor: its round-off
+    # is of order u mean² = 6 against a variance of 1e-4 (measured 9.6e3 to 1.03e4 times
+    # the variance here; a variance of 0 would be as far off, so both sides are checked)
     bn = nn.BatchNorm(use_running_average=False, use_fast_variance=True, epsilon=1e-5)
     _, upd = bn.init_with_output(jax.random.key(0), x)
-    v_fast = upd["batch_stats"]["var"]
-    ratio = np.max(np.asarray(v_fast) / x64.var(0))
-    assert ratio > 2.0 or np.min(np.asarray(v_fast) / x64.var(0)) < 0.5, ratio
+    ratio = np.asarray(upd["batch_stats"]["var"], np.float64) / x64.var(0)
+    assert np.all((ratio > 100) | (ratio < 0.01)), ratio
 
 
 @pytest.mark.parametrize(

@@ -197,7 +197,8 @@ def test_train_block_lists_what_the_command_runs():
 
 
 @pytest.mark.parametrize(
-    "name", ["verify-table", "train-table", "speed-table", "study-table", "example"]
+    "name",
+    ["verify-table", "train-table", "diverge-line", "speed-table", "study-table", "example"],
 )
 def test_blocks_exist_once(name):
     assert README.count(f"<!-- BEGIN {name} -->") == 1

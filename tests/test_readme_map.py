@@ -77,6 +77,24 @@ def test_every_path_in_the_map_exists():
         assert (ROOT / p.rstrip("/")).is_dir() == p.endswith("/"), p
 
 
+def test_every_file_of_the_package_and_docs_is_in_the_map():
+    """A file the map does not list as a path is named in its folder's description:
+    every module of ops/ and apps/ by its stem, every document of docs/ by its name."""
+    block = re.search(r"```text\n(.*?)```", _section(), re.S).group(1)
+    listed = {p.rstrip("/") for p in _tree_paths()}
+    missing = []
+    for path in [*PKG.rglob("*.py"), *(ROOT / "docs").glob("*.md")]:
+        rel = str(path.relative_to(ROOT))
+        word = path.name if path.suffix == ".md" else path.stem
+        if (
+            rel not in listed
+            and path.stem != "__init__"
+            and not re.search(rf"(?<![\w.]){re.escape(word)}(?![\w])", block)
+        ):
+            missing.append(rel)
+    assert not missing, f"files the README map does not mention: {missing}"
+
+
 def test_every_package_module_is_on_the_import_line():
     named = {n for group in _levels() for n in group}
     on_disk = {_module_of(p) for p in PKG.rglob("*.py")} - {"__init__", "__main__"}

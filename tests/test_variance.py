@@ -123,8 +123,8 @@ def test_outlier_shift_follows_the_bound():
             rel = float(np.max(np.abs(np.asarray(st.var, np.float64) - want) / want))
             if fast:
                 assert rel <= 20 * bound[0] + 1e-6, (k, rel, bound)
-            else:
-                assert rel <= 1e-5, (k, rel)
+            else:  # 20 u as in test_backward_at_large_mean_follows_the_bound
+                assert rel <= 20 * u, (k, rel)
 
 
 def test_backward_at_large_mean_follows_the_bound():
@@ -135,7 +135,8 @@ def test_backward_at_large_mean_follows_the_bound():
     which adds round-off ~ u (1 + k) sum|dy| to dscale; dx carries the variance's
     u (1 + k²) through 1/std. Measured at k = 0 / 27: dscale 6e-10 / 7e-7 of sum|dy|,
     dx 1e-7 / 1.3e-5 of max|dx| (one-pass); two-pass 6e-9 / 1e-7 throughout. An unshifted
-    sum(dy * x) - mean * sum(dy) would be off by u |mean| / std = 6e-2.
+    sum(dy * x) - mean * sum(dy) would be off by u |mean| / std = 6e-2 (measured
+    1.2e-2 to 5.5e-2 over the four features; asserted above 1e-3).
 
     The factor 20 u covers the pairwise sums' growth, gamma_n = ceil(log2 4096) u = 12 u,
     as in test_outlier_shift_follows_the_bound."""
@@ -172,6 +173,12 @@ def test_backward_at_large_mean_follows_the_bound():
                 assert e_dx <= 20 * u * (1 + kk**2), (k, e_dx)
             else:
                 assert e_sc <= 20 * u and e_dx <= 20 * u, (k, e_sc, e_dx)
+        if k == 0.0:  # the unshifted sum the bound warns of: u |mean| / std ~ 6e-2
+            xj, cj = x, jnp.asarray(ct, jnp.float32)
+            un = jax.jit(lambda x, c: jnp.sum(c * x, 0) - jnp.mean(x, 0) * jnp.sum(c, 0))(xj, cj)
+            inv64 = 1 / np.sqrt(x64.var(0) + 1e-5)
+            e_un = np.abs(np.asarray(un, np.float64) * inv64 - dsc64) / np.abs(ct).sum(0)
+            assert np.min(e_un) > 1e-3, e_un  # measured 1.2e-2 to 5.5e-2
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

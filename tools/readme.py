@@ -6,6 +6,8 @@ Each block sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in REA
   autodiff; fixed seeds, so the same CPU and jax version print the same numbers);
 - ``train-table``: ``jax-batchinhib train`` with its defaults (fixed seeds; the accuracy
   column repeats on the same CPU and jax version; steps/s is left out, it is a timing);
+- ``diverge-line``: ``jax-batchinhib train --variants batchnorm+inhib_a0``, the one
+  configuration the README says diverges, with the same defaults;
 - ``study-table``: the MNIST-1D headline rows of the committed
   ``docs/results/mnist1d_results.json`` (``jax-batchinhib train --task mnist1d``);
 - ``speed-table``: the ratio ranges of the committed ``benchmarks/results_*.json``
@@ -134,6 +136,33 @@ def train_block(results=None) -> str:
         + "\n\nDifferences of mean test accuracy printed by the run (± standard error over "
         + "seeds; 'ties' when within two standard errors or two test digits):\n\n"
         + "".join(f"- {c}\n" for c in comp)
+    )
+
+
+DIVERGING = "batchnorm+inhib_a0"
+
+
+def diverge_block(results=None) -> str:
+    """The one variant the README says diverges, run with the train defaults."""
+    from jax_batchinhib.apps import train
+
+    d = train.DEFAULTS
+    if results is None:
+        results = train.run(
+            [DIVERGING],
+            epochs=d["epochs"],
+            seeds=d["seeds"],
+            batch_size=d["batch_size"],
+            lr=d["lr"],
+            quiet=True,
+        )
+    (r,) = results
+    return (
+        "Not in the default run: the signed denominator at full strength with the default\n"
+        f"absolute guard (`jax-batchinhib train --variants {DIVERGING}`) diverges: "
+        f"{100 * r['test_acc_mean']:.1f}% ±\n"
+        f"{100 * r['test_acc_std']:.1f} test accuracy over {d['seeds']} seeds, where "
+        "guessing gives 10%.\n"
     )
 
 
@@ -278,6 +307,7 @@ def study_block(path=None) -> str:
 BLOCKS = {
     "verify-table": verify_block,
     "train-table": train_block,
+    "diverge-line": diverge_block,
     "speed-table": speed_block,
     "study-table": study_block,
 }
