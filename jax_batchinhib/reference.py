@@ -56,11 +56,14 @@ def _psum(v, axis_name, axis_index_groups=None):
 
 
 def _mask(x, mask, axis):
-    """The mask as booleans of x's shape (None without one)."""
+    """The mask as booleans of x's shape (None without one), read as the ops read it: a
+    mask of x's shape without the feature ``axis`` is a row mask, any other broadcasts
+    to x (a feature mask of shape (N,), say)."""
     if mask is None:
         return None
     mask = jnp.asarray(mask)
-    if mask.ndim == x.ndim - len(axis) and x.ndim > 1:
+    rows = tuple(s for a, s in enumerate(x.shape) if a not in axis)
+    if x.ndim > 1 and mask.shape == rows:
         mask = jnp.expand_dims(mask, axis)
     return jnp.broadcast_to(mask != 0, x.shape)
 
@@ -90,8 +93,11 @@ def _shift(xf, mask, axis, red, axis_name, axis_index_groups):
 
 
 def _moments(xv, mask, axis, red, n, fast, axis_name, axis_index_groups):
-    """Shifted mean and biased variance of the valid values (xv: x with masked values
-    already selected away): one pass (Σd, Σd²) with ``fast``, else two passes."""
+    """The shift ``s``, the mean of ``d = x - s`` and the biased variance of the valid
+    values (xv: x with masked values already selected away): one pass (Σd, Σd²) with
+    ``fast``, else two passes. The mean is ``s + mean_d``; centre as
+    ``(x - s) - mean_d``, as the ops do: ``x - (s + mean_d)`` rounds the mean to x's
+    scale first and loses the shift's accuracy."""
     s = _shift(xv, mask, axis, red, axis_name, axis_index_groups)
     d = _where(mask, xv - s)
     mean_d = _psum(jnp.sum(d, axis=red, keepdims=True), axis_name, axis_index_groups) / n
@@ -101,7 +107,7 @@ def _moments(xv, mask, axis, red, n, fast, axis_name, axis_index_groups):
     else:
         dc = _where(mask, d - mean_d)
         var = _psum(jnp.sum(dc**2, axis=red, keepdims=True), axis_name, axis_index_groups) / n
-    return s + mean_d, var
+    return s, mean_d, var
 
 
 def _count(x, mask, red, cd, axis_name, axis_index_groups):
@@ -177,10 +183,11 @@ def batch_norm(
     m = _mask(x, mask, axis)
     xv = _where(m, xf)
     n = _count(x, m, red, cd, axis_name, axis_index_groups)
-    mean, var = _moments(xv, m, axis, red, n, use_fast_variance, axis_name, axis_index_groups)
+    s, mean_d, var = _moments(xv, m, axis, red, n, use_fast_variance, axis_name, axis_index_groups)
+    mean = s + mean_d
 
     def normalize(z):
-        y = (z - mean) / jnp.sqrt(var + epsilon)
+        y = ((z - s) - mean_d) / jnp.sqrt(var + epsilon)
         if scale is not None:
             y = y * scale.astype(cd).reshape(_bshape(x, axis))
         if bias is not None:
@@ -219,14 +226,12 @@ def batch_center(
     xv = _where(m, xf)
     n = _count(x, m, red, cd, axis_name, axis_index_groups)
     s = _shift(xv, m, axis, red, axis_name, axis_index_groups)
-    mean = (
-        s
-        + _psum(jnp.sum(_where(m, xv - s), axis=red, keepdims=True), axis_name, axis_index_groups)
-        / n
-    )
+    d_sum = jnp.sum(_where(m, xv - s), axis=red, keepdims=True)
+    mean_d = _psum(d_sum, axis_name, axis_index_groups) / n
+    mean = s + mean_d
 
     def center(z):
-        y = z - mean
+        y = (z - s) - mean_d  # as batch_norm: the shift first
         return y if bias is None else y + bias.astype(cd).reshape(_bshape(x, axis))
 
     y = _masked_output(m, center(xv), center(xf))
@@ -266,7 +271,7 @@ def _inhibition(cov, alpha, opts: InhibOptions):
     sigma = jnp.sqrt(var + epsilon) if correlation == "pearson" else var + epsilon  # (1.2)
     r = cov / (sigma[..., :, None] * sigma[..., None, :])  # (1.3)
     g = jax.nn.softplus(rho * alpha) / rho
-    g = g * (1 - jnp.eye(n))  # l != i
+    g = g * (1 - jnp.eye(n, dtype=g.dtype))  # l != i (in g's dtype, also under x64)
     num = g * r
     den = jnp.sum(g * (r if denominator == "signed" else jnp.abs(r)), axis=-1, keepdims=True)
     if guard_mode == "absolute":
@@ -430,10 +435,15 @@ def softmax_cross_entropy(logits, labels, axis=-1):
 
 
 def softmax_cross_entropy_with_integer_labels(logits, labels, axis=-1):
-    """Reference cross-entropy with class indices: -log_softmax(logits) at the label."""
-    logp = _log_softmax(logits.astype(_f32(logits.dtype)), axis)
+    """Reference cross-entropy with class indices: log-sum-exp(logits) minus the logit at
+    the label (-log_softmax there), as optax's. An out-of-range label reads NaN (the
+    gather's fill) and adds nothing to the gradient, which is then ``g softmax(z)``."""
+    z = logits.astype(_f32(logits.dtype))
+    m = lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True))
+    lse = jnp.squeeze(m, axis) + jnp.log(jnp.sum(jnp.exp(z - m), axis=axis))
     idx = jnp.expand_dims(labels, axis)
-    return (-jnp.squeeze(jnp.take_along_axis(logp, idx, axis=axis), axis)).astype(logits.dtype)
+    z_y = jnp.squeeze(jnp.take_along_axis(z, idx, axis=axis, mode="fill"), axis)
+    return (lse - z_y).astype(logits.dtype)
 
 
 def _whiten(whitening, x, scale, bias, groups, epsilon, axis, axis_name, axis_index_groups, mask):
@@ -457,8 +467,14 @@ def _whiten(whitening, x, scale, bias, groups, epsilon, axis, axis_name, axis_in
     sel = None if mask is None else w > 0
     # at least 1: no valid row gives statistics 0, as the ops (not 0/0)
     n = jnp.maximum(_psum(jnp.sum(w), axis_name, axis_index_groups), 1)
-    mu = _psum(jnp.sum(_where(sel, X), axis=0), axis_name, axis_index_groups) / n
-    Xc = (X - mu).reshape(X.shape[0], groups, k)
+    # shifted by the first valid row, as the ops: (x - s) - mean_d keeps float32 accuracy
+    # where |mean| >> std
+    Xs = _where(sel, X)
+    s = _shift(Xs, None if sel is None else jnp.broadcast_to(sel, X.shape), (1,), (0,),
+               axis_name, axis_index_groups)  # fmt: skip
+    mean_d = _psum(jnp.sum(_where(sel, Xs - s), axis=0), axis_name, axis_index_groups) / n
+    mu = s[0] + mean_d
+    Xc = ((X - s) - mean_d).reshape(X.shape[0], groups, k)
     Xv = Xc if sel is None else _where(sel[:, :, None], Xc)
     cov = (
         _psum(

@@ -102,23 +102,31 @@ def test_check_vjp_honours_rtol_zero():
         testing.check_vjp(ops.batch_norm, reference.batch_norm, x, rtol=True)
 
 
-def test_check_vjp_tolerance_follows_the_narrowest_input():
+def test_check_vjp_tolerance_follows_the_narrowest_output():
     """A float64 scale on a float32 x (jax_enable_x64): the op and the reference compute
-    in float32, so the scale's gradient is float32-accurate; check_vjp held it to
-    float64's 1e-10 and blamed the op. The tolerance is now float32's for every input
-    of such a mixed call, and float64's when every input is float64."""
+    in float32 (y is float32), so the scale's gradient is float32-accurate; check_vjp
+    held it to float64's 1e-10 and blamed the op. The tolerance is float32's for every
+    input of such a call. A float32 scale on a float64 x gives a float64 y, and dx is held
+    to float64's tolerance (it was loosened to float32's, and a VJP 1e-6 off passed);
+    the float32 scale's own gradient to float32's. Every input float64: float64's."""
+    f32, f64 = testing.tolerance(jnp.float32), testing.tolerance(jnp.float64)
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.key(0), (16, 3), jnp.float32)
         s64 = jnp.linspace(0.5, 1.5, 3, dtype=jnp.float64)
         b64 = jnp.zeros(3, jnp.float64)
         errs = testing.check_vjp(ops.batch_norm, reference.batch_norm, x, s64, b64)
         assert {n: e.tol for n, e in errs.items() if n != "output"} == dict.fromkeys(
-            ("x", "scale", "bias"), testing.tolerance(jnp.float32)
+            ("x", "scale", "bias"), f32
         )
-        errs = testing.check_vjp(
-            ops.batch_norm, reference.batch_norm, x.astype(jnp.float64), s64, b64
-        )
-        assert {e.tol for e in errs.values()} == {testing.tolerance(jnp.float64)}
+        x64 = x.astype(jnp.float64)
+        errs = testing.check_vjp(ops.batch_norm, reference.batch_norm, x64, s64, b64)
+        assert {e.tol for e in errs.values()} == {f64}
+        s32, b32 = s64.astype(jnp.float32), b64.astype(jnp.float32)
+        errs = testing.check_vjp(ops.batch_norm, reference.batch_norm, x64, s32, b32)
+        assert {n: e.tol for n, e in errs.items()} == {
+            "output": f64, "x": f64, "scale": f32, "bias": f32
+        }, errs  # fmt: skip
+        assert errs["x"].max_rel < 1e-12, errs  # measured 1.4e-16
 
 
 def test_flax_batchnorm_refuses_momentum_none():
