@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jax_batchinhib import reference as ref
@@ -638,3 +639,181 @@ def test_devices_beyond_a_count_fixed_by_xla_flags_is_a_usage_error(tmp_path):
     assert "jax-batchinhib train: error: argument --devices:" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------- output folder, batch size, variants
+
+
+def test_empty_out_is_a_usage_error(capsys, no_training):
+    """--out "" passed the check ("" read as ".") and os.makedirs("") failed after the
+    run had trained; it is a usage error in every mode, as bench's --json "" is."""
+    _, (a, b) = _split_study(no_training)
+    for mode in (
+        ["--variants", "none", "--epochs", "1", "--seeds", "1"],
+        ["--task", "digits", "--study", "--quick"],
+        ["--task", "mnist1d", "--quick"],
+        ["--task", "digits", "--study", "--merge", a, b],
+    ):
+        for out in ("", "  "):
+            err = usage_error(capsys, "train", *mode, "--quiet", "--no-plot", "--out", out)
+            assert f"argument --out: expected a folder path; got {out!r}" in err
+
+
+def test_output_files_that_are_folders_are_usage_errors(capsys, no_training):
+    """A folder where the run writes results.json or a figure was an IsADirectoryError
+    after training; each file the mode writes is checked with --out."""
+    out = no_training / "o"
+    cases = [
+        ([], "results.json"),
+        ([], "curves.png"),
+        (["--task", "mnist1d", "--quick"], "results.partial.json.cnn"),
+        (["--task", "mnist1d", "--quick"], "inhib_mlp.png"),
+        (["--task", "digits", "--study", "--quick"], "accuracy.png"),
+    ]
+    for mode, name in cases:
+        (out / name).mkdir(parents=True)
+        err = usage_error(capsys, "train", *mode, "--out", str(out))
+        assert f"argument --out: expected a folder that {name} can be written in; " in err
+        assert f"got {str(out)!r} ({str(out / name)!r} is a folder)" in err
+        (out / name).rmdir()
+    _, (a, b) = _split_study(no_training)
+    (out / "accuracy.png").mkdir()
+    err = usage_error(capsys, "train", "--task", "digits", "--study", "--merge", a, b, "--out", "o")
+    assert "argument --out: expected a folder that accuracy.png can be written in" in err
+
+
+def test_output_files_not_written_are_not_checked(monkeypatch, tmp_path):
+    """--no-plot writes no figure: a folder named curves.png is then no obstacle."""
+    from jax_batchinhib.apps import train
+
+    seen = []
+    monkeypatch.setattr(train, "main", lambda args: seen.append(args.out) or 0)
+    (tmp_path / "curves.png").mkdir()
+    assert cli.main(["train", "--no-plot", "--out", str(tmp_path)]) == 0
+    assert seen == [str(tmp_path)]
+    assert study.output_files(("mlp",), ("bn",), plot=False) == [
+        "results.partial.json.mlp",
+        "results.json",
+    ]
+
+
+def test_batch_of_one_row_is_a_usage_error_with_batch_statistics(capsys, no_training):
+    """--batch-size 1 passed the checks, then BatchNorm / BatchCenter raised mid-run (after
+    the variants before them had trained; the study left an empty folder). It is refused
+    up front when a variant takes statistics over the batch's rows, and allowed when none
+    does."""
+    from jax_batchinhib.apps import train
+
+    err = usage_error(capsys, "train", "--variants", "none", "two_branch", "--batch-size", "1")
+    assert "argument --batch-size: must be >= 2 when a variant normalizes by statistics " in err
+    assert "(two_branch), which need more than one row; got 1" in err
+    err = usage_error(capsys, "train", "--batch-size", "1")  # the default variants
+    assert "(flax_batchnorm, batchnorm, batchnorm+inhib," in err and "(none" not in err
+    for task in (["--task", "digits", "--study"], ["--task", "mnist1d", "--model", "mlp"]):
+        err = usage_error(capsys, "train", *task, "--quick", "--batch-size", "1")
+        assert "argument --batch-size: must be >= 2 with the MLP: the baseline bn" in err
+    assert list(no_training.iterdir()) == []
+    # no batch statistics: a batch of one row is fine
+    assert not train.uses_batch_statistics("none")
+    args = cli.build_parser().parse_args(["train", "--batch-size", "1", "--variants", "none"])
+    args.epochs, args.seeds, args.lr, args.devices = 1, 1, 1e-3, 1
+    train.check_args(args)
+    # the CNN's statistics are over the rows and the positions of a signal
+    args = cli.build_parser().parse_args(
+        ["train", "--task", "mnist1d", "--quick", "--model", "cnn", "--batch-size", "1"]
+    )
+    assert study.config_from_args(args)["cfg"]["batch_size"] == 1
+
+
+def test_eval_every_default_is_cut_to_the_steps(capsys, no_training):
+    """--steps 100 alone failed with "argument --eval-every: at most the number of steps
+    (100); got 250", a value the user never gave: the default is cut to --steps. An
+    explicit --eval-every over --steps is still an error."""
+
+    def cfg(*argv):
+        return study.config_from_args(cli.build_parser().parse_args(["train", *argv]))["cfg"]
+
+    assert cfg("--task", "mnist1d", "--steps", "100")["eval_every"] == 100
+    assert cfg("--task", "mnist1d", "--steps", "300")["eval_every"] == 250
+    assert cfg("--task", "mnist1d", "--quick", "--steps", "7")["eval_every"] == 7
+    err = usage_error(capsys, "train", "--task", "mnist1d", "--steps", "100", "--eval-every", "250")
+    assert "argument --eval-every: at most the number of steps (100); got 250" in err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "steps between evaluations, at most --steps; default 250 on mnist1d" in text
+    assert "or --steps when that is fewer" in text
+
+
+def _fake_variant(calls):
+    """A stand-in for train.train_variant: records the names, returns a result at once."""
+
+    def fake(name, data, *, epochs, seeds, **kw):
+        calls.append(name)
+        acc = [0.5] * seeds
+        return {
+            "variant": name,
+            "description": name,
+            "test_acc_per_seed": acc,
+            "test_acc_mean": 0.5,
+            "test_acc_std": 0.0,
+            "steps_per_s": 10.0,
+            "steps_per_s_includes_compile": epochs == 1,
+            "curves": {k: [[0.5] * epochs] * seeds for k in ("train_loss", "test_acc")},
+        }
+
+    return fake
+
+
+def test_digits_variant_named_twice_runs_once(capsys, monkeypatch, tmp_path):
+    """--variants none none trained "none" twice (two identical rows); as in the study, a
+    variant named twice runs once, in the order first given."""
+    from jax_batchinhib.apps import train
+
+    calls = []
+    monkeypatch.setattr(train, "train_variant", _fake_variant(calls))
+    argv = ["train", "--variants", "none", "batchnorm", "none", "--epochs", "2"]
+    code, _ = run_cli(capsys, *argv, "--quiet", "--no-plot", "--out", str(tmp_path))
+    assert code == 0 and calls == ["none", "batchnorm"]
+    d = json.loads((tmp_path / "results.json").read_text())
+    assert [r["variant"] for r in d["results"]] == ["none", "batchnorm"]
+    calls.clear()
+    kw = dict(epochs=1, seeds=1, batch_size=64, lr=1e-3, quiet=True)
+    assert [r["variant"] for r in train.run(["batchnorm", "none", "batchnorm"], **kw)] == [
+        "batchnorm",
+        "none",
+    ]
+
+
+def test_steps_per_s_of_one_epoch_says_it_includes_compilation(capsys, monkeypatch, tmp_path):
+    """With --epochs 1 the only timed epoch is the compiling one, yet the header said
+    steps/s was timed "after the first (compiling) epoch"."""
+    from jax_batchinhib.apps import train
+
+    monkeypatch.setattr(train, "train_variant", _fake_variant([]))
+    for epochs, compiled in (("1", True), ("2", False)):
+        argv = ["train", "--variants", "none", "--epochs", epochs, "--quiet", "--no-plot"]
+        code, out = run_cli(capsys, *argv, "--out", str(tmp_path))
+        assert code == 0
+        assert ("after the first (compiling) epoch" in out) is not compiled
+        assert ("seeds (vmapped), compilation included (one epoch" in out) is compiled
+        assert ("| steps/s (compilation included) |" in out) is compiled
+    data = train.load_digits_split()
+    monkeypatch.undo()
+    for epochs in (1, 2):
+        r = train.train_variant("none", data, epochs=epochs, seeds=1, batch_size=512, lr=1e-3)
+        assert r["steps_per_s_includes_compile"] is (epochs == 1) and r["steps_per_s"] > 0
+
+
+def test_seed_shuffles_do_not_depend_on_the_number_of_seeds():
+    """Every seed's batches came from one shared generator, so seed 0 of a 2-seed run
+    saw other batches from epoch 2 on than a 1-seed run; each seed has its own now."""
+    from jax_batchinhib.apps import train
+
+    data = train.load_digits_split()
+    kw = dict(epochs=2, batch_size=256, lr=3e-3)
+    one = train.train_variant("none", data, seeds=1, **kw)["curves"]
+    two = train.train_variant("none", data, seeds=2, **kw)["curves"]
+    for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        np.testing.assert_allclose(two[k][0], one[k][0], rtol=1e-6, atol=1e-7, err_msg=k)
+    assert two["train_loss"][0] != two["train_loss"][1]  # the two seeds differ

@@ -169,3 +169,57 @@ def test_twobranch_structure_is_fixed():
         train=False,
     )
     np.testing.assert_allclose(out, 3.0)
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5, float("nan")])
+def test_dropout_rate_outside_0_1_is_refused(rate):
+    """A negative rate silently disabled dropout (``if dropout_rate > 0``) where 1.5 was
+    refused by Dropout: every model with a dropout_rate refuses a rate outside [0, 1]."""
+    x = jnp.ones((4, 64))
+
+    def init(m, x):
+        return jax.eval_shape(lambda: m.init(jax.random.key(0), x, train=False))
+
+    msg = "dropout_rate must be a float in \\[0, 1\\]; got"
+    with pytest.raises(ValueError, match=f"MLP: {msg}"):
+        init(models.MLP(dropout_rate=rate), x)
+    with pytest.raises(ValueError, match=f"CNN: {msg}"):
+        init(models.CNN(dropout_rate=rate), x.reshape(4, 8, 8, 1))
+    with pytest.raises(ValueError, match=f"NnxMLP: {msg}"):
+        models.NnxMLP(64, dropout_rate=rate, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=f"NnxCNN: {msg}"):
+        models.NnxCNN(1, dropout_rate=rate, rngs=nnx.Rngs(0))
+
+
+def test_dropout_rate_bounds_are_allowed():
+    x = jnp.ones((4, 64))
+    for rate in (0.0, 1.0):
+        v = jax.eval_shape(
+            lambda r=rate: models.MLP(dropout_rate=r).init(jax.random.key(0), x, train=False)
+        )
+        assert "dense0" in v["params"]
+        models.NnxMLP(64, (8,), dropout_rate=rate, rngs=nnx.Rngs(0))
+
+
+def test_flax_batchnorm_chain_needs_a_float_momentum():
+    """The MNIST-1D models used momentum 0.99 for a flax_batchnorm step given
+    momentum=None, where MLP refuses it (flax's BatchNorm has no cumulative average)."""
+    x = jnp.ones((4, 40))
+
+    def init(m):
+        return jax.eval_shape(lambda: m.init(jax.random.key(0), x, train=False))
+
+    with pytest.raises(ValueError, match="Mnist1dMLP: norm='flax_batchnorm' needs a float momen"):
+        init(models.Mnist1dMLP(norm="flax_batchnorm", momentum=None))
+    with pytest.raises(
+        ValueError, match="Mnist1dCNN: norm='flax_batchnorm\\+inhib' needs a float momentum"
+    ):
+        init(models.Mnist1dCNN(norm="flax_batchnorm+inhib", momentum=None))
+    chain = models.NormChain(models.parse_chain("t", "flax_batchnorm"), 0, momentum=None)
+    with pytest.raises(ValueError, match="models.NormChain: norm='flax_batchnorm\\+relu' needs"):
+        init(chain)
+    # a float momentum is used as given; our BatchNorm keeps momentum=None
+    v = init(models.Mnist1dMLP(norm="flax_batchnorm", momentum=0.9))
+    assert "bn0" in v["batch_stats"]["norm0"]
+    v = init(models.Mnist1dMLP(norm="batchnorm", momentum=None))
+    assert "count" in v["batch_stats"]["norm0"]["bn0"]

@@ -56,6 +56,9 @@ def test_validation_split_carves_the_training_set_only(small):
 def test_loader_rejects_bad_arguments():
     with pytest.raises(ValueError, match="num_samples must be an int >= 20"):
         load_mnist1d(num_samples=5)
+    # the generator makes num_samples // 10 per class: 25 gave 20 rows, silently
+    with pytest.raises(ValueError, match="num_samples must be a multiple of 10 .*; got 25"):
+        load_mnist1d(num_samples=25)
     with pytest.raises(ValueError, match="unknown generator arguments"):
         load_mnist1d(num_samples=100, nonsense=1)
 

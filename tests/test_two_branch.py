@@ -125,3 +125,28 @@ def test_keep_mask_needs_one_dropout():
     v = m.init(jax.random.key(0), x, train=True)
     with pytest.raises(ValueError, match="dropout_keep_mask: expected one Dropout call; saw 0"):
         tb.dropout_keep_mask(m, v, x, {"dropout": jax.random.key(1)})
+
+
+def test_by_hand_equals_jax_grad_at_rate_one():
+    """At rate 1 the Dropout layer outputs 0 with a zero gradient, but the hand rule's
+    multiplier keep / (1 - rate) was 0/0: NaN loss and gradients. Every unit dropped,
+    the multiplier is 0 and the hand chain agrees with autodiff."""
+    with jax.enable_x64(True):
+        model = TwoBranch(FA, FB, K, dropout_rate=1.0)
+        kx, kp = jax.random.split(jax.random.key(1))
+        x = jax.random.normal(kx, (M, D), jnp.float64)
+        labels = jax.nn.one_hot(jnp.arange(M) % K, K, dtype=jnp.float64)
+        v = f64(model.init({"params": kp}, x, train=False))
+        rngs = {"dropout": jax.random.key(3)}
+        keep, _ = tb.dropout_keep_mask(model, v, x, rngs)
+        loss_h, g_h = jax.device_get(tb.grads_by_hand(v["params"], x, labels, keep, 1.0))
+        loss_a, g_a = jax.device_get(tb.grads_autodiff(model, v, x, labels, rngs))
+    assert not np.any(keep)
+    assert np.isfinite(loss_h)
+    np.testing.assert_allclose(loss_h, loss_a, rtol=RTOL)
+    for path in PATHS:
+        a, b = g_h[path[0]][path[1]], g_a[path[0]][path[1]]
+        assert np.all(np.isfinite(a)), path
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-14, err_msg="/".join(path))
+    # nothing reaches branch A's first layer, or FC_2A's weights (their input is 0)
+    assert not np.any(g_h["fc1a"]["kernel"]) and not np.any(g_h["fc2a"]["kernel"])

@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 
 #: ``train`` options of the study only (their ``dest``), and of ``--task digits`` without
 #: ``--study`` only; the study's options are None (or False) when not given
@@ -50,24 +51,35 @@ def _folder_problem(path: str) -> str | None:
     return None
 
 
-def output_dir_problem(path: str) -> str | None:
+def output_dir_problem(path: str, files: Sequence[str] = ()) -> str | None:
     """Why ``path`` cannot be an output folder, or None when it can (its writer creates
-    it if it is missing)."""
+    it if it is missing). ``files``: the names its writer writes in it, each checked as
+    :func:`output_file_problem` does (e.g. a folder where ``results.json`` goes)."""
+    if not path.strip():  # os.makedirs("") fails, after the run
+        return f"expected a folder path; got {path!r}"
     why = _folder_problem(path)
     if why:
         return f"expected a folder that can be created and written to; got {path!r} ({why})"
+    for name in files:
+        why = _file_problem(os.path.join(path, name))
+        if why:
+            return f"expected a folder that {name} can be written in; got {path!r} ({why})"
     return None
+
+
+def _file_problem(path: str) -> str | None:
+    """Why the file ``path`` cannot be written, or None (see :func:`output_file_problem`)."""
+    if os.path.isdir(path):
+        return f"{path!r} is a folder"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"{path!r} is not writable"
+    return _folder_problem(os.path.dirname(path) or ".")
 
 
 def output_file_problem(path: str) -> str | None:
     """Why the file ``path`` cannot be written, or None when it can (its writer creates
     its folder if it is missing)."""
-    if os.path.isdir(path):
-        why = f"{path!r} is a folder"
-    elif os.path.exists(path) and not os.access(path, os.W_OK):
-        why = f"{path!r} is not writable"
-    else:
-        why = _folder_problem(os.path.dirname(path) or ".")
+    why = _file_problem(path)
     if why:
         return (
             f"expected a file in a folder that can be created and written to; got {path!r} ({why})"
@@ -240,7 +252,8 @@ def _train_parser(sub):
         "--eval-every",
         type=int,
         default=None,
-        help=f"steps between evaluations; default {_study_default('eval_every')}",
+        help=f"steps between evaluations, at most --steps; default "
+        f"{_study_default('eval_every')}, or --steps when that is fewer",
     )
     s.add_argument(
         "--val-seeds",
@@ -306,13 +319,15 @@ def _run_train(args, rest):
                 merged = study.merge_files(args.merge, task=args.task)
             except ValueError as e:
                 error(str(e))
-            _check_out(args.out, error)
+            # a merge writes no partial results and no heatmaps: no models, no variants
+            _check_out(args.out, error, study.output_files((), (), plot=not args.no_plot))
             return study.write_merged(merged, args.out, plot=not args.no_plot)
         try:
-            study.config_from_args(args)
+            c = study.config_from_args(args)
         except ValueError as e:
             error(str(e))
-        _check_out(args.out, error)
+        files = study.output_files(c["models"], c["variants"], plot=not args.no_plot)
+        _check_out(args.out, error, files)
         return study.main(args)
     from jax_batchinhib.apps.train import DEFAULTS, VARIANTS
 
@@ -325,6 +340,7 @@ def _run_train(args, rest):
         error(
             f"argument --variants: invalid choice: {bad[0]!r} (choose from {', '.join(VARIANTS)})"
         )
+    args.variants = list(dict.fromkeys(args.variants))  # a variant named twice runs once
     for dest in ("epochs", "seeds", "batch_size", "lr", "out"):
         if getattr(args, dest) is None:
             setattr(args, dest, DEFAULTS[dest])
@@ -351,12 +367,13 @@ def _run_train(args, rest):
                 f"argument --devices: must be at most the {have} {jax.default_backend()} "
                 f"device(s) JAX sees; got {args.devices}"
             )
-    _check_out(args.out, error)
+    _check_out(args.out, error, train.output_files(plot=not args.no_plot))
     return train.main(args)
 
 
-def _check_out(path: str, error) -> None:
-    problem = output_dir_problem(path)
+def _check_out(path: str, error, files: Sequence[str] = ()) -> None:
+    """``--out`` and the ``files`` the run writes in it, as a usage error, before the run."""
+    problem = output_dir_problem(path, files)
     if problem:
         error(f"argument --out: {problem}")
 

@@ -76,6 +76,11 @@ def load_mnist1d(
         ) from e
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 20:
         raise ValueError(f"load_mnist1d: num_samples must be an int >= 20; got {num_samples!r}")
+    if num_samples % 10:  # the generator would silently make fewer
+        raise ValueError(
+            "load_mnist1d: num_samples must be a multiple of 10 (the generator makes "
+            f"num_samples // 10 examples of each class); got {num_samples}"
+        )
     args = get_dataset_args()
     unknown = sorted(set(overrides) - set(vars(args)))
     if unknown:

@@ -65,15 +65,28 @@ def check_norm(where: str, norm: str) -> None:
         raise ValueError(f"{where}: norm must be one of {NORMS}; got {norm!r}")
 
 
-def _flax_momentum(where: str, momentum) -> float:
-    """flax's BatchNorm keeps an EMA only: it needs a float momentum."""
+def _flax_momentum(where: str, momentum, norm: str = "flax_batchnorm") -> float:
+    """flax's BatchNorm keeps an EMA only: it needs a float momentum. ``norm``: the
+    normalization (or chain) that has the flax step, for the message."""
     if momentum is None:
+        ours = "norm='batchnorm'" if norm == "flax_batchnorm" else "the 'batchnorm' step"
         raise ValueError(
-            f"{where}: norm='flax_batchnorm' needs a float momentum (flax's BatchNorm has no "
+            f"{where}: norm={norm!r} needs a float momentum (flax's BatchNorm has no "
             f"cumulative average); got momentum=None. Pass a float such as 0.99, or use "
-            f"norm='batchnorm' (ours keeps the cumulative average with momentum=None)."
+            f"{ours} (ours keeps the cumulative average with momentum=None)."
         )
     return momentum
+
+
+def check_dropout_rate(where: str, rate) -> None:
+    """A dropout rate must be in [0, 1] (0: no Dropout layer); a negative one would
+    silently disable dropout."""
+    try:
+        ok = not isinstance(rate, bool) and 0.0 <= float(rate) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{where}: dropout_rate must be a float in [0, 1]; got {rate!r}")
 
 
 def norm_layers(
@@ -144,6 +157,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         check_norm("MLP", self.norm)
+        check_dropout_rate("MLP", self.dropout_rate)
         x = x.reshape(x.shape[0], -1)
         for i, f in enumerate(self.features):
             x = nn.Dense(f, use_bias=layer_bias(self.norm), name=f"dense{i}")(x)
@@ -186,6 +200,7 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         check_norm("CNN", self.norm)
+        check_dropout_rate("CNN", self.dropout_rate)
         if x.ndim != 4:
             raise ValueError(
                 f"CNN: x must be NHWC (B, H, W, C), e.g. (B, 8, 8, 1); got shape {x.shape}"
@@ -319,6 +334,7 @@ class NnxMLP(nnx.Module):
         rngs: nnx.Rngs,
     ):
         check_norm("NnxMLP", norm)
+        check_dropout_rate("NnxMLP", dropout_rate)
         dense, norms, drops = [], [], []
         d = in_features
         for f in features:
@@ -375,6 +391,7 @@ class NnxCNN(nnx.Module):
         rngs: nnx.Rngs,
     ):
         check_norm("NnxCNN", norm)
+        check_dropout_rate("NnxCNN", dropout_rate)
         convs, norms = [], []
         c = in_channels
         for f in features:
@@ -533,7 +550,6 @@ class NormChain(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         ura = not train
-        momentum = 0.99 if self.momentum is None else self.momentum
         for s in self.steps:
             if s == "relu":
                 x = nn.relu(x)
@@ -544,7 +560,9 @@ class NormChain(nn.Module):
             elif s == "flax_batchnorm":
                 x = nn.BatchNorm(
                     use_running_average=ura,
-                    momentum=momentum,
+                    momentum=_flax_momentum(
+                        "models.NormChain", self.momentum, "+".join(self.steps)
+                    ),
                     use_fast_variance=False,
                     name=f"bn{self.index}",
                 )(x)
@@ -595,6 +613,8 @@ class Mnist1dMLP(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         steps = parse_chain("Mnist1dMLP", self.norm)
+        if "flax_batchnorm" in steps:
+            _flax_momentum("Mnist1dMLP", self.momentum, self.norm)
         x = x.reshape(x.shape[0], -1)
         for i, f in enumerate(self.features):
             h = nn.Dense(f, use_bias=chain_bias(steps), name=f"dense{i}")(x)
@@ -653,6 +673,8 @@ class Mnist1dCNN(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         steps = parse_chain("Mnist1dCNN", self.norm)
+        if "flax_batchnorm" in steps:
+            _flax_momentum("Mnist1dCNN", self.momentum, self.norm)
         if x.ndim == 2:
             x = x[..., None]
         if x.ndim != 3:

@@ -871,8 +871,9 @@ def _jsonable(study: dict) -> dict:
 def config_from_args(args) -> dict:
     """The study's settings from parsed ``jax-batchinhib train`` arguments: ``{"cfg",
     "models", "variants", "jobs"}`` (``cfg`` as :data:`DEFAULTS`, with ``--quick``'s and
-    the given options). Raises ``ValueError`` naming the option for a value the study
-    cannot run with; nothing is loaded or trained."""
+    the given options; without ``--eval-every``, its default cut to ``steps``). Raises
+    ``ValueError`` naming the option for a value the study cannot run with; nothing is
+    loaded or trained."""
     task = args.task
     quick = bool(getattr(args, "quick", False))
     cfg = dict(DEFAULTS[task])
@@ -896,6 +897,8 @@ def config_from_args(args) -> dict:
         if len({_lr_key(lr) for lr in lrs}) != len(lrs):
             raise ValueError(f"argument --lrs: the values must be distinct; got {list(lrs)}")
         cfg["lrs"] = tuple(lrs)
+    if getattr(args, "eval_every", None) is None:  # the default: at most the steps
+        cfg["eval_every"] = min(cfg["eval_every"], cfg["steps"])
     if cfg["eval_every"] > cfg["steps"]:
         raise ValueError(
             f"argument --eval-every: at most the number of steps ({cfg['steps']}); "
@@ -914,6 +917,12 @@ def config_from_args(args) -> dict:
     models = tuple(dict.fromkeys(models))  # a model named twice runs once
     if task == "digits" and "cnn" in models:
         raise ValueError("argument --model: --task digits has the MLP only (--model mlp)")
+    if cfg["batch_size"] < 2 and "mlp" in models:
+        raise ValueError(
+            f"argument --batch-size: must be >= 2 with the MLP: the baseline {BASELINE} (our "
+            "BatchNorm, always run) takes statistics over the rows of a batch, which need "
+            f"more than one row; got {cfg['batch_size']}"
+        )
     names = getattr(args, "variants", None) or (QUICK_VARIANTS if quick else DEFAULT_VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -937,6 +946,18 @@ def config_from_args(args) -> dict:
     if jobs is None:
         jobs = min(len(models), os.cpu_count() or 1)
     return {"cfg": cfg, "models": models, "variants": names, "jobs": jobs}
+
+
+def output_files(models: Sequence[str], variants: Sequence[str], *, plot: bool = True) -> list[str]:
+    """The files :func:`main` writes in its output folder for ``models`` and ``variants``:
+    each model's partial results while it runs, then ``results.json`` and, with ``plot``,
+    the figures. With no models and no variants: what :func:`write_merged` writes."""
+    files = [f"results.partial.json.{mk}" for mk in models] + ["results.json"]
+    if plot:
+        files += ["accuracy.png", "curves.png"]
+        if HEATMAP_VARIANT in variants:
+            files += [f"inhib_{mk}.png" for mk in models]
+    return files
 
 
 def main(args) -> int:

@@ -242,7 +242,8 @@ def train_variant(
     init = jax.vmap(lambda k, xe: init_state(model, tx, k, xe), in_axes=(0, None))
     states = jax.jit(init, compiler_options=run_once_options())(keys, jnp.asarray(xtr[:batch_size]))
     epoch_fn = make_epoch(model, tx)
-    rng = np.random.default_rng(0)
+    # one shuffle stream per seed: seed i's batches do not depend on how many seeds run
+    rngs = [np.random.default_rng(s) for s in range(seeds)]
     xte_j, yte_j = jnp.asarray(xte), jnp.asarray(yte)
     place = jnp.asarray  # where each epoch's batches go: one device, or split over several
     if devices > 1:
@@ -258,7 +259,7 @@ def train_variant(
     hist = {k: [] for k in ("train_loss", "train_acc", "test_loss", "test_acc")}
     times = []
     for e in range(epochs):
-        idx = np.stack([rng.permutation(n)[: steps * batch_size] for _ in range(seeds)])
+        idx = np.stack([rng.permutation(n)[: steps * batch_size] for rng in rngs])
         idx = idx.reshape(seeds, steps, batch_size)
         dkeys = jax.vmap(lambda k, e=e: jax.random.split(jax.random.fold_in(k, e), steps))(keys)
         t0 = time.perf_counter()
@@ -270,7 +271,8 @@ def train_variant(
         if progress is not None:
             progress()
     hist = {k: np.stack(v, axis=1) for k, v in hist.items()}  # (seeds, epochs)
-    # steps/s: the first epoch includes compilation, so time the others when there are any.
+    # steps/s: the first epoch includes compilation, so time the others when there are any;
+    # with one epoch there are none, and steps/s includes the compilation (said so below).
     timed = times[1:] if len(times) > 1 else times
     final = hist["test_acc"][:, -1]
     return {
@@ -280,6 +282,7 @@ def train_variant(
         "test_acc_mean": float(final.mean()),
         "test_acc_std": float(final.std(ddof=1)) if seeds > 1 else 0.0,
         "steps_per_s": steps * len(timed) / sum(timed),
+        "steps_per_s_includes_compile": len(times) == 1,
         "compile_and_first_epoch_s": times[0],
         "steps_per_epoch": steps,
         "curves": {k: v.tolist() for k, v in hist.items()},
@@ -308,8 +311,12 @@ def verdict(a: dict, b: dict, n_test: int = 450) -> tuple[float, float, str]:
 
 
 def format_table(results: list[dict], seeds: int) -> str:
+    """The results as a Markdown table; its steps/s column says when it includes the
+    compilation (a run of one epoch, :func:`train_variant`)."""
+    compile_ = any(r.get("steps_per_s_includes_compile") for r in results)
+    speed = "steps/s (compilation included)" if compile_ else "steps/s"
     lines = [
-        f"| variant | model | test accuracy (mean ± std, {seeds} seeds) | steps/s |",
+        f"| variant | model | test accuracy (mean ± std, {seeds} seeds) | {speed} |",
         "|---|---|---|---|",
     ]
     for r in results:
@@ -463,7 +470,9 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def run(variants, *, epochs, seeds, batch_size, lr, quiet=False, devices=1) -> list[dict]:
-    """Train ``variants``; returns one result dict per variant (see :func:`train_variant`)."""
+    """Train ``variants``; returns one result dict per variant (see :func:`train_variant`),
+    in order; a variant named twice is trained once."""
+    variants = list(dict.fromkeys(variants))
     data = load_digits_split()
     bar = None
     if not quiet:
@@ -494,15 +503,44 @@ def run(variants, *, epochs, seeds, batch_size, lr, quiet=False, devices=1) -> l
     return results
 
 
+def uses_batch_statistics(name: str) -> bool:
+    """Whether ``VARIANTS[name]`` normalizes by statistics over the rows of a training
+    batch (its model keeps ``batch_stats``): such a variant needs batches of at least two
+    rows. Only shapes are traced; nothing is computed."""
+    model = VARIANTS[name][1]()
+
+    def init():
+        key = jax.random.key(0)
+        return model.init({"params": key, "dropout": key}, jnp.zeros((2, 64)), train=False)
+
+    return bool(jax.eval_shape(init).get("batch_stats"))
+
+
+def output_files(*, plot: bool = True) -> list[str]:
+    """The files :func:`main` writes in ``--out``: ``results.json`` and, with ``plot``,
+    ``curves.png``."""
+    return ["results.json", "curves.png"] if plot else ["results.json"]
+
+
 def check_args(args) -> None:
     """Raise ``ValueError("argument --x: ...")``, naming the option, for a setting of
     parsed ``jax-batchinhib train`` arguments (``--epochs``, ``--seeds``,
-    ``--batch-size``, ``--lr``, ``--devices``) that :func:`main` cannot run with. Nothing
-    is trained; only the digits' row count is read."""
+    ``--batch-size``, ``--lr``, ``--devices``, with ``--variants``) that :func:`main`
+    cannot run with. Nothing is trained; only the digits' row count is read (and, for a
+    batch of one row, the variants' shapes are traced)."""
     for flag in ("epochs", "seeds", "batch_size"):
         val = getattr(args, flag)
         if val < 1:
             raise ValueError(f"argument --{flag.replace('_', '-')}: must be >= 1; got {val}")
+    if args.batch_size < 2:
+        names = [v for v in getattr(args, "variants", ()) if v in VARIANTS]
+        stats = [v for v in dict.fromkeys(names) if uses_batch_statistics(v)]
+        if stats:
+            raise ValueError(
+                "argument --batch-size: must be >= 2 when a variant normalizes by "
+                f"statistics over the rows of a batch ({', '.join(stats)}), which need more "
+                f"than one row; got {args.batch_size}"
+            )
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"argument --lr: must be a positive number; got {args.lr}")
     devices = getattr(args, "devices", 1)
@@ -540,12 +578,15 @@ def main(args) -> int:
     xtr, _, xte, _ = load_digits_split()
     table = format_table(results, args.seeds)
     comp = comparisons(results, xte.shape[0])
+    if args.epochs > 1:
+        timing = "after the first (compiling) epoch"
+    else:
+        timing = "compilation included (one epoch: there is no later epoch to time)"
     print()
     print(
         f"digits: {xtr.shape[0]} train / {xte.shape[0]} test, {args.epochs} epochs, "
         f"batch {args.batch_size}, Adam lr {args.lr}; steps/s counts one step of all "
-        f"{args.seeds} seeds (vmapped), after the first (compiling) epoch; "
-        f"{jax.default_backend()}, {wall:.0f} s in all"
+        f"{args.seeds} seeds (vmapped), {timing}; {jax.default_backend()}, {wall:.0f} s in all"
     )
     print(table)
     if comp:

@@ -9,7 +9,7 @@ as linen stores it):
 .. code-block:: text
 
     branch A:  x1A = x W1A + b1A        z1A = sin(x1A)
-               zDP = z1A ⊙ M            M = keep / (1 - p)       (dropout)
+               zDP = z1A ⊙ M            M = keep / (1 - p)       (dropout; 0 at p = 1)
                yA  = zDP W2A + b2A
     branch B:  x1B = x W1B              μ = (1/m) Σ_rows x1B
                xBN = x1B - μ + c                                  (batch centering)
@@ -53,7 +53,12 @@ def forward(params: Params, x, keep, rate: float):
     """The forward pass of the two-branch network written out; returns ``(logits, cache)``
     where ``cache`` holds every intermediate the backward needs."""
     p = params
-    M = keep.astype(x.dtype) / (1.0 - rate)  # dropout's multiplier (seed: M_j = 1/(1-p) or 0)
+    # dropout's multiplier (seed: M_j = 1/(1-p) or 0); at p = 1 every unit is dropped and
+    # M is 0 (keep / (1 - p) would be 0/0), as the Dropout layer does
+    if rate == 1.0:
+        M = jnp.zeros(keep.shape, x.dtype)
+    else:
+        M = keep.astype(x.dtype) / (1.0 - rate)
     x1A = x @ p["fc1a"]["kernel"] + p["fc1a"]["bias"]
     z1A = jnp.sin(x1A)
     zDP = z1A * M
