@@ -323,5 +323,5 @@ assert curve_gap.max() < 0.01
 # strength: the `"abs"` denominator (every row of $|R|$ sums to 1), and the seed's signed
 # denominator with `guard_mode="relative"`, whose guard scales with $A_i=\sum_l
 # g_{il}|r_{il}|$ so that $\sum_k |R_{ik}| \le 1/(2\delta)$ for every row (default
-# $\delta=0.5$): 98.4% on digits against 98.3% for BatchNorm alone (`jax-batchinhib
+# $\delta=0.5$): 98.0% on digits against 97.7% for BatchNorm alone (`jax-batchinhib
 # train`, variant `batchnorm+inhib_a0_rel`; docs/derivations.md).
