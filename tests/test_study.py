@@ -124,6 +124,9 @@ def test_paired_difference_verdicts():
     for a, b in ((up, base), (base, up), (noisy, base)):
         c = study.paired_difference(a, b)
         assert (c["p"] < 0.05) == (c["verdict"] != "ties"), c
+    # no seed at all is an error, not a NaN difference read as 'ties'
+    with pytest.raises(ValueError, match="paired_difference: .* at least one; got 0 and 0"):
+        study.paired_difference([], [])
 
 
 def test_holm_adjusts_over_the_family_of_comparisons():

@@ -335,10 +335,10 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
     'helps' (interval above 0) / 'hurts' (below 0) / 'ties', and the two-sided p-value of
     the paired t-test (the interval excludes 0 exactly when ``p < 0.05``)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape or a.ndim != 1:
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(
             f"paired_difference: the two runs must have one accuracy per seed, as many "
-            f"seeds each; got {a.size} and {b.size}"
+            f"seeds each, at least one; got {a.size} and {b.size}"
         )
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError(
