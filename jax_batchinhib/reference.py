@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_batchinhib.ops._stats import explicit_spec, row_sum_kw
 from jax_batchinhib.ops.batch_inhib import InhibOptions, InhibStats, relative_guard_floor
 from jax_batchinhib.ops.batch_norm import BatchStats
 from jax_batchinhib.ops.whitening import WhiteningStats
@@ -75,8 +76,16 @@ def _where(mask, v, fill=0.0):
 
 def _shift(xf, mask, axis, red, axis_name, axis_index_groups):
     """The shift: the first (valid) sample of each feature, averaged over devices."""
+    spec = explicit_spec(xf)  # an Explicit mesh: a gather with a stated output sharding
     if mask is None:
-        s = xf[tuple(slice(0, 1) if a in red else slice(None) for a in range(xf.ndim))]
+        if spec is None:
+            s = xf[tuple(slice(0, 1) if a in red else slice(None) for a in range(xf.ndim))]
+        else:
+            at = tuple(jnp.zeros(1, jnp.int32) if a in red else slice(None) for a in range(xf.ndim))
+            out = jax.sharding.PartitionSpec(
+                *(None if a in red else spec[a] for a in range(xf.ndim))
+            )
+            s = xf.at[at].get(out_sharding=out)
         k = jnp.ones_like(s)
     else:
         nf = math.prod(_feat(xf, axis))
@@ -84,7 +93,9 @@ def _shift(xf, mask, axis, red, axis_name, axis_index_groups):
         xt = jnp.transpose(xf, red + axis).reshape(-1, nf)
         i = jnp.argmax(mt, axis=0)
         k = jnp.any(mt, axis=0).astype(xf.dtype)
-        s = jnp.where(k > 0, xt[i, jnp.arange(nf)], 0.0)
+        at = (i, jnp.arange(nf))
+        first = xt[at] if spec is None else xt.at[at].get(out_sharding=jax.sharding.PartitionSpec())
+        s = jnp.where(k > 0, first, 0.0)
         s, k = s.reshape(_bshape(xf, axis)), k.reshape(_bshape(xf, axis))
     s = _psum(s * k, axis_name, axis_index_groups) / jnp.maximum(
         _psum(k, axis_name, axis_index_groups), 1
@@ -335,7 +346,7 @@ def batch_inhib(
     G, k = groups, N // groups
     if use_fast_variance:  # cov = Σ d dᵀ / n - mean_d mean_dᵀ, d = x - shift
         Dg = D.reshape(-1, G, k)
-        sdd = jnp.einsum("mgi,mgk->gik", Dg, Dg, precision=_HIGHEST)
+        sdd = jnp.einsum("mgi,mgk->gik", Dg, Dg, precision=_HIGHEST, **row_sum_kw(Dg, 0))
         md = mu_d.reshape(G, k)
         cov = _psum(sdd, axis_name, axis_index_groups) / n - md[:, :, None] * md[:, None, :]
         dia = jnp.diagonal(cov, axis1=-2, axis2=-1)
@@ -344,7 +355,7 @@ def batch_inhib(
         Xc = _where(w, D - mu_d).reshape(-1, G, k)
         cov = (
             _psum(
-                jnp.einsum("mgi,mgk->gik", Xc, Xc, precision=_HIGHEST),
+                jnp.einsum("mgi,mgk->gik", Xc, Xc, precision=_HIGHEST, **row_sum_kw(Xc, 0)),
                 axis_name,
                 axis_index_groups,
             )
@@ -478,7 +489,7 @@ def _whiten(whitening, x, scale, bias, groups, epsilon, axis, axis_name, axis_in
     Xv = Xc if sel is None else _where(sel[:, :, None], Xc)
     cov = (
         _psum(
-            jnp.einsum("mgi,mgk->gik", Xv, Xv, precision=_HIGHEST),
+            jnp.einsum("mgi,mgk->gik", Xv, Xv, precision=_HIGHEST, **row_sum_kw(Xv, 0)),
             axis_name,
             axis_index_groups,
         )

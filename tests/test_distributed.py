@@ -852,3 +852,125 @@ def test_cli_devices_errors():
         train.train_variant("none", data, epochs=1, seeds=1, batch_size=60, lr=1e-3, devices=8)
     with pytest.raises(ValueError, match=r"make_mesh: n_devices=9 but JAX sees 8"):
         parallel.make_mesh(9)
+
+
+# ---------------------------------------------------------------- Explicit-sharding mesh
+
+EXPLICIT_OPS = {
+    "batch_norm": lambda m, x, v, k: m.batch_norm(x, v, v, mask=k)[0],
+    "batch_norm_two_pass": lambda m, x, v, k: m.batch_norm(x, v, v, use_fast_variance=False)[0],
+    "batch_center": lambda m, x, v, k: m.batch_center(x, v, mask=k)[0],
+    "batch_inhib": lambda m, x, v, k: m.batch_inhib(x, jnp.outer(v, v), mask=k)[0],
+    "batch_inhib_groups": lambda m, x, v, k: m.batch_inhib(x, v.reshape(2, 2)[:, :, None] * v[:2], groups=2)[0],  # noqa: E501
+    "iter_norm": lambda m, x, v, k: m.iter_norm(x, v, v, mask=k)[0],
+    "zca_norm": lambda m, x, v, k: m.zca_norm(x, v, v, groups=2)[0],
+    "batch_norm_ghost": lambda m, x, v, k: m.batch_norm(x, v, v, virtual_batch_size=4, mask=k)[0],
+    "batch_norm_inference": lambda m, x, v, k: m.batch_norm_inference(x, v, v, v, v + 1),
+    "iter_norm_inference": lambda m, x, v, k: m.iter_norm_inference(x, v, v, v, jnp.diag(v)),
+    "batch_inhib_inference": lambda m, x, v, k: m.batch_inhib_inference(x, jnp.outer(v, v), jnp.diag(v + 1)),  # noqa: E501
+}  # fmt: skip
+
+
+def _explicit_mesh():
+    return jax.make_mesh((ND,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+@pytest.mark.parametrize("module", ["ops", "reference"])
+@pytest.mark.parametrize("name", list(EXPLICIT_OPS))
+def test_explicit_mesh_batch_sharded_equals_unsharded(name, module):
+    """jax.sharding.AxisType.Explicit types each array's sharding; the shift's slice of the
+    first row and the gather of the first valid one, on the sharded batch axis, were
+    ShardingTypeErrors, and so was the covariance summed over sharded rows. Now: y and
+    the gradients of x and of the per-feature parameter equal the unsharded run, in
+    float64 to 1e-10 of each one's largest entry (the sums run in another order; in
+    float32 some gradients, small differences of large terms, differ by 1e-3 of
+    themselves), and y keeps x's sharding."""
+    mod = jb if module == "ops" else ref
+    f = EXPLICIT_OPS[name]
+    with jax.enable_x64(True):
+        x0 = 3 + jax.random.normal(jax.random.key(0), (B, N), jnp.float64)
+        k0 = jnp.arange(B) % 5 != 0
+        v = jnp.linspace(0.5, 1.5, N, dtype=jnp.float64)
+        ct = jnp.sin(jnp.arange(B * N, dtype=jnp.float64)).reshape(B, N)
+
+        def run(x, v, k):
+            y = f(mod, x, v, k)
+            g = jax.grad(lambda x, v: jnp.sum(f(mod, x, v, k) * ct), argnums=(0, 1))(x, v)
+            return y, g
+
+        want = jax.jit(run)(x0, v, k0)
+        mesh = _explicit_mesh()
+        with jax.set_mesh(mesh):
+            x = jax.device_put(x0, NamedSharding(mesh, P("data", None)))
+            k = jax.device_put(k0, NamedSharding(mesh, P("data")))
+            got = jax.jit(run)(x, v, k)
+            assert jax.typeof(got[0]).sharding.spec == P("data", None)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        b = np.asarray(b)
+        np.testing.assert_allclose(a, b, atol=1e-10 * float(np.abs(b).max()), rtol=0)
+
+
+def test_explicit_mesh_feature_sharded():
+    """Features sharded on an Explicit mesh: the per-feature ops work (a parameter's
+    cotangent, summed from feature-sharded rows, is given the parameter's own sharding),
+    and the decorrelating ops refuse with what to do instead."""
+    x0 = 3 + jax.random.normal(jax.random.key(0), (4, 2 * ND))
+    v = jnp.linspace(0.5, 1.5, 2 * ND)
+    mesh = _explicit_mesh()
+
+    def grads(x, v):
+        def loss(x, v):
+            return jnp.sum(jb.batch_norm(x, v, v)[0] * jnp.cos(x)) + jnp.sum(
+                jb.batch_norm_inference(x, v, v, v, v + 1) ** 2
+            )
+
+        return jax.grad(loss, argnums=(0, 1))(x, v)
+
+    want = jax.jit(grads)(x0, v)
+    with jax.set_mesh(mesh):
+        x = jax.device_put(x0, NamedSharding(mesh, P(None, "data")))
+        got = jax.jit(grads)(x, v)
+        for op in (
+            lambda x: jb.batch_inhib(x, jnp.zeros((2 * ND, 2 * ND))),
+            lambda x: jb.zca_norm(x),
+            lambda x: jb.iter_norm_inference(x, None, None, v, jnp.eye(2 * ND)),
+        ):
+            match = r"sharded along its feature axis 1 on an Explicit mesh .*reshard\(x, "
+            with pytest.raises(NotImplementedError, match=match + r"PartitionSpec\('data', None"):
+                jax.jit(op)(x)
+        xr = jax.device_put(x0.T, NamedSharding(mesh, P("data", None)))  # 16 rows on 8
+        match = r"batch_norm: virtual_batch_size=4 splits the 16 rows into 4 ghost batches"
+        with pytest.raises(NotImplementedError, match=match + r".* a multiple of 8 \(at most 2\)"):
+            jax.jit(lambda x: jb.batch_norm(x, virtual_batch_size=4))(xr)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()), rtol=0)
+
+
+def test_explicit_mesh_modules_train_like_flax():
+    """linen and NNX BatchNorm train on a batch sharded over an Explicit mesh, as flax's
+    do: the same outputs and running statistics as flax's (unbiased=False)."""
+    import flax.linen as nn
+    from flax import nnx
+
+    from jax_batchinhib import nnx as bnx
+
+    x0 = 3 + jax.random.normal(jax.random.key(1), (B, N))
+    mesh = _explicit_mesh()
+    with jax.set_mesh(mesh):
+        x = jax.device_put(x0, NamedSharding(mesh, P("data", None)))
+        outs = []
+        for mdl in (
+            nn.BatchNorm(use_running_average=False),
+            bl.BatchNorm(use_running_average=False, unbiased=False),
+        ):  # noqa: E501
+            v = mdl.init(jax.random.key(0), x)
+            y, upd = jax.jit(lambda v, x, mdl=mdl: mdl.apply(v, x, mutable=["batch_stats"]))(v, x)
+            outs.append((y, upd["batch_stats"]))
+        for cls, kw in ((nnx.BatchNorm, {}), (bnx.BatchNorm, {"unbiased": False})):
+            bn = cls(N, rngs=nnx.Rngs(0), **kw)
+            y = nnx.jit(lambda m, x: m(x))(bn, x)
+            outs.append((y, {"mean": bn.mean[...], "var": bn.var[...]}))
+    for ours, theirs in ((outs[1], outs[0]), (outs[3], outs[2])):
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours, theirs
+        )  # noqa: E501

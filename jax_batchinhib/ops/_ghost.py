@@ -54,6 +54,20 @@ def check_virtual_batch_size(fn: str, x, axis, v) -> int:
             f"{fn}: virtual_batch_size={v} must divide the batch size {b} (x.shape[0]); "
             f"choose a divisor of {b} or pad the batch and pass a mask"
         )
+    spec = S.explicit_spec(x)
+    if spec is not None and spec[0] is not None:
+        # rows sharded on an Explicit mesh: the split into (b / v, v) must keep whole
+        # sub-batches on each device, which the typed reshape requires
+        names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+        sizes = jax.typeof(x).sharding.mesh.shape
+        devices = math.prod(sizes[n] for n in names)
+        if (b // v) % devices:
+            raise NotImplementedError(
+                f"{fn}: virtual_batch_size={v} splits the {b} rows into {b // v} ghost "
+                f"batches, which x's rows, sharded over {devices} devices on an Explicit "
+                f"mesh, do not divide evenly among; choose virtual_batch_size so that "
+                f"{b} / virtual_batch_size is a multiple of {devices} (at most {b // devices})"
+            )
     return v
 
 

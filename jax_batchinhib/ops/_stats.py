@@ -118,6 +118,8 @@ class Reduce:
         def select(a):
             if not vma(pred) <= vma(a):  # typed shard_map: a device-varying parameter
                 return a
+            if explicit_spec(a) is not None:  # a scalar predicate keeps a's sharding
+                return lax.select(pred, a, a)
             return lax.select(jnp.broadcast_to(pred, a.shape), a, a)
 
         return jax.tree.map(select, v)
@@ -177,6 +179,11 @@ def param_ct(ct, primal):
     """
     if ct is None or primal is None:
         return ct
+    want = explicit_spec(primal)
+    if want is not None and jnp.shape(ct) == jnp.shape(primal) and explicit_spec(ct) != want:
+        # an Explicit mesh types shardings: a scale's cotangent summed from x sharded
+        # along its features comes out sharded like them, the scale may be replicated
+        ct = jax.sharding.reshard(ct, jax.sharding.PartitionSpec(*want))
     extra = vma(ct) - vma(primal)
     if not extra:
         return ct
@@ -398,6 +405,28 @@ def check_some_features(fn: str, x_shape, nfeat) -> None:
         )
 
 
+def check_features_unsharded(fn: str, x, feature_axes) -> None:
+    """The decorrelating ops on an Explicit mesh (``jax.sharding.AxisType.Explicit``) take
+    x sharded along its rows, not along its features: the covariance couples every pair
+    of features, and the typed sharding rules refuse its product of two feature-sharded
+    operands. Refused at trace time with what to do instead."""
+    spec = explicit_spec(x)
+    if spec is None:
+        return
+    sharded = [a for a in feature_axes if spec[a] is not None]
+    if sharded:
+        rows = [None if a in feature_axes else spec[a] for a in range(len(spec))]
+        first = next((a for a in range(len(spec)) if a not in feature_axes), None)
+        if first is not None and rows[first] is None:  # the feature's mesh axis on the rows
+            rows[first] = spec[sharded[0]]
+        raise NotImplementedError(
+            f"{fn}: x is sharded along its feature axis {sharded[0]} on an Explicit mesh "
+            f"(PartitionSpec{tuple(spec)}); the covariance couples every pair of features, "
+            f"so shard the rows instead, e.g. jax.sharding.reshard(x, "
+            f"PartitionSpec{tuple(rows)})"
+        )
+
+
 def static_count(fn: str, x_shape, cfg: Reduce, mask) -> int:
     """Number of values per feature on this device; refuses one value per feature (when
     the shape is known: a symbolic batch size is left to the caller of the export), and
@@ -484,6 +513,31 @@ def count(x_shape, mask, cfg: Reduce, dtype):
     return cfg.psum(jnp.sum(w, axis=cfg.reduce_axes, keepdims=True))
 
 
+def explicit_spec(x):
+    """``x``'s PartitionSpec, padded to its rank, where its sharding is part of its type
+    (a mesh with an Explicit axis, ``jax.sharding.AxisType.Explicit``); None elsewhere.
+    Ops that such a type refuses (a slice of a sharded axis, a gather without an output
+    sharding) take another form there; everywhere else the program is unchanged."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+    if axis_type is None or axis_type.Explicit not in tuple(types):
+        return None
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (jnp.ndim(x) - len(spec))
+
+
+def row_sum_kw(a, row_axis: int) -> dict:
+    """Keyword arguments for an einsum that sums ``a`` over its rows (axis ``row_axis``):
+    ``{"out_sharding": replicated}`` where those rows are sharded on an Explicit mesh (the
+    sum of a covariance is ambiguous to the typed sharding rules otherwise); ``{}``
+    elsewhere."""
+    spec = explicit_spec(a)
+    if spec is None or spec[row_axis] is None:
+        return {}
+    return {"out_sharding": jax.sharding.PartitionSpec()}
+
+
 def _first_valid(xf, mask, cfg: Reduce):
     """Per feature, the value at the first position (row-major over the reduced axes)
     where ``mask`` is True, and whether there is one: ``(sample, has)``, keepdims shapes.
@@ -504,7 +558,13 @@ def _first_valid(xf, mask, cfg: Reduce):
     coords = iter(jnp.unravel_index(idx, mred) if mred else ())
     grid = iter(jnp.indices(feat, sparse=True))
     index = tuple(next(grid) if a in cfg.feature_axes else next(coords) for a in range(xf.ndim))
-    sample = jnp.broadcast_to(xf[index], feat)  # one gathered value per feature
+    spec = explicit_spec(xf)
+    if spec is None:
+        sample = xf[index]
+    else:  # an Explicit mesh: the gathered values keep the feature axes' sharding
+        out = jax.sharding.PartitionSpec(*(spec[a] for a in cfg.feature_axes))
+        sample = xf.at[index].get(out_sharding=out)
+    sample = jnp.broadcast_to(sample, feat)  # one gathered value per feature
     keep = tuple(shape[a] if a in cfg.feature_axes else 1 for a in range(xf.ndim))
     return jnp.where(has, sample, 0).reshape(keep), has.reshape(keep)
 
@@ -520,8 +580,19 @@ def shift_of(xf, mask, cfg: Reduce):
     """
     if mask is None:
         s = xf
+        spec = explicit_spec(xf)
         for a in cfg.reduce_axes:
-            s = lax.slice_in_dim(s, 0, 1, axis=a)
+            if spec is None or spec[a] is None:
+                s = lax.slice_in_dim(s, 0, 1, axis=a)
+            else:  # a slice of an Explicit-sharded axis is refused; a gather is not
+                out = jax.sharding.PartitionSpec(
+                    *(None if b == a else spec[b] for b in range(s.ndim))
+                )
+                at = tuple(
+                    jnp.zeros(1, jnp.int32) if b == a else slice(None) for b in range(s.ndim)
+                )
+                s = s.at[at].get(out_sharding=out)
+                spec = out
         if cfg.axis_name is not None:
             s = lax.pmean(s, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
     else:

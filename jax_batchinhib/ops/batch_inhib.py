@@ -394,6 +394,7 @@ def batch_inhib(
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     nfeat = math.prod(red.feature_shape(x.shape))  # several feature axes: flattened
     S.check_some_features(fn, x.shape, nfeat)
+    S.check_features_unsharded(fn, x, red.axes)
     _check_groups_alpha(fn, nfeat, groups, alpha)
     fast = S.check_fast_variance(fn, use_fast_variance)
     if virtual_batch_size is not None:  # ghost batches: the op vmapped over sub-batches
@@ -450,7 +451,7 @@ def _bi_center(cfg, red, x2, mask, fast):
         dg = _group_major(d, g)
         s1, s2 = red.psum(
             (jnp.sum(d, axis=0, keepdims=True),
-             jnp.einsum("gmi,gmk->gik", dg, dg, precision=S.PRECISION))
+             jnp.einsum("gmi,gmk->gik", dg, dg, precision=S.PRECISION, **S.row_sum_kw(dg, 1)))
         )  # fmt: skip
         mean_d = s1 / nz
         md = mean_d.reshape(g, nf // g)
@@ -461,7 +462,8 @@ def _bi_center(cfg, red, x2, mask, fast):
     else:  # shifted two-pass
         s, mean_d, var = S.moments(xf, mask, red, cnt, fast=False)
         xc = _group_major(S.select((xf - s) - mean_d, mask), g)
-        cov = red.psum(jnp.einsum("gmi,gmk->gik", xc, xc, precision=S.PRECISION)) / nz
+        cov = jnp.einsum("gmi,gmk->gik", xc, xc, precision=S.PRECISION, **S.row_sum_kw(xc, 1))
+        cov = red.psum(cov) / nz
     return _group_major(xf, g), s, mean_d, var, cov, cnt
 
 
@@ -558,6 +560,7 @@ def batch_inhib_inference(
     cfg = _check_config(fn, rho, epsilon, groups, correlation, denominator, guard, guard_mode)
     nfeat = math.prod(red.feature_shape(x.shape))  # several feature axes: flattened
     S.check_some_features(fn, x.shape, nfeat)
+    S.check_features_unsharded(fn, x, red.axes)
     _check_groups_alpha(fn, nfeat, groups, alpha)
     if cov is None:
         raise ValueError(f"{fn}: cov is required (the running covariance)")
@@ -574,7 +577,7 @@ def _linear_map_bwd(cfg, cov, alpha3, xg, dyg):
     parts = _inhib_parts(cfg, cov, alpha3)
     R = _matrix_of(parts)
     dx = dyg - jnp.einsum("gmi,gil->gml", dyg, R, precision=S.PRECISION)
-    dR = -jnp.einsum("gmi,gml->gil", dyg, xg, precision=S.PRECISION)
+    dR = -jnp.einsum("gmi,gml->gil", dyg, xg, precision=S.PRECISION, **S.row_sum_kw(xg, 1))
     dcov, dalpha = _inhib_matrix_bwd(cfg, alpha3, parts, dR)
     return dx, dcov, dalpha
 
@@ -603,8 +606,8 @@ def _bi_inf_bwd(cfg, res, dy2):
     dx, dcov, dalpha = _linear_map_bwd(cfg, cov3.astype(cd), alpha3, xg, dyg)
     return (
         _feature_major(dx).astype(x2.dtype),
-        dalpha.astype(alpha3.dtype),
-        dcov.astype(cov3.dtype),
+        S.param_ct(dalpha.astype(alpha3.dtype), alpha3),
+        S.param_ct(dcov.astype(cov3.dtype), cov3),
     )
 
 

@@ -453,12 +453,14 @@ def _bn_inf_bwd(cfg, epsilon, res, dy):
     dvar = (-0.5 * jnp.sum(dxhat * xhat, axis=cfg.reduce_axes) * inv_f**2).astype(var.dtype)
     dvar = jnp.reshape(dvar, var.shape)
     dmean = jnp.reshape(dmean, mean.shape)
+    # each per-feature cotangent typed as its primal (summed over the devices, or given
+    # its sharding, where that differs: docs/scaling.md)
     return (
         dx.astype(x.dtype),
-        _grad_vec(dy * xhat, cfg, scale),
-        _grad_vec(dy, cfg, bias),
-        dmean,
-        dvar,
+        S.param_ct(_grad_vec(dy * xhat, cfg, scale), scale),
+        S.param_ct(_grad_vec(dy, cfg, bias), bias),
+        S.param_ct(dmean, mean),
+        S.param_ct(dvar, var),
     )
 
 
@@ -510,8 +512,8 @@ def _bc_inf_bwd(cfg, res, dy):
     s = jnp.sum(dyf, axis=cfg.reduce_axes)
     return (
         dy.astype(x0.dtype),
-        None if bias is None else s.astype(bias.dtype),
-        (-s).astype(mean.dtype),
+        None if bias is None else S.param_ct(s.astype(bias.dtype), bias),
+        S.param_ct((-s).astype(mean.dtype), mean),
     )
 
 

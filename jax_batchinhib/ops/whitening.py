@@ -143,6 +143,7 @@ def _prepare(fn, method, x, scale, bias, groups, iterations, epsilon, axis, axis
     red = _one_axis(fn, axis, S.make_reduce(fn, x, axis, axis_name, axis_index_groups))
     nfeat = x.shape[red.axis]
     S.check_some_features(fn, x.shape, nfeat)
+    S.check_features_unsharded(fn, x, (red.axis,))
     S.check_vector(fn, "scale", scale, nfeat)
     S.check_vector(fn, "bias", bias, nfeat)
     C.groups(fn, groups, nfeat)
@@ -484,7 +485,7 @@ def _wh_forward(cfg, red, x2, scale, bias, mask):
     m, g, n = xc.shape
     # masked rows selected away, not weighted (NaN * 0 is NaN): docs/derivations.md
     wc = _rows(xc, mb)
-    cov = red.psum(jnp.einsum("mgi,mgk->gik", wc, wc, precision=S.PRECISION))
+    cov = red.psum(jnp.einsum("mgi,mgk->gik", wc, wc, precision=S.PRECISION, **S.row_sum_kw(wc, 0)))
     cov = cov / jnp.maximum(cnt, 1)
     sigma = cov + cfg.epsilon * jnp.eye(n, dtype=cov.dtype)
     if cfg.method == "iter":
@@ -542,7 +543,10 @@ def _whiten_bwd(cfg, red, res, cts):
     # W̄ = X_cᵀ dx̂ over the valid rows, and the column sums of dx̂ for the mean's term:
     # both global sums across devices.
     wbar, colsum = red.psum(
-        (jnp.einsum("mgi,mgk->gik", xc, dxh, precision=S.PRECISION), jnp.sum(dxh, axis=0))
+        (
+            jnp.einsum("mgi,mgk->gik", xc, dxh, precision=S.PRECISION, **S.row_sum_kw(xc, 0)),
+            jnp.sum(dxh, axis=0),
+        )
     )
     if cfg.method == "iter":
         sbar = _newton_backward(ps, a_s, b_s, sn, t, wbar)
@@ -635,6 +639,7 @@ def _inference(fn, x, scale, bias, mean, wmat, groups, axis):
     red = _one_axis(fn, axis, S.make_reduce(fn, x, axis))
     nfeat = x.shape[red.axis]
     S.check_some_features(fn, x.shape, nfeat)
+    S.check_features_unsharded(fn, x, (red.axis,))
     S.check_vector(fn, "scale", scale, nfeat)
     S.check_vector(fn, "bias", bias, nfeat)
     if mean is None or wmat is None:
@@ -674,7 +679,7 @@ def _wh_inf_bwd(groups, res, dy2):
     dy = dy2.astype(cd)
     dxh = (dy if scale is None else dy * scale.astype(cd)).reshape(xc.shape)
     dx = jnp.einsum("mgk,gik->mgi", dxh, w3, precision=S.PRECISION).reshape(m, nf)
-    dw = jnp.einsum("mgi,mgk->gik", xc, dxh, precision=S.PRECISION)
+    dw = jnp.einsum("mgi,mgk->gik", xc, dxh, precision=S.PRECISION, **S.row_sum_kw(xc, 0))
     dscale = None
     if scale is not None:
         xh = jnp.einsum("mgi,gik->mgk", xc, w3, precision=S.PRECISION).reshape(m, nf)
@@ -682,10 +687,10 @@ def _wh_inf_bwd(groups, res, dy2):
     dbias = None if bias is None else jnp.sum(dy, axis=0).astype(bias.dtype)
     return (
         dx.astype(x2.dtype),
-        dscale,
-        dbias,
-        (-jnp.sum(dx, axis=0)).astype(mean.dtype),
-        dw.reshape(wmat.shape).astype(wmat.dtype),
+        S.param_ct(dscale, scale),
+        S.param_ct(dbias, bias),
+        S.param_ct((-jnp.sum(dx, axis=0)).astype(mean.dtype), mean),
+        S.param_ct(dw.reshape(wmat.shape).astype(wmat.dtype), wmat),
     )
 
 
