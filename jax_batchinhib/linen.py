@@ -81,7 +81,9 @@ def _where(mdl) -> str:
 def _existing(mdl, col, name, want, where, n):
     """A variable that exists already must have the shape the input asks for."""
     if mdl.has_variable(col, name):
-        got = tuple(jnp.shape(mdl.get_variable(col, name)))
+        # a boxed value (nn.with_partitioning / with_logical_partitioning) has the shape
+        # of what it holds
+        got = tuple(jnp.shape(nn.meta.unbox(mdl.get_variable(col, name))))
         if got != tuple(want):
             raise ValueError(
                 f"{where}: {col}/{name} has shape {S.shape_str(got)}, but x with {n} features "
@@ -173,6 +175,12 @@ class BatchNorm(nn.Module):
     (:func:`jax_batchinhib.running.stats_dtype`): with float64 inputs (``jax_enable_x64``)
     pass ``param_dtype=jnp.float64`` to keep them in float64 (flax.linen's change from
     float32 to float64 at their first update, flax.nnx's stay float32).
+    ``force_float32_reductions`` is accepted for flax's signature only: the ops reduce
+    in float32 or wider, and statistics are stored in at least float32, either way
+    (``False`` gives no bfloat16 reductions here). ``init`` on one value per feature (a
+    dummy batch of one) runs the inference form, since the training form needs two: its
+    output is ``x / sqrt(1 + epsilon)`` with the initial statistics, where flax's is the
+    training form's zeros; the variables made are the same.
     Complex inputs are refused with a TypeError (flax's BatchNorm accepts
     them; the ops and their hand-derived VJPs are written for real floating point); so
     do BatchCenter and BatchInhib.

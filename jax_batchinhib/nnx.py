@@ -209,7 +209,12 @@ class _Stats(nnx.Module):
         return tuple(k for k in ("mean", "var", "cov", "whitening_matrix") if k in vars(self))
 
     def set_view(self, use_running_average: bool | None = None):
-        """Used by ``nnx.view``."""
+        """Used by ``nnx.view`` (and listed by ``nnx.view_info``).
+
+        Args:
+          use_running_average: if True, the stored running statistics are used instead of
+            the statistics of the input batch (eval mode); False: training mode.
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
@@ -219,8 +224,9 @@ class BatchNorm(_Stats):
 
     Arguments as :class:`flax.nnx.BatchNorm` plus ``momentum=None`` (cumulative
     average, with a ``count`` statistic), ``unbiased`` (True: m/(m-1) times the batch
-    variance, like PyTorch; False: flax's), ``force_float32_reductions`` (statistics
-    dtype, as linen), ``use_autodiff`` and ``virtual_batch_size`` (ghost batches, as
+    variance, like PyTorch; False: flax's), ``force_float32_reductions`` (accepted as
+    linen's: reductions and statistics are float32 or wider either way),
+    ``use_autodiff`` and ``virtual_batch_size`` (ghost batches, as
     :class:`jax_batchinhib.linen.BatchNorm`; also on BatchCenter and BatchInhib).
     ``use_fast_variance`` selects the op's variance algorithm (as flax's). The statistics
     are stored in ``promote_types(param_dtype, float32)`` (as flax.nnx's, float32 by
@@ -642,6 +648,11 @@ class Dropout(nnx.Module):
         return M.dropout(where, self.rate, self.use_autodiff, inputs, key, self.broadcast_dims)
 
     def set_view(self, deterministic: bool | None = None):
-        """Used by ``nnx.view``."""
+        """Used by ``nnx.view`` (and listed by ``nnx.view_info``).
+
+        Args:
+          deterministic: if True, the input is returned unchanged (no dropout); False:
+            dropout is applied.
+        """
         if deterministic is not None:
             self.deterministic = deterministic

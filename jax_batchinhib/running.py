@@ -90,20 +90,22 @@ def check_momentum(where: str, momentum) -> float | None:
 def stats_dtype(param_dtype, force_float32_reductions: bool = True):
     """dtype of stored running statistics: float32 (flax's choice) or wider.
 
-    With ``force_float32_reductions`` (the default, as in flax) statistics are stored in
-    ``promote_types(param_dtype, float32)``: float32 for the default ``param_dtype``, the
-    same as flax; float64 parameters keep float64 statistics.
+    Statistics are stored in ``promote_types(param_dtype, float32)``: float32 for the
+    default ``param_dtype`` and for bfloat16 or float16 parameters, as flax's; float64
+    parameters keep float64 statistics. Never narrower than float32: a moving average
+    stored in bfloat16 stalls, its steps rounding away (a running mean stuck at 65 where
+    the data's mean is 100).
 
     Args:
       param_dtype: the module's parameter dtype.
-      force_float32_reductions: store at least float32.
+      force_float32_reductions: accepted for flax's signature; the statistics are
+        reduced in float32 or wider and stored as above either way.
 
     Returns:
       The dtype of the running statistics.
     """
-    if force_float32_reductions:
-        return jnp.promote_types(param_dtype, jnp.float32)
-    return jnp.dtype(param_dtype)
+    del force_float32_reductions  # the ops always reduce in float32 or wider
+    return jnp.promote_types(param_dtype, jnp.float32)
 
 
 def batch_count(

@@ -138,6 +138,11 @@ def test_train_eval_view_and_call_time_override():
     view = nnx.view(b, use_running_average=True, deterministic=True)
     assert view.bn.use_running_average and view.drop.deterministic
     assert not b.bn.use_running_average
+    # nnx.view_info lists each module's view arguments from set_view's docstring, as for
+    # flax's modules (it raised KeyError on ours, whose docstrings had no Args section)
+    info = nnx.view_info(b)
+    assert "use_running_average: bool | None = None" in info, info
+    assert "deterministic: bool | None = None" in info, info
     # the call-time flag wins over the attribute; eval mode leaves statistics alone
     x = batches((8, 3), 1)[0]
     before = nnx.to_pure_dict(nnx.state(b.bn, nnx.BatchStat))
