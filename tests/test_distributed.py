@@ -367,6 +367,39 @@ def test_shard_map_parameter_gradients_per_device_without_vma():
         np.testing.assert_allclose(np.asarray(got["ops"]["bias"]), per_dev, rtol=RTOL, atol=ATOL)
 
 
+INFERENCE_FORMS = {
+    "batch_norm_inference": lambda m, x, v: m.batch_norm_inference(x, v, v, v, v + 1),
+    "batch_center_inference": lambda m, x, v: m.batch_center_inference(x, v, v),
+    "batch_inhib_inference": lambda m, x, v: m.batch_inhib_inference(x, jnp.outer(v, v), jnp.diag(v + 1)),  # noqa: E501
+    "iter_norm_inference": lambda m, x, v: m.iter_norm_inference(x, v, v, v, jnp.diag(v)),
+    "zca_norm_inference": lambda m, x, v: m.zca_norm_inference(x, v, v, v, jnp.diag(v)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(INFERENCE_FORMS))
+def test_shard_map_inference_forms_with_replicated_parameters(name):
+    """Typed shard_map (check_vma=True), x split over the devices, the parameters and
+    statistics replicated: their cotangents are summed over the devices, as autodiff of
+    the reference gives. The rules returned each device's own part, which JAX refused
+    ("Custom VJP bwd rule must produce an output with the same type")."""
+    f = INFERENCE_FORMS[name]
+    with jax.enable_x64(True):
+        x, ct = data()
+        v = jnp.linspace(0.5, 1.5, N, dtype=jnp.float64)
+        got = {}
+        for label, mod in (("ops", jb), ("reference", ref)):
+
+            def body(v, x, ct, mod=mod):
+                g = jax.grad(lambda v: lax.psum(jnp.sum(f(mod, x, v) * ct), "data"))
+                return g(v)
+
+            sm = jax.shard_map(
+                body, mesh=mesh(), in_specs=(P(), P("data"), P("data")), out_specs=P()
+            )
+            got[label] = jax.jit(sm)(v, x, ct)
+        close(got["ops"], got["reference"])
+
+
 # ----------------------------------------------------------------------- GSPMD
 
 
