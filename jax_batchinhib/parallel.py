@@ -120,11 +120,12 @@ def make_mesh(n_devices: int | None = None, axis_name: str = DATA_AXIS) -> Mesh:
     devices = jax.devices()
     if n_devices is None:
         n_devices = len(devices)
-    if isinstance(n_devices, bool) or not isinstance(n_devices, int):
+    if not C.is_int(n_devices):  # Python or NumPy ints, not bools
         raise TypeError(
             f"make_mesh: n_devices must be an int >= 1 or None; got {n_devices!r} "
             f"({type(n_devices).__name__})"
         )
+    n_devices = int(n_devices)
     if n_devices < 1:
         raise ValueError(f"make_mesh: n_devices must be an int >= 1; got {n_devices!r}")
     if n_devices > len(devices):
@@ -172,7 +173,10 @@ def _check_layout(where: str, mesh, batch_axis, batch_argnums=()) -> tuple[int, 
         raise ValueError(f"{where}: mesh must be a 1-D jax.sharding.Mesh; got {got}")
     if not C.is_int(batch_axis) or batch_axis < 0:
         raise ValueError(f"{where}: batch_axis must be an int >= 0; got {batch_axis!r}")
-    argnums = (batch_argnums,) if C.is_int(batch_argnums) else tuple(batch_argnums)
+    try:
+        argnums = (batch_argnums,) if C.is_int(batch_argnums) else tuple(batch_argnums)
+    except TypeError:  # a bool or another non-iterable
+        argnums = (batch_argnums,)
     if not all(C.is_int(i) and i >= 0 for i in argnums):
         raise ValueError(
             f"{where}: batch_argnums must be argument positions, ints >= 0; got {batch_argnums!r}"
@@ -232,6 +236,26 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(fresh, replicated(mesh))
 
 
+def _explicit(mesh: Mesh) -> bool:
+    """Whether ``mesh`` types shardings (an axis of ``jax.sharding.AxisType.Explicit``)."""
+    kind = getattr(jax.sharding, "AxisType", None)
+    return kind is not None and kind.Explicit in tuple(getattr(mesh, "axis_types", ()))
+
+
+def _on_explicit_mesh(mesh: Mesh, args, batch_argnums, batch_axis):
+    """On an Explicit mesh the arguments are placed before the call (the batch split,
+    the rest replicated; a plain array there would be all-gathered, every device
+    computing the whole batch), and the call runs under ``jax.set_mesh`` (autodiff's
+    transpose of a product over the sharded rows, a Dense kernel's gradient, takes its
+    output sharding from that context)."""
+    placed = tuple(
+        jax.device_put(a, batch_sharding(mesh, batch_axis) if i in batch_argnums
+                       else replicated(mesh))
+        for i, a in enumerate(args)
+    )  # fmt: skip
+    return placed, jax.set_mesh(mesh)
+
+
 def data_parallel(
     step: Callable, mesh: Mesh, *, batch_argnums=(1, 2), batch_axis: int = 0, donate=True
 ) -> Callable:
@@ -249,7 +273,11 @@ def data_parallel(
       donate: donate ``state`` (argument 0) to the jitted step.
 
     Returns:
-      A function with ``step``'s signature, jitted per number of arguments.
+      A function of ``step``'s positional arguments (keyword arguments are not
+      taken: each argument's placement is by position), jitted per number of
+      arguments. On a mesh of ``jax.sharding.AxisType.Explicit`` the arguments are
+      placed (split or replicated) before the call and it runs under
+      ``jax.set_mesh(mesh)``.
     """
     batch_argnums = _check_layout("data_parallel", mesh, batch_axis, batch_argnums)
     rep, bat = replicated(mesh), batch_sharding(mesh, batch_axis)
@@ -273,6 +301,10 @@ def data_parallel(
                 out_shardings=rep,
                 donate_argnums=(0,) if donate else (),
             )
+        if _explicit(mesh):
+            args, ctx = _on_explicit_mesh(mesh, args, batch_argnums, batch_axis)
+            with ctx:
+                return cache[k](*args)
         return cache[k](*args)
 
     return call
@@ -298,7 +330,9 @@ def shard_map_step(
       batch_axis: the axis of those arguments' arrays to split.
 
     Returns:
-      A function with ``step``'s signature, jitted per number of arguments.
+      A function of ``step``'s positional arguments, jitted per number of arguments
+      (on an Explicit mesh, placed and run under ``jax.set_mesh`` as
+      :func:`data_parallel`).
     """
     batch_argnums = _check_layout("shard_map_step", mesh, batch_axis, batch_argnums)
     name = mesh.axis_names[0]
@@ -315,6 +349,10 @@ def shard_map_step(
             specs = tuple(bspec if i in batch_argnums else P() for i in range(k))
             f = jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P())
             cache[k] = jax.jit(f)
+        if _explicit(mesh):
+            args, ctx = _on_explicit_mesh(mesh, args, batch_argnums, batch_axis)
+            with ctx:
+                return cache[k](*args)
         return cache[k](*args)
 
     return call

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_batchinhib.ops._stats import explicit_spec, row_sum_kw
+from jax_batchinhib.ops._stats import explicit_spec, named, row_sum_kw
 from jax_batchinhib.ops.batch_inhib import InhibOptions, InhibStats, relative_guard_floor
 from jax_batchinhib.ops.batch_norm import BatchStats
 from jax_batchinhib.ops.whitening import WhiteningStats
@@ -82,9 +82,7 @@ def _shift(xf, mask, axis, red, axis_name, axis_index_groups):
             s = xf[tuple(slice(0, 1) if a in red else slice(None) for a in range(xf.ndim))]
         else:
             at = tuple(jnp.zeros(1, jnp.int32) if a in red else slice(None) for a in range(xf.ndim))
-            out = jax.sharding.PartitionSpec(
-                *(None if a in red else spec[a] for a in range(xf.ndim))
-            )
+            out = named(xf, *(None if a in red else spec[a] for a in range(xf.ndim)))
             s = xf.at[at].get(out_sharding=out)
         k = jnp.ones_like(s)
     else:
@@ -94,7 +92,7 @@ def _shift(xf, mask, axis, red, axis_name, axis_index_groups):
         i = jnp.argmax(mt, axis=0)
         k = jnp.any(mt, axis=0).astype(xf.dtype)
         at = (i, jnp.arange(nf))
-        first = xt[at] if spec is None else xt.at[at].get(out_sharding=jax.sharding.PartitionSpec())
+        first = xt[at] if spec is None else xt.at[at].get(out_sharding=named(xt))
         s = jnp.where(k > 0, first, 0.0)
         s, k = s.reshape(_bshape(xf, axis)), k.reshape(_bshape(xf, axis))
     s = _psum(s * k, axis_name, axis_index_groups) / jnp.maximum(

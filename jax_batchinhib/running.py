@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -267,6 +268,15 @@ class Step:
     virtual_batch_size: int | None = None
     use_fast_variance: bool = True
 
+    def __post_init__(self):
+        # the functional steps are public: the flags and momentum are checked as the
+        # modules check theirs ("False" is not False; momentum 1.5 diverges)
+        where = "running.Step"
+        for name in ("use_running_average", "update_stats", "unbiased", "use_autodiff",
+                     "use_fast_variance"):  # fmt: skip
+            object.__setattr__(self, name, C.flag(where, name, getattr(self, name)))
+        object.__setattr__(self, "momentum", C.momentum(where, self.momentum))
+
     def counts(self, where, xs, mask):
         """Per-feature counted values of the batch ``xs`` (see :func:`batch_count`)."""
         return batch_count(
@@ -329,14 +339,48 @@ def _train(where, step: Step, op, x, state: RunningStats, mask, names, whole_row
             stats[1:] = [s * unbiased_factor(m, S.compute_dtype(s.dtype)) for s in stats[1:]]
         return y, tuple(stats)
 
+    _check_state(where, state, names, step.momentum)
     y, batch = _per_batch(where, one, x, mask, step)
     if not step.update_stats:
         return y, state
+    for k, b in zip(names, batch, strict=True):
+        want = getattr(state, k).shape
+        if math.prod(want) != b.size:
+            raise ValueError(
+                f"{where}: the running {k} has shape {tuple(want)}, but this batch's {k} "
+                f"has {b.size} values (shape {tuple(b.shape)}); the state was made for "
+                f"another input or layer"
+            )
     batch = {k: jnp.reshape(b, getattr(state, k).shape) for k, b in zip(names, batch, strict=True)}
     valid = None if mask is None else step.counts(where, x, mask) > 0
     if valid is not None and whole_rows:
         valid = jnp.ravel(valid)[0]
+    if step.momentum is None and valid is not None:
+        try:
+            grown = jnp.broadcast_shapes(jnp.shape(valid), state.count.shape) != state.count.shape
+        except ValueError:
+            grown = True
+        if grown:
+            raise ValueError(
+                f"{where}: the running count has shape {tuple(state.count.shape)}, but this "
+                f"batch counts per position of shape {tuple(jnp.shape(valid))} (its mask "
+                f"selects values, not whole rows); make the count of that shape"
+            )
     return y, _update_running(state, batch, momentum=step.momentum, valid=valid)
+
+
+def _check_state(where: str, state, names, momentum) -> None:
+    """The running state holds every statistic the layer updates (and a count for the
+    cumulative average)."""
+    missing = [k for k in names if getattr(state, k, None) is None]
+    if momentum is None and getattr(state, "count", None) is None:
+        missing.append("count")
+    if missing:
+        have = [k for k in state._fields if getattr(state, k) is not None]
+        raise ValueError(
+            f"{where}: the running state needs {', '.join(missing)} for this layer; got a "
+            f"RunningStats with {', '.join(have) or 'nothing'} (another layer's state?)"
+        )
 
 
 def batch_norm_step(where: str, x, scale, bias, state: RunningStats, step: Step, *, epsilon, mask):

@@ -4,6 +4,7 @@ validator per argument, ``jax_batchinhib/ops/_checks.py``)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -163,3 +164,51 @@ def test_momentum_and_rate_agree_between_the_families():
             _error(lambda b=bad: bnx.Dropout(b, rngs=nnx.Rngs(0))),
         ]
         assert {(e[0], e[2]) for e in errs} == {(typ, errs[0][2])}
+
+
+def test_running_step_checks_its_flags_and_momentum():
+    """running.Step, the functional steps' options, took "False" for eval mode, "no" for
+    unbiased=True and momentum 1.5 / -1 / nan / True (diverging, NaN or frozen running
+    statistics): refused now with the modules' messages."""
+    from jax_batchinhib import running
+
+    for bad, err in ((1.5, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
+                     (True, TypeError)):  # fmt: skip
+        with pytest.raises(err, match=r"running.Step: momentum must be a float in \[0, 1\]"):
+            running.Step(False, momentum=bad)
+    with pytest.raises(TypeError, match=r"running.Step: use_running_average must be a bool"):
+        running.Step("False")
+    with pytest.raises(TypeError, match=r"running.Step: unbiased must be a bool .* got 'no'"):
+        running.Step(False, unbiased="no")
+    assert running.Step(np.bool_(True), momentum=np.float32(0.9)).momentum == pytest.approx(0.9)
+
+
+def test_running_step_checks_the_state_it_is_given():
+    """A state that does not fit the layer: another layer's (no var) failed with
+    AttributeError, one of another width with a reshape error naming neither, and a
+    scalar count under an element mask silently became per-feature."""
+    from jax_batchinhib import running
+
+    x = jnp.arange(12.0).reshape(4, 3)
+
+    def step(state, momentum=0.99, mask=None):
+        return running.batch_norm_step(
+            "BN", x, None, None, state, running.Step(False, momentum=momentum),
+            epsilon=1e-5, mask=mask,
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"BN: the running state needs var for this layer; "
+                       r"got a RunningStats with mean"):  # fmt: skip
+        step(running.RunningStats(mean=jnp.zeros(3)))
+    with pytest.raises(ValueError, match=r"BN: the running mean has shape \(4,\), but this "
+                       r"batch's mean has 3 values"):  # fmt: skip
+        step(running.RunningStats(mean=jnp.zeros(4), var=jnp.ones(4)))
+    with pytest.raises(ValueError, match=r"BN: the running state needs count"):
+        step(running.RunningStats(mean=jnp.zeros(3), var=jnp.ones(3)), momentum=None)
+    scalar = running.RunningStats(jnp.zeros(3), jnp.ones(3), count=jnp.zeros((), jnp.int32))
+    with pytest.raises(ValueError, match=r"BN: the running count has shape \(\), but this "
+                       r"batch counts per position of shape \(3,\)"):  # fmt: skip
+        step(scalar, momentum=None, mask=jnp.ones((4, 3), bool))
+    per_feature = scalar._replace(count=jnp.zeros(3, jnp.int32))
+    _, new = step(per_feature, momentum=None, mask=jnp.ones((4, 3), bool))
+    np.testing.assert_array_equal(new.count, [1, 1, 1])

@@ -149,6 +149,11 @@ def test_layout_arguments_are_checked_by_name():
             fn(*args, batch_axis="0")
     with pytest.raises(ValueError, match=r"data_parallel: batch_argnums must be argument"):
         parallel.data_parallel(lambda s, x: (s, x), mesh, batch_argnums=(-1,))
+    # a bool is no position (it was "'bool' object is not iterable")
+    with pytest.raises(ValueError, match=r"data_parallel: batch_argnums must be .* got True"):
+        parallel.data_parallel(lambda s, x: (s, x), mesh, batch_argnums=True)
+    # a NumPy int is an int, as everywhere else in the library
+    assert parallel.make_mesh(np.int64(2)).devices.size == 2
     # an int is one position, as jax's argnums
     dp = parallel.data_parallel(lambda s, x: (s, jnp.sum(x)), mesh, batch_argnums=1)
     assert float(dp(jnp.zeros(()), jnp.ones((4, 2)))[1]) == 8.0
@@ -170,3 +175,35 @@ def test_replicate_then_donate_leaves_the_original():
     assert not state["w"].is_deleted()
     np.testing.assert_allclose(state["w"], 1.0)
     np.testing.assert_allclose(new["w"], 5.0)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices (tests/conftest.py)")
+@pytest.mark.parametrize("entry", ["data_parallel", "shard_map_step"])
+def test_explicit_mesh_steps_split_the_batch(entry):
+    """A mesh of jax.sharding.AxisType.Explicit given by the user: data_parallel ran the
+    step on the whole batch on every device when the batch came as a plain array (an
+    all-gather before the first product), and shard_map_step refused it; batch_norm
+    inside failed outside jax.set_mesh. Now the step sees its batch split over the
+    devices, and the result is the Auto mesh's."""
+    import jax_batchinhib as jb
+
+    x = jnp.arange(32.0).reshape(16, 2) % 7
+    seen = []
+
+    def step(s, x):
+        seen.append(jax.typeof(x).sharding.spec)
+        y = jb.batch_norm(x, s, s)[0]
+        loss = jnp.sum(y * jnp.cos(x))
+        if entry == "shard_map_step":  # per device: the global sum
+            return s, jax.lax.psum(loss, "data")
+        return s, loss
+
+    outs = []
+    for kind in (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit):
+        mesh = jax.make_mesh((4,), ("data",), axis_types=(kind,), devices=jax.devices()[:4])
+        make = getattr(parallel, entry)
+        kw = {"donate": False} if entry == "data_parallel" else {}
+        outs.append(make(step, mesh, batch_argnums=1, **kw)(jnp.ones(2), x)[1])
+    if entry == "data_parallel":
+        assert seen[-1] == jax.sharding.PartitionSpec("data", None), seen
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6)

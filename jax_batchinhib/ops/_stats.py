@@ -183,7 +183,7 @@ def param_ct(ct, primal):
     if want is not None and jnp.shape(ct) == jnp.shape(primal) and explicit_spec(ct) != want:
         # an Explicit mesh types shardings: a scale's cotangent summed from x sharded
         # along its features comes out sharded like them, the scale may be replicated
-        ct = jax.sharding.reshard(ct, jax.sharding.PartitionSpec(*want))
+        ct = jax.sharding.reshard(ct, named(primal, *want))
     extra = vma(ct) - vma(primal)
     if not extra:
         return ct
@@ -527,6 +527,15 @@ def explicit_spec(x):
     return spec + (None,) * (jnp.ndim(x) - len(spec))
 
 
+def named(x, *spec):
+    """``NamedSharding`` of ``x``'s own mesh with ``spec``: a bare ``PartitionSpec`` as an
+    ``out_sharding`` needs a mesh context (``jax.set_mesh``), which a caller that only
+    placed its arrays on an Explicit mesh has not entered."""
+    return jax.sharding.NamedSharding(
+        jax.typeof(x).sharding.mesh, jax.sharding.PartitionSpec(*spec)
+    )
+
+
 def row_sum_kw(a, row_axis: int) -> dict:
     """Keyword arguments for an einsum that sums ``a`` over its rows (axis ``row_axis``):
     ``{"out_sharding": replicated}`` where those rows are sharded on an Explicit mesh (the
@@ -535,7 +544,7 @@ def row_sum_kw(a, row_axis: int) -> dict:
     spec = explicit_spec(a)
     if spec is None or spec[row_axis] is None:
         return {}
-    return {"out_sharding": jax.sharding.PartitionSpec()}
+    return {"out_sharding": named(a)}
 
 
 def _first_valid(xf, mask, cfg: Reduce):
@@ -562,7 +571,7 @@ def _first_valid(xf, mask, cfg: Reduce):
     if spec is None:
         sample = xf[index]
     else:  # an Explicit mesh: the gathered values keep the feature axes' sharding
-        out = jax.sharding.PartitionSpec(*(spec[a] for a in cfg.feature_axes))
+        out = named(xf, *(spec[a] for a in cfg.feature_axes))
         sample = xf.at[index].get(out_sharding=out)
     sample = jnp.broadcast_to(sample, feat)  # one gathered value per feature
     keep = tuple(shape[a] if a in cfg.feature_axes else 1 for a in range(xf.ndim))
@@ -585,9 +594,7 @@ def shift_of(xf, mask, cfg: Reduce):
             if spec is None or spec[a] is None:
                 s = lax.slice_in_dim(s, 0, 1, axis=a)
             else:  # a slice of an Explicit-sharded axis is refused; a gather is not
-                out = jax.sharding.PartitionSpec(
-                    *(None if b == a else spec[b] for b in range(s.ndim))
-                )
+                out = named(s, *(None if b == a else spec[b] for b in range(s.ndim)))
                 at = tuple(
                     jnp.zeros(1, jnp.int32) if b == a else slice(None) for b in range(s.ndim)
                 )
