@@ -1013,3 +1013,24 @@ def test_explicit_mesh_modules_train_like_flax():
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours, theirs
         )  # noqa: E501
+
+
+def test_explicit_mesh_two_sharded_batch_axes():
+    """x of shape (4, 8, 3, 5) sharded over a 2-D Explicit mesh on its first two axes,
+    both reduced: the shift is gathered along each in turn (the second gather read the
+    first one's sharding object as a spec and failed). y and dx equal the unsharded run
+    in float64 to 1e-10 of their largest entries."""
+    two = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    with jax.enable_x64(True):
+        x0 = 2 + jax.random.normal(jax.random.key(0), (4, 8, 3, 5), jnp.float64)
+
+        def run(x):
+            y = jb.batch_norm(x)[0]
+            return y, jax.grad(lambda x: jnp.sum(jb.batch_norm(x)[0] * jnp.cos(x)))(x)
+
+        want = jax.jit(run)(x0)
+        with jax.set_mesh(two):
+            got = jax.jit(run)(jax.device_put(x0, NamedSharding(two, P("a", "b", None, None))))
+    for a, b in zip(got, want, strict=True):
+        b = np.asarray(b)
+        np.testing.assert_allclose(a, b, atol=1e-10 * float(np.abs(b).max()), rtol=0)

@@ -594,12 +594,11 @@ def shift_of(xf, mask, cfg: Reduce):
             if spec is None or spec[a] is None:
                 s = lax.slice_in_dim(s, 0, 1, axis=a)
             else:  # a slice of an Explicit-sharded axis is refused; a gather is not
-                out = named(s, *(None if b == a else spec[b] for b in range(s.ndim)))
+                spec = tuple(None if b == a else spec[b] for b in range(s.ndim))
                 at = tuple(
                     jnp.zeros(1, jnp.int32) if b == a else slice(None) for b in range(s.ndim)
                 )
-                s = s.at[at].get(out_sharding=out)
-                spec = out
+                s = s.at[at].get(out_sharding=named(s, *spec))
         if cfg.axis_name is not None:
             s = lax.pmean(s, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
     else:
