@@ -66,7 +66,11 @@ def _mask(x, mask, axis):
     rows = tuple(s for a, s in enumerate(x.shape) if a not in axis)
     if x.ndim > 1 and mask.shape == rows:
         mask = jnp.expand_dims(mask, axis)
-    return jnp.broadcast_to(mask != 0, x.shape)
+    mask = jnp.broadcast_to(mask != 0, x.shape)
+    spec = explicit_spec(x)
+    if spec is not None and explicit_spec(mask) != spec:  # selects need x's sharding
+        mask = jax.sharding.reshard(mask, named(x, *spec))
+    return mask
 
 
 def _where(mask, v, fill=0.0):
@@ -78,12 +82,16 @@ def _shift(xf, mask, axis, red, axis_name, axis_index_groups):
     """The shift: the first (valid) sample of each feature, averaged over devices."""
     spec = explicit_spec(xf)  # an Explicit mesh: a gather with a stated output sharding
     if mask is None:
-        if spec is None:
-            s = xf[tuple(slice(0, 1) if a in red else slice(None) for a in range(xf.ndim))]
-        else:
-            at = tuple(jnp.zeros(1, jnp.int32) if a in red else slice(None) for a in range(xf.ndim))
-            out = named(xf, *(None if a in red else spec[a] for a in range(xf.ndim)))
-            s = xf.at[at].get(out_sharding=out)
+        s = xf
+        for a in red:  # one axis at a time: a slice, or a gather where it is sharded
+            if spec is None or spec[a] is None:
+                s = lax.slice_in_dim(s, 0, 1, axis=a)
+            else:
+                spec = tuple(None if b == a else spec[b] for b in range(s.ndim))
+                at = tuple(
+                    jnp.zeros(1, jnp.int32) if b == a else slice(None) for b in range(s.ndim)
+                )
+                s = s.at[at].get(out_sharding=named(s, *spec))
         k = jnp.ones_like(s)
     else:
         nf = math.prod(_feat(xf, axis))

@@ -90,6 +90,9 @@ def ghost_batches(fn: str, op, x, mask, v: int, axis, axis_name=None, axis_index
         # each sub-batch's mask has its sub-batch's rank and reads the same way
         mask = S.mask_shape(fn, mask, x.shape, cfg.axes)
         mask = jnp.broadcast_to(mask, (b,) + tuple(mask.shape[1:]))
+        spec = S.explicit_spec(x)
+        if spec is not None:  # the sub-batches of mask and x must be sharded alike
+            mask = jax.sharding.reshard(mask, S.named(x, spec[0], *(None,) * (mask.ndim - 1)))
         mg = jnp.reshape(mask, (b // v, v) + tuple(mask.shape[1:]))
         y, stats = jax.vmap(lambda xs, ms: op(xs, mask=ms))(xg, mg)
         sub = xg.shape[1:]

@@ -109,7 +109,10 @@ class Reduce:
             preds.append(lax.axis_index(self.axis_name) >= 0)
         for p in params:
             if p is not None:
-                first = jnp.ravel(p)[:1]
+                if explicit_spec(p) is None:
+                    first = jnp.ravel(p)[:1]
+                else:  # a slice of a sharded parameter is refused: reduce it whole
+                    first = p
                 preds.append(jnp.all(first == first))
         if not preds:
             return v
@@ -413,6 +416,18 @@ def check_features_unsharded(fn: str, x, feature_axes) -> None:
     spec = explicit_spec(x)
     if spec is None:
         return
+    rows = [a for a in range(len(spec)) if a not in feature_axes]
+    late = [a for a in rows[1:] if spec[a] is not None]
+    several = len(feature_axes) > 1 and any(spec[a] is not None for a in rows)
+    if (late or several) and not [a for a in feature_axes if spec[a] is not None]:
+        why = (f"x is sharded along axis {late[0]}" if late else
+               f"x has several feature axes {tuple(feature_axes)} and sharded rows")  # fmt: skip
+        raise NotImplementedError(
+            f"{fn}: {why} on an Explicit mesh (PartitionSpec{tuple(spec)}); the op "
+            f"reshapes x into rows and features, which the typed reshape allows only with "
+            f"one feature axis and the first other axis alone sharded: reshard x "
+            f"(jax.sharding.reshard), or move the feature axes last and merge them first"
+        )
     sharded = [a for a in feature_axes if spec[a] is not None]
     if sharded:
         rows = [None if a in feature_axes else spec[a] for a in range(len(spec))]
@@ -536,7 +551,7 @@ def named(x, *spec):
     )
 
 
-def row_sum_kw(a, row_axis: int) -> dict:
+def row_sum_kw(a, row_axis: int, out_ndim: int = 3) -> dict:
     """Keyword arguments for an einsum that sums ``a`` over its rows (axis ``row_axis``):
     ``{"out_sharding": replicated}`` where those rows are sharded on an Explicit mesh (the
     sum of a covariance is ambiguous to the typed sharding rules otherwise); ``{}``
@@ -544,7 +559,9 @@ def row_sum_kw(a, row_axis: int) -> dict:
     spec = explicit_spec(a)
     if spec is None or spec[row_axis] is None:
         return {}
-    return {"out_sharding": named(a)}
+    # a full-rank spec (every output axis None): the empty one broke vmap's batching
+    # rule of the product (jax.hessian, an ensemble of parameters)
+    return {"out_sharding": named(a, *(None,) * out_ndim)}
 
 
 def _first_valid(xf, mask, cfg: Reduce):
